@@ -1,0 +1,1 @@
+//! storedisk-builder (placeholder until its issue lands).

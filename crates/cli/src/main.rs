@@ -1,0 +1,51 @@
+//! `storedisk`: the command-line front end. It parses flags, wires the library crates together,
+//! prints results and maps outcomes to exit codes; the logic lives in the libraries.
+//!
+//! Exit codes, for every subcommand: 0 success, 1 findings (verify), 2 could not run (bad
+//! arguments, bad input, I/O).
+
+mod build_cmd;
+mod closure_info_cmd;
+mod verify_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when a command could not run at all.
+pub const EXIT_COULD_NOT_RUN: u8 = 2;
+/// Exit code when a check ran and found problems.
+pub const EXIT_FINDINGS: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "storedisk", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pack the closure of store paths into one squashfs or erofs store disk image.
+    Build(build_cmd::BuildArgs),
+    /// Write nixpkgs closureInfo's files (registration, store-paths, total-nar-size).
+    ClosureInfo(closure_info_cmd::ClosureInfoArgs),
+    /// Prove a store disk is complete, intact and self-contained; find what a runner leaks.
+    Verify(verify_cmd::VerifyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Build(args) => build_cmd::run(args),
+        Command::ClosureInfo(args) => closure_info_cmd::run(args),
+        Command::Verify(args) => verify_cmd::run(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("storedisk: error: {err:#}");
+            ExitCode::from(EXIT_COULD_NOT_RUN)
+        }
+    }
+}

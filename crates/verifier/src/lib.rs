@@ -1,0 +1,1 @@
+//! storedisk-verifier (placeholder until its issue lands).
