@@ -77,7 +77,11 @@ impl Closure {
             closure.infos.insert(info.path.clone(), info);
         }
         for info in closure.infos.values() {
-            if let Some(missing) = info.references.iter().find(|r| !closure.infos.contains_key(*r)) {
+            if let Some(missing) = info
+                .references
+                .iter()
+                .find(|r| !closure.infos.contains_key(*r))
+            {
                 return Err(ClosureError::Dangling {
                     referrer: closure.store_dir.display(&info.path),
                     missing: closure.store_dir.display(missing),
@@ -91,7 +95,11 @@ impl Closure {
     /// exportReferencesGraph), a path-info object keyed by path (new `nix path-info --json`),
     /// or a structured-attrs file (`$NIX_ATTRS_JSON_FILE`) where some key holds such an array.
     /// `key` picks the attribute when several hold closures.
-    pub fn from_json(text: &str, key: Option<&str>, store_dir: &StoreDir) -> Result<Self, ClosureError> {
+    pub fn from_json(
+        text: &str,
+        key: Option<&str>,
+        store_dir: &StoreDir,
+    ) -> Result<Self, ClosureError> {
         let value: Value = serde_json::from_str(text)?;
         let entries = select_entries(&value, key)?;
         let infos = entries
@@ -179,12 +187,18 @@ impl Closure {
     }
 
     /// The closure of `roots` (Nix's `--requisites`).
-    pub fn requisites(&self, roots: impl IntoIterator<Item = StorePath>) -> Result<BTreeSet<StorePath>, ClosureError> {
+    pub fn requisites(
+        &self,
+        roots: impl IntoIterator<Item = StorePath>,
+    ) -> Result<BTreeSet<StorePath>, ClosureError> {
         self.reachable_avoiding(roots, &BTreeSet::new())
     }
 
     /// The sub-closure of `roots` as its own `Closure` (same source order).
-    pub fn restrict_to(&self, roots: impl IntoIterator<Item = StorePath>) -> Result<Closure, ClosureError> {
+    pub fn restrict_to(
+        &self,
+        roots: impl IntoIterator<Item = StorePath>,
+    ) -> Result<Closure, ClosureError> {
         let keep = self.requisites(roots)?;
         let infos = self
             .iter_source_order()
@@ -196,7 +210,10 @@ impl Closure {
 
     /// For every path reachable from `from`, the shortest reference chain `[from, ..., path]`
     /// (breadth first, ties broken by base name so the answer is stable).
-    pub fn shortest_chains(&self, from: &StorePath) -> Result<BTreeMap<StorePath, Vec<StorePath>>, ClosureError> {
+    pub fn shortest_chains(
+        &self,
+        from: &StorePath,
+    ) -> Result<BTreeMap<StorePath, Vec<StorePath>>, ClosureError> {
         if !self.infos.contains_key(from) {
             return Err(ClosureError::NotInClosure(self.display(from)));
         }
@@ -235,15 +252,18 @@ impl Closure {
 }
 
 /// Finds the list of path-info entries in any accepted JSON shape, as (path text, object).
-fn select_entries<'v>(value: &'v Value, key: Option<&str>) -> Result<Vec<(String, &'v Value)>, ClosureError> {
+fn select_entries<'v>(
+    value: &'v Value,
+    key: Option<&str>,
+) -> Result<Vec<(String, &'v Value)>, ClosureError> {
     let shape = |m: &str| ClosureError::Shape(m.to_owned());
     match value {
         Value::Array(items) => array_entries(items),
         Value::Object(map) => {
             if let Some(key) = key {
-                let v = map
-                    .get(key)
-                    .ok_or_else(|| ClosureError::Shape(format!("no attribute {key:?} in the closure JSON")))?;
+                let v = map.get(key).ok_or_else(|| {
+                    ClosureError::Shape(format!("no attribute {key:?} in the closure JSON"))
+                })?;
                 return select_entries(v, None);
             }
             // New `nix path-info --json`: { "/nix/store/...": {narHash, ...} | null }.
@@ -254,7 +274,8 @@ fn select_entries<'v>(value: &'v Value, key: Option<&str>) -> Result<Vec<(String
                         Value::Object(_) => Ok((k.clone(), v)),
                         _ => Err(ClosureError::Entry {
                             path: k.clone(),
-                            reason: "not a valid path (nix path-info gave no info for it)".to_owned(),
+                            reason: "not a valid path (nix path-info gave no info for it)"
+                                .to_owned(),
                         }),
                     })
                     .collect();
@@ -282,7 +303,12 @@ fn select_entries<'v>(value: &'v Value, key: Option<&str>) -> Result<Vec<(String
 
 fn is_path_info_array(v: &Value) -> bool {
     match v.as_array() {
-        Some(items) => !items.is_empty() && items.iter().all(|i| i.get("path").is_some_and(Value::is_string)),
+        Some(items) => {
+            !items.is_empty()
+                && items
+                    .iter()
+                    .all(|i| i.get("path").is_some_and(Value::is_string))
+        }
         None => false,
     }
 }
@@ -293,12 +319,18 @@ fn array_entries(items: &[Value]) -> Result<Vec<(String, &Value)>, ClosureError>
         .enumerate()
         .map(|(n, item)| match item.get("path").and_then(Value::as_str) {
             Some(p) => Ok((p.to_owned(), item)),
-            None => Err(ClosureError::Shape(format!("entry {n} has no \"path\" string"))),
+            None => Err(ClosureError::Shape(format!(
+                "entry {n} has no \"path\" string"
+            ))),
         })
         .collect()
 }
 
-fn path_info_from_json(path_text: String, v: &Value, store_dir: &StoreDir) -> Result<PathInfo, ClosureError> {
+fn path_info_from_json(
+    path_text: String,
+    v: &Value,
+    store_dir: &StoreDir,
+) -> Result<PathInfo, ClosureError> {
     let entry_err = |reason: String| ClosureError::Entry {
         path: path_text.clone(),
         reason,
@@ -308,12 +340,18 @@ fn path_info_from_json(path_text: String, v: &Value, store_dir: &StoreDir) -> Re
         .map_err(|e| entry_err(e.reason))?;
     let nar_hash = match v.get("narHash") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.parse().map_err(|e: crate::NarHashError| entry_err(e.to_string()))?),
+        Some(Value::String(s)) => Some(
+            s.parse()
+                .map_err(|e: crate::NarHashError| entry_err(e.to_string()))?,
+        ),
         Some(_) => return Err(entry_err("narHash is not a string".to_owned())),
     };
     let nar_size = match v.get("narSize") {
         None | Some(Value::Null) => None,
-        Some(n) => Some(n.as_u64().ok_or_else(|| entry_err("narSize is not a non-negative integer".to_owned()))?),
+        Some(n) => Some(
+            n.as_u64()
+                .ok_or_else(|| entry_err("narSize is not a non-negative integer".to_owned()))?,
+        ),
     };
     let mut references = BTreeSet::new();
     match v.get("references") {
@@ -378,11 +416,18 @@ mod tests {
         assert_eq!(c.roots(), BTreeSet::from([sp("runner")]));
         let cut = BTreeSet::from([sp("toplevel")]);
         let kept = c.reachable_avoiding([sp("runner")], &cut).unwrap();
-        assert_eq!(kept, BTreeSet::from([sp("runner"), sp("bash"), sp("glibc")]));
+        assert_eq!(
+            kept,
+            BTreeSet::from([sp("runner"), sp("bash"), sp("glibc")])
+        );
         let chains = c.shortest_chains(&sp("runner")).unwrap();
         assert_eq!(chains[&sp("toplevel")], vec![sp("runner"), sp("toplevel")]);
         // Two chains of length 3 reach glibc; the tie goes to the referrer first by base name.
-        let via = if sp("bash") < sp("toplevel") { sp("bash") } else { sp("toplevel") };
+        let via = if sp("bash") < sp("toplevel") {
+            sp("bash")
+        } else {
+            sp("toplevel")
+        };
         assert_eq!(chains[&sp("glibc")], vec![sp("runner"), via, sp("glibc")]);
         assert_eq!(c.nar_size_of(&[sp("bash"), sp("glibc")]), 50);
         assert_eq!(c.restrict_to([sp("bash")]).unwrap().len(), 2);
@@ -398,15 +443,29 @@ mod tests {
             item.as_object_mut().unwrap().remove("path");
             object.insert(path, item);
         }
-        let from_object = Closure::from_json(&Value::Object(object).to_string(), None, &StoreDir::default()).unwrap();
-        let attrs = serde_json::json!({"closure": array, "outputs": {"out": "/x"}, "name": "n"}).to_string();
+        let from_object = Closure::from_json(
+            &Value::Object(object).to_string(),
+            None,
+            &StoreDir::default(),
+        )
+        .unwrap();
+        let attrs = serde_json::json!({"closure": array, "outputs": {"out": "/x"}, "name": "n"})
+            .to_string();
         let from_attrs = Closure::from_json(&attrs, None, &StoreDir::default()).unwrap();
-        assert_eq!(from_object.iter().collect::<Vec<_>>(), from_attrs.iter().collect::<Vec<_>>());
+        assert_eq!(
+            from_object.iter().collect::<Vec<_>>(),
+            from_attrs.iter().collect::<Vec<_>>()
+        );
 
         let two = serde_json::json!({"a": array, "b": array}).to_string();
         let err = Closure::from_json(&two, None, &StoreDir::default()).unwrap_err();
         assert!(err.to_string().contains("a, b"), "{err}");
-        assert_eq!(Closure::from_json(&two, Some("b"), &StoreDir::default()).unwrap().len(), 4);
+        assert_eq!(
+            Closure::from_json(&two, Some("b"), &StoreDir::default())
+                .unwrap()
+                .len(),
+            4
+        );
     }
 
     #[test]

@@ -61,14 +61,20 @@ impl FromStr for NarHash {
                 64 => data_encoding::HEXLOWER_PERMISSIVE
                     .decode(digest.as_bytes())
                     .map_err(|e| fail(&e.to_string()))?,
-                n => return Err(fail(&format!("a sha256 digest is 52 nix32 or 64 hex characters, not {n}"))),
+                n => {
+                    return Err(fail(&format!(
+                        "a sha256 digest is 52 nix32 or 64 hex characters, not {n}"
+                    )))
+                }
             }
         } else if let Some(digest) = text.strip_prefix("sha256-") {
             data_encoding::BASE64
                 .decode(digest.as_bytes())
                 .map_err(|e| fail(&e.to_string()))?
         } else {
-            return Err(fail("expected sha256:<nix32>, sha256:<hex> or sha256-<base64>"));
+            return Err(fail(
+                "expected sha256:<nix32>, sha256:<hex> or sha256-<base64>",
+            ));
         };
         let array: [u8; 32] = bytes
             .try_into()
@@ -113,7 +119,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed_hashes() {
-        for bad in ["", "md5:abc", "sha256:xyz", "sha256-AAAA", &format!("sha1:{HEX}")] {
+        for bad in [
+            "",
+            "md5:abc",
+            "sha256:xyz",
+            "sha256-AAAA",
+            &format!("sha1:{HEX}"),
+        ] {
             assert!(bad.parse::<NarHash>().is_err(), "{bad} should not parse");
         }
     }

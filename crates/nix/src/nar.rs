@@ -67,7 +67,12 @@ impl<W: Write> NarEncoder<W> {
 
     /// A regular file of `size` bytes read from `contents`; fails if `contents` yields more or
     /// fewer bytes (a file changed while being read, or a lying size field).
-    pub fn regular(&mut self, executable: bool, size: u64, contents: &mut dyn Read) -> Result<(), NarError> {
+    pub fn regular(
+        &mut self,
+        executable: bool,
+        size: u64,
+        contents: &mut dyn Read,
+    ) -> Result<(), NarError> {
         self.start_node()?;
         let out = &mut self.out;
         write_str(out, b"(").map_err(NarError::Output)?;
@@ -78,7 +83,8 @@ impl<W: Write> NarEncoder<W> {
             write_str(out, b"").map_err(NarError::Output)?;
         }
         write_str(out, b"contents").map_err(NarError::Output)?;
-        out.write_all(&size.to_le_bytes()).map_err(NarError::Output)?;
+        out.write_all(&size.to_le_bytes())
+            .map_err(NarError::Output)?;
         let copied = copy_exact(contents, out, size)?;
         if copied != size {
             return Err(NarError::Invalid {
@@ -160,7 +166,9 @@ impl<W: Write> NarEncoder<W> {
             .pop()
             .ok_or(NarError::Order("end_directory without begin_directory"))?;
         if frame.in_entry {
-            return Err(NarError::Order("end_directory inside an entry without a node"));
+            return Err(NarError::Order(
+                "end_directory inside an entry without a node",
+            ));
         }
         write_str(&mut self.out, b")").map_err(NarError::Output)?;
         self.end_node()
@@ -179,7 +187,9 @@ impl<W: Write> NarEncoder<W> {
             None if self.root_done => Err(NarError::Order("a second root node")),
             None => Ok(()),
             Some(frame) if frame.in_entry && !frame.entry_node_started => Ok(()),
-            Some(_) => Err(NarError::Order("a node inside a directory without an entry")),
+            Some(_) => Err(NarError::Order(
+                "a node inside a directory without an entry",
+            )),
         }
     }
 
@@ -199,11 +209,16 @@ impl<W: Write> NarEncoder<W> {
 }
 
 fn check_entry_name(name: &[u8]) -> Result<(), NarError> {
-    let bad = name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0);
+    let bad = name.is_empty()
+        || name == b"."
+        || name == b".."
+        || name.contains(&b'/')
+        || name.contains(&0);
     if bad {
         return Err(NarError::Invalid {
             path: PathBuf::from(String::from_utf8_lossy(name).into_owned()),
-            reason: "not a valid directory entry name (empty, '.', '..', or containing '/' or NUL)".to_owned(),
+            reason: "not a valid directory entry name (empty, '.', '..', or containing '/' or NUL)"
+                .to_owned(),
         });
     }
     Ok(())
@@ -367,7 +382,9 @@ pub fn file_kind_name(file_type: &fs::FileType) -> &'static str {
 mod tests {
     use super::*;
 
-    fn nar_of(build: impl FnOnce(&mut NarEncoder<Vec<u8>>) -> Result<(), NarError>) -> Result<Vec<u8>, NarError> {
+    fn nar_of(
+        build: impl FnOnce(&mut NarEncoder<Vec<u8>>) -> Result<(), NarError>,
+    ) -> Result<Vec<u8>, NarError> {
         let mut enc = NarEncoder::new(Vec::new())?;
         build(&mut enc)?;
         enc.finish()
@@ -384,7 +401,17 @@ mod tests {
     fn encodes_a_regular_file_byte_for_byte() {
         let nar = nar_of(|e| e.regular(true, 3, &mut &b"abc"[..])).unwrap();
         let mut want = Vec::new();
-        for part in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"executable", b"", b"contents", b"abc", b")"] {
+        for part in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"regular",
+            b"executable",
+            b"",
+            b"contents",
+            b"abc",
+            b")",
+        ] {
             want.extend(s(part));
         }
         assert_eq!(nar, want);

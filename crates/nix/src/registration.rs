@@ -12,15 +12,23 @@ use crate::store_path::StoreDir;
 pub fn parse(text: &str, store_dir: &StoreDir) -> Result<Vec<PathInfo>, ClosureError> {
     let mut lines = text.lines().enumerate().peekable();
     let mut infos = Vec::new();
-    let err = |line: usize, reason: String| ClosureError::Registration { line: line + 1, reason };
+    let err = |line: usize, reason: String| ClosureError::Registration {
+        line: line + 1,
+        reason,
+    };
     while let Some((n, path_line)) = lines.next() {
         if path_line.is_empty() {
             if lines.peek().is_none() {
                 break;
             }
-            return Err(err(n, "empty line where a store path was expected".to_owned()));
+            return Err(err(
+                n,
+                "empty line where a store path was expected".to_owned(),
+            ));
         }
-        let path = store_dir.parse_path(path_line).map_err(|e| err(n, e.to_string()))?;
+        let path = store_dir
+            .parse_path(path_line)
+            .map_err(|e| err(n, e.to_string()))?;
         let mut next = |what: &str| {
             lines
                 .next()
@@ -33,25 +41,44 @@ pub fn parse(text: &str, store_dir: &StoreDir) -> Result<Vec<PathInfo>, ClosureE
         let nar_hash = if hash_line.is_empty() {
             None
         } else {
-            Some(hash_line.parse().map_err(|e: crate::NarHashError| err(hn, e.to_string()))?)
+            Some(
+                hash_line
+                    .parse()
+                    .map_err(|e: crate::NarHashError| err(hn, e.to_string()))?,
+            )
         };
         let nar_size = if size_line.is_empty() {
             None
         } else {
-            Some(size_line.parse::<u64>().map_err(|_| err(sn, format!("NAR size {size_line:?} is not a number")))?)
+            Some(
+                size_line
+                    .parse::<u64>()
+                    .map_err(|_| err(sn, format!("NAR size {size_line:?} is not a number")))?,
+            )
         };
         let deriver = if deriver_line.is_empty() {
             None
         } else {
-            Some(store_dir.parse_path(deriver_line).map_err(|e| err(dn, e.to_string()))?)
+            Some(
+                store_dir
+                    .parse_path(deriver_line)
+                    .map_err(|e| err(dn, e.to_string()))?,
+            )
         };
-        let count: usize = count_line
-            .parse()
-            .map_err(|_| err(cn, format!("reference count {count_line:?} is not a number")))?;
+        let count: usize = count_line.parse().map_err(|_| {
+            err(
+                cn,
+                format!("reference count {count_line:?} is not a number"),
+            )
+        })?;
         let mut references = BTreeSet::new();
         for _ in 0..count {
             let (rn, r) = next("references")?;
-            references.insert(store_dir.parse_path(r).map_err(|e| err(rn, e.to_string()))?);
+            references.insert(
+                store_dir
+                    .parse_path(r)
+                    .map_err(|e| err(rn, e.to_string()))?,
+            );
         }
         infos.push(PathInfo {
             path,
@@ -82,12 +109,18 @@ pub fn closure_info(closure: &Closure) -> Result<ClosureInfoFiles, ClosureError>
         let display = closure.display(&info.path);
         let missing = |what: &str| ClosureError::Entry {
             path: display.clone(),
-            reason: format!("has no {what}; closure-info needs exportReferencesGraph or path-info data"),
+            reason: format!(
+                "has no {what}; closure-info needs exportReferencesGraph or path-info data"
+            ),
         };
         let hash = info.nar_hash.ok_or_else(|| missing("narHash"))?;
         let size = info.nar_size.ok_or_else(|| missing("narSize"))?;
         total += size;
-        let _ = writeln!(registration, "{display}\n{hash}\n{size}\n\n{}", info.references.len());
+        let _ = writeln!(
+            registration,
+            "{display}\n{hash}\n{size}\n\n{}",
+            info.references.len()
+        );
         for r in &info.references {
             let _ = writeln!(registration, "{}", closure.display(r));
         }
@@ -117,7 +150,10 @@ mod tests {
         .to_string();
         let closure = Closure::from_json(&json, None, &StoreDir::default()).unwrap();
         let files = closure_info(&closure).unwrap();
-        assert_eq!(files.registration, format!("{a}\n{H}\n5\n\n2\n{a}\n{b}\n{b}\n{H}\n7\n\n0\n"));
+        assert_eq!(
+            files.registration,
+            format!("{a}\n{H}\n5\n\n2\n{a}\n{b}\n{b}\n{H}\n7\n\n0\n")
+        );
         assert_eq!(files.store_paths, format!("{a}\n{b}\n"));
         assert_eq!(files.total_nar_size, "12\n");
         let back = Closure::from_registration(&files.registration, &StoreDir::default()).unwrap();
@@ -128,7 +164,10 @@ mod tests {
     fn names_the_line_of_a_truncated_or_bad_file() {
         let a = format!("/nix/store/{}-a", "a".repeat(32));
         let err = parse(&format!("{a}\n{H}\n5\n\n2\n{a}\n"), &StoreDir::default()).unwrap_err();
-        assert!(err.to_string().contains("ends before its references"), "{err}");
+        assert!(
+            err.to_string().contains("ends before its references"),
+            "{err}"
+        );
         let err = parse(&format!("{a}\n{H}\nfive\n\n0\n"), &StoreDir::default()).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }

@@ -129,7 +129,10 @@ mod tests {
     fn finds_a_hash_inside_a_longer_base32_run_like_nix() {
         // Nix slides one byte at a time inside a run of base32 characters.
         let data = format!("zz{A}zz");
-        assert_eq!(scan_in_chunks(data.as_bytes(), 3), BTreeSet::from([path(A, "a")]));
+        assert_eq!(
+            scan_in_chunks(data.as_bytes(), 3),
+            BTreeSet::from([path(A, "a")])
+        );
     }
 
     #[test]

@@ -182,11 +182,18 @@ mod tests {
     #[test]
     fn parses_full_paths_and_base_names() {
         let store = StoreDir::default();
-        let p = store.parse_path(&format!("/nix/store/{HASH}-hello-2.12")).unwrap();
+        let p = store
+            .parse_path(&format!("/nix/store/{HASH}-hello-2.12"))
+            .unwrap();
         assert_eq!(p.hash_part(), HASH);
         assert_eq!(p.name(), "hello-2.12");
         assert_eq!(store.display(&p), format!("/nix/store/{HASH}-hello-2.12"));
-        assert_eq!(store.parse_path_or_base_name(&format!("{HASH}-hello-2.12")).unwrap(), p);
+        assert_eq!(
+            store
+                .parse_path_or_base_name(&format!("{HASH}-hello-2.12"))
+                .unwrap(),
+            p
+        );
     }
 
     #[test]
@@ -199,8 +206,17 @@ mod tests {
 
     #[test]
     fn accepts_every_allowed_character_and_the_longest_name() {
-        for name in ["a+b-c.d_e?f=g", ".dotfile", "..a", ".a-b", &"x".repeat(MAX_NAME_LEN)] {
-            assert!(StorePath::from_base_name(&format!("{HASH}-{name}")).is_ok(), "{name}");
+        for name in [
+            "a+b-c.d_e?f=g",
+            ".dotfile",
+            "..a",
+            ".a-b",
+            &"x".repeat(MAX_NAME_LEN),
+        ] {
+            assert!(
+                StorePath::from_base_name(&format!("{HASH}-{name}")).is_ok(),
+                "{name}"
+            );
         }
     }
 
@@ -221,10 +237,15 @@ mod tests {
             format!("{}-name", HASH.replace('0', "e")),
             "short".to_owned(),
         ] {
-            assert!(StorePath::from_base_name(&bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                StorePath::from_base_name(&bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         let store = StoreDir::default();
-        assert!(store.parse_path(&format!("/nix/store/{HASH}-x/bin")).is_err());
+        assert!(store
+            .parse_path(&format!("/nix/store/{HASH}-x/bin"))
+            .is_err());
         assert!(store.parse_path(&format!("/nix/storeX/{HASH}-x")).is_err());
     }
 }
