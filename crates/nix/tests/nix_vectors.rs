@@ -11,6 +11,8 @@
 //! With `STOREDISK_WRITE_VECTORS=1` the test builds the same trees, asks `nix-hash --type sha256
 //! --base32` and `nix-store --dump` about each, and rewrites the JSON; otherwise it compares.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed setup step should panic with its message.
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
