@@ -32,12 +32,15 @@ fn write(path: &Path, contents: &[u8], executable: bool) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Makes one case's tree at the given path.
+type MakeTree = Box<dyn Fn(&Path)>;
+
 /// The trees the vectors describe, by case name.
 fn make_trees(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
     let big: Vec<u8> = (0..1_048_583u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let cases: Vec<(&'static str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&'static str, MakeTree)> = vec![
         ("file", Box::new(|p: &Path| write(p, b"hello\n", false))),
         (
             "executable",
