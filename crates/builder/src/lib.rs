@@ -1,1 +1,350 @@
-//! storedisk-builder (placeholder until its issue lands).
+//! Packs a Nix closure into one store disk image, squashfs or erofs, laid out like microvm.nix's:
+//! the image root holds every store path of the closure under its base name (`<hash>-<name>`).
+//!
+//! [`build_image`] walks the closure once into a [`tree::Tree`] (sorted, validated, canonical
+//! metadata, no file data) and hands it to the format writer: [`squashfs`] through the
+//! `backhand` crate, [`erofs`] through `mkfs.erofs`. File data is streamed from the store, never
+//! held in memory. Ownership is root:root, timestamps fixed and permissions canonical (0444 /
+//! 0555, directories 0555, symlinks 0777), so the same closure gives the same bytes whatever the
+//! order of the roots, the working directory, the thread count or the directory order on disk.
+//!
+//! Invariants: this crate never calls Nix (the closure is an input), never prints (progress goes
+//! through [`ProgressSink`]), and never leaves a partial output behind: the image is written to a
+//! temp file beside `output` and renamed into place only when complete.
+
+pub mod erofs;
+pub mod squashfs;
+pub mod tree;
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use storedisk_nix::Closure;
+
+pub use tree::{Entry, EntryKind, Tree};
+
+/// The image formats the builder writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    Squashfs,
+    Erofs,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Squashfs => "squashfs",
+            ImageFormat::Erofs => "erofs",
+        }
+    }
+
+    /// The compression used when none is asked for: zstd for squashfs (microvm.nix's
+    /// gensquashfs flags), lz4hc for erofs (microvm.nix's mkfs.erofs flags).
+    pub fn default_compression(self) -> Compression {
+        match self {
+            ImageFormat::Squashfs => Compression::Zstd,
+            ImageFormat::Erofs => Compression::Lz4hc,
+        }
+    }
+
+    /// The compressions this format can be asked for (erofs: subject to the installed
+    /// mkfs.erofs, checked when building).
+    pub fn compressions(self) -> &'static [Compression] {
+        use Compression::*;
+        match self {
+            ImageFormat::Squashfs => &[Zstd, Xz, Gzip, Lz4],
+            ImageFormat::Erofs => &[Lz4hc, Lz4, Zstd, Lzma, Deflate, None],
+        }
+    }
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ImageFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "squashfs" => Ok(ImageFormat::Squashfs),
+            "erofs" => Ok(ImageFormat::Erofs),
+            other => Err(format!(
+                "unknown image format {other:?} (expected squashfs or erofs)"
+            )),
+        }
+    }
+}
+
+/// A compression algorithm for file data (and, for squashfs, metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    Zstd,
+    Xz,
+    Gzip,
+    Lz4,
+    Lz4hc,
+    Lzma,
+    Deflate,
+    /// No compression (erofs only).
+    None,
+}
+
+impl Compression {
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+            Compression::Lz4hc => "lz4hc",
+            Compression::Lzma => "lzma",
+            Compression::Deflate => "deflate",
+            Compression::None => "none",
+        }
+    }
+
+    const ALL: [Compression; 8] = [
+        Compression::Zstd,
+        Compression::Xz,
+        Compression::Gzip,
+        Compression::Lz4,
+        Compression::Lz4hc,
+        Compression::Lzma,
+        Compression::Deflate,
+        Compression::None,
+    ];
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Compression::ALL.iter().map(|c| c.name()).collect();
+                format!(
+                    "unknown compression {s:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// What to build and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOptions {
+    pub format: ImageFormat,
+    /// `None`: the format's default ([`ImageFormat::default_compression`]).
+    pub compression: Option<Compression>,
+    /// `None`: the default level (zstd 15 for squashfs, the tool's default for erofs).
+    pub compression_level: Option<u32>,
+    /// Where the closure's store paths physically are (`/nix/store` unless testing or building
+    /// from a chroot store). Names in the image never include it.
+    pub store_dir: PathBuf,
+    /// The `mkfs.erofs` to run for erofs images (a bare name is looked up on `PATH`).
+    pub mkfs_erofs: PathBuf,
+}
+
+impl BuildOptions {
+    pub fn new(format: ImageFormat) -> Self {
+        BuildOptions {
+            format,
+            compression: None,
+            compression_level: None,
+            store_dir: PathBuf::from(storedisk_nix::store_path::DEFAULT_STORE_DIR),
+            mkfs_erofs: PathBuf::from("mkfs.erofs"),
+        }
+    }
+
+    /// The compression actually used.
+    pub fn effective_compression(&self) -> Compression {
+        self.compression
+            .unwrap_or_else(|| self.format.default_compression())
+    }
+}
+
+/// What a build packed, for the one-line summary and `--json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildReport {
+    pub format: ImageFormat,
+    pub compression: Compression,
+    /// The level passed to the compressor, when one was chosen (by the user or by default).
+    pub compression_level: Option<u32>,
+    pub store_paths: usize,
+    pub directories: usize,
+    pub regular_files: usize,
+    pub symlinks: usize,
+    /// Regular file entries that are hard links to an earlier entry of the closure.
+    pub hard_links: usize,
+    /// Bytes of file data in the closure (every regular file entry counted).
+    pub file_bytes: u64,
+    /// Size of the finished image file.
+    pub image_bytes: u64,
+    /// The external tool that wrote the image, with its version (erofs), e.g.
+    /// `mkfs.erofs 1.8.6 (/usr/bin/mkfs.erofs)`.
+    pub tool: Option<String>,
+}
+
+/// Why an image could not be built. Every variant names the path or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "{compression} compression is not available for {format} images (choose one of {choices})"
+    )]
+    UnsupportedCompression {
+        format: ImageFormat,
+        compression: Compression,
+        choices: String,
+    },
+    #[error("compression level {level} is not valid for {compression}: {reason}")]
+    BadCompressionLevel {
+        compression: Compression,
+        level: u32,
+        reason: String,
+    },
+    #[error("store path {path} is in the closure but missing on disk ({physical} does not exist)")]
+    MissingStorePath { path: String, physical: PathBuf },
+    #[error("{path} is {kind}, which a Nix store cannot hold")]
+    UnsupportedFileType { path: PathBuf, kind: &'static str },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} changed while the image was being built: {reason}")]
+    Changed { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("squashfs writer failed: {0}")]
+    Squashfs(String),
+    #[error("{tool}: {message}")]
+    Tool { tool: String, message: String },
+}
+
+/// Receives progress from a build: bytes of file data processed out of a known total. The CLI
+/// shows it as a bar; libraries and tests pass [`NoProgress`].
+pub trait ProgressSink {
+    /// A new phase begins (`"packing"`, `"staging"`, `"mkfs.erofs"`); `total_bytes` 0 means
+    /// the phase has no byte count.
+    fn phase(&self, name: &str, total_bytes: u64);
+    /// `bytes` more of the current phase are done.
+    fn advance(&self, bytes: u64);
+    /// The build is over (successfully or not).
+    fn finish(&self) {}
+}
+
+/// A [`ProgressSink`] that discards everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn phase(&self, _name: &str, _total_bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// Packs every store path of `closure` (found under `options.store_dir`) into an image at
+/// `output`. On error nothing is left at `output` or beside it.
+pub fn build_image(
+    closure: &Closure,
+    options: &BuildOptions,
+    output: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport, BuildError> {
+    let result = build_image_inner(closure, options, output, progress);
+    progress.finish();
+    result
+}
+
+fn build_image_inner(
+    closure: &Closure,
+    options: &BuildOptions,
+    output: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<BuildReport, BuildError> {
+    let compression = options.effective_compression();
+    if !options.format.compressions().contains(&compression) {
+        return Err(BuildError::UnsupportedCompression {
+            format: options.format,
+            compression,
+            choices: options
+                .format
+                .compressions()
+                .iter()
+                .map(|c| c.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let output_dir = match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let write_err = |source| BuildError::Write {
+        path: output.to_owned(),
+        source,
+    };
+    // Checked before the (possibly long) walk so a typo in --output fails at once.
+    if !output_dir.is_dir() {
+        return Err(write_err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("its directory {} does not exist", output_dir.display()),
+        )));
+    }
+
+    let tree = Tree::walk(closure, &options.store_dir)?;
+    let file_name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&output_dir)
+        .map_err(write_err)?;
+
+    let (compression_level, tool) = match options.format {
+        ImageFormat::Squashfs => {
+            let level = squashfs::write(&tree, options, temp.as_file(), progress)?;
+            (level, None)
+        }
+        ImageFormat::Erofs => {
+            let used = erofs::write(&tree, options, temp.path(), &output_dir, progress)?;
+            (used.level, Some(used.tool))
+        }
+    };
+
+    let file = temp.as_file();
+    file.sync_all().map_err(write_err)?;
+    let image_bytes = file.metadata().map_err(write_err)?.len();
+    // NamedTempFile makes the file 0600; an image is meant to be read by others (a hypervisor
+    // running as another user), like any build output.
+    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644)).map_err(write_err)?;
+    temp.persist(output).map_err(|e| write_err(e.error))?;
+
+    let counts = tree.counts();
+    Ok(BuildReport {
+        format: options.format,
+        compression,
+        compression_level,
+        store_paths: tree.store_paths(),
+        directories: counts.directories,
+        regular_files: counts.regular_files,
+        symlinks: counts.symlinks,
+        hard_links: counts.hard_links,
+        file_bytes: counts.file_bytes,
+        image_bytes,
+        tool,
+    })
+}

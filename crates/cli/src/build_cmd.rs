@@ -1,10 +1,238 @@
-//! `storedisk build` (placeholder until its issue lands).
+//! `storedisk build`: parses flags, finds the closure of the ROOTs (from `--closure` or by
+//! asking Nix), hands it to `storedisk_builder::build_image` and prints the one-line summary (or
+//! JSON). Also the closure-file loader the other subcommands share.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 
+use anyhow::{bail, Context as _};
+use storedisk_builder::{build_image, BuildOptions, BuildReport, Compression, ImageFormat};
+use storedisk_nix::{Closure, StoreDir, StorePath};
+
+use crate::progress::TerminalProgress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    Squashfs,
+    Erofs,
+}
+
+impl From<FormatArg> for ImageFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Squashfs => ImageFormat::Squashfs,
+            FormatArg::Erofs => ImageFormat::Erofs,
+        }
+    }
+}
+
+/// Pack the closure of ROOTs into one store disk image: each store path at the image root under
+/// its base name, root:root, fixed times, the store's permissions, byte-identical on every run.
 #[derive(Debug, clap::Args)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    /// Image format.
+    #[arg(long, value_enum)]
+    format: FormatArg,
 
-pub fn run(_args: BuildArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+    /// Compression. squashfs: zstd (default), xz, gzip, lz4. erofs: lz4hc (default), lz4,
+    /// none, and zstd, lzma, deflate when the installed mkfs.erofs has them.
+    #[arg(long, value_parser = parse_compression)]
+    compression: Option<Compression>,
+
+    /// Compression level (default: zstd 15, xz 6, gzip 9 for squashfs; mkfs.erofs's default).
+    #[arg(long)]
+    compression_level: Option<u32>,
+
+    /// The closure, as exportReferencesGraph / `nix path-info --json` JSON or registration text.
+    /// Without it, Nix is asked (`nix path-info --json --recursive`).
+    #[arg(long, value_name = "FILE")]
+    closure: Option<PathBuf>,
+
+    /// The attribute of a structured-attrs JSON file that holds the closure.
+    #[arg(long, value_name = "KEY", requires = "closure")]
+    closure_key: Option<String>,
+
+    /// Where the store paths physically are; names in the image keep /nix/store.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    store_dir: PathBuf,
+
+    /// The mkfs.erofs to run for erofs images.
+    #[arg(long, value_name = "PATH", env = "STOREDISK_MKFS_EROFS")]
+    mkfs_erofs: Option<PathBuf>,
+
+    /// The image file to write (replaced atomically when the build succeeds).
+    #[arg(long, short, value_name = "FILE")]
+    output: PathBuf,
+
+    /// Print the build report as JSON on stdout instead of the summary line.
+    #[arg(long)]
+    json: bool,
+
+    /// Store paths whose closure to pack: `/nix/store/<hash>-<name>` or `<hash>-<name>`.
+    #[arg(value_name = "ROOT", required = true)]
+    roots: Vec<String>,
+}
+
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    text.parse()
+}
+
+pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let logical = StoreDir::default();
+    let roots = args
+        .roots
+        .iter()
+        .map(|r| parse_root(r, &logical, &args.store_dir))
+        .collect::<anyhow::Result<Vec<StorePath>>>()?;
+
+    let closure = match &args.closure {
+        Some(file) => load_closure(file, args.closure_key.as_deref(), &logical)?,
+        None => closure_from_nix(&roots, &logical)?,
+    };
+    let closure = closure
+        .restrict_to(roots.iter().cloned())
+        .with_context(|| match &args.closure {
+            Some(file) => format!("a ROOT is not in the closure in {}", file.display()),
+            None => "a ROOT is not in the closure Nix reported".to_owned(),
+        })?;
+
+    let mut options = BuildOptions::new(args.format.into());
+    options.compression = args.compression;
+    options.compression_level = args.compression_level;
+    options.store_dir = args.store_dir.clone();
+    if let Some(mkfs) = &args.mkfs_erofs {
+        options.mkfs_erofs = mkfs.clone();
+    }
+
+    let progress = TerminalProgress::stderr();
+    let report = build_image(&closure, &options, &args.output, &progress)
+        .with_context(|| format!("building {}", args.output.display()))?;
+
+    if args.json {
+        println!("{}", report_json(&report, &args.output));
+    } else {
+        println!("{}", summary_line(&report, &args.output));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A ROOT as a store path: a full logical path, a base name, or a path under `--store-dir`.
+fn parse_root(text: &str, logical: &StoreDir, physical_dir: &Path) -> anyhow::Result<StorePath> {
+    let under_physical = Path::new(text)
+        .strip_prefix(physical_dir)
+        .ok()
+        .filter(|rest| rest.components().count() == 1)
+        .and_then(|rest| rest.to_str());
+    let parsed = match under_physical {
+        Some(base) if physical_dir != Path::new(logical.as_str()) => {
+            StorePath::from_base_name(base)
+        }
+        _ => logical.parse_path_or_base_name(text),
+    };
+    parsed.with_context(|| format!("ROOT {text:?}"))
+}
+
+/// Reads a closure file: JSON (any form `Closure::from_json` takes) or registration text.
+pub(crate) fn load_closure(
+    file: &Path,
+    key: Option<&str>,
+    store_dir: &StoreDir,
+) -> anyhow::Result<Closure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the closure file {}", file.display()))?;
+    let closure = if text.trim_start().starts_with(['[', '{']) {
+        Closure::from_json(&text, key, store_dir)
+    } else {
+        if key.is_some() {
+            bail!(
+                "--closure-key applies to JSON, but {} is registration text",
+                file.display()
+            );
+        }
+        Closure::from_registration(&text, store_dir)
+    };
+    closure.with_context(|| format!("closure file {}", file.display()))
+}
+
+/// Asks Nix for the closure of `roots`, with hashes, sizes and references.
+fn closure_from_nix(roots: &[StorePath], store_dir: &StoreDir) -> anyhow::Result<Closure> {
+    let mut command = Command::new("nix");
+    command
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+        ])
+        .args(roots.iter().map(|r| store_dir.display(r)))
+        .stdin(Stdio::null());
+    let output = command.output().with_context(|| {
+        "cannot run `nix` to find the closure of the ROOTs (install Nix, or pass --closure FILE)"
+    })?;
+    if !output.status.success() {
+        bail!(
+            "`nix path-info --json --recursive` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text = String::from_utf8(output.stdout).context("`nix path-info` printed non-UTF-8")?;
+    Closure::from_json(&text, None, store_dir).context("reading `nix path-info --json` output")
+}
+
+fn report_json(report: &BuildReport, output: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "output": output.display().to_string(),
+        "format": report.format.name(),
+        "compression": report.compression.name(),
+        "compressionLevel": report.compression_level,
+        "storePaths": report.store_paths,
+        "directories": report.directories,
+        "regularFiles": report.regular_files,
+        "symlinks": report.symlinks,
+        "hardLinks": report.hard_links,
+        "fileBytes": report.file_bytes,
+        "imageBytes": report.image_bytes,
+        "tool": report.tool,
+    })
+}
+
+fn summary_line(report: &BuildReport, output: &Path) -> String {
+    let level = report
+        .compression_level
+        .map(|l| format!(" level {l}"))
+        .unwrap_or_default();
+    let tool = report
+        .tool
+        .as_ref()
+        .map(|t| format!(", by {t}"))
+        .unwrap_or_default();
+    format!(
+        "built {} ({} {}{level}{tool}): {} store paths, {} files, {} directories, {} symlinks, {} of file data -> {}",
+        output.display(),
+        report.format,
+        report.compression,
+        report.store_paths,
+        report.regular_files,
+        report.directories,
+        report.symlinks,
+        human_bytes(report.file_bytes),
+        human_bytes(report.image_bytes),
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

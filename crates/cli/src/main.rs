@@ -6,6 +6,7 @@
 
 mod build_cmd;
 mod closure_info_cmd;
+mod progress;
 mod verify_cmd;
 
 use std::process::ExitCode;

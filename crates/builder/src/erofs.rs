@@ -1,0 +1,529 @@
+//! The erofs writer: a walked [`Tree`] staged into a directory beside the output with canonical
+//! modes, then packed by `mkfs.erofs` (erofs-utils) with microvm.nix's flags.
+//!
+//! Staging copies file data (`io::copy`, which uses `copy_file_range` and reflinks where the
+//! filesystem can) and recreates hard links that occur within the closure as hard links, so
+//! mkfs.erofs stores their data once and their link counts depend on the closure only.
+//!
+//! Reproducibility: mkfs.erofs would pick a random UUID and take times and xattrs from the
+//! staging tree, so it is given a UUID derived from the closure (`-U`), one timestamp for all
+//! files (`-T 0`, as microvm.nix), root ownership (`--all-root`) and no xattrs (`-x -1`: a host
+//! with SELinux labels new files). Directory entries are sorted by mkfs.erofs itself.
+//!
+//! Flags that depend on the installed version are chosen from its version and `--help`:
+//! `-Eztailpacking` (1.5+), `-Efragments` and `-L nix-store` (1.6+), `--mount-point=/nix/store`
+//! (when listed). mkfs.erofs 1.5 ignores unknown `-E` options silently, hence the version check.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::tree::{EntryKind, Tree};
+use crate::{BuildError, BuildOptions, Compression, ImageFormat, ProgressSink};
+
+/// Label microvm.nix gives its erofs store disks.
+pub const LABEL: &str = "nix-store";
+/// Timestamp of every inode and of the build (`-T`), as microvm.nix passes it.
+pub const TIMESTAMP: u32 = 0;
+/// Where the guest's store lives (`--mount-point`).
+pub const MOUNT_POINT: &str = "/nix/store";
+
+/// An installed `mkfs.erofs` and what it supports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MkfsErofs {
+    pub path: PathBuf,
+    /// As printed, e.g. `1.8.6`.
+    pub version: String,
+    version_parts: (u32, u32, u32),
+    /// Compressors it lists (empty if it lists none; then the tool itself judges `-z`).
+    pub compressors: Vec<String>,
+    pub has_label: bool,
+    pub has_mount_point: bool,
+}
+
+/// What [`write`] used, for the build report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ErofsUsed {
+    pub level: Option<u32>,
+    pub tool: String,
+}
+
+impl MkfsErofs {
+    /// Runs `path -V` and `path --help` (and, for versions without `-V`, a build of an empty
+    /// directory) to learn the version and the options.
+    pub fn probe(path: &Path) -> Result<MkfsErofs, BuildError> {
+        let version_out = run_tool(path, Command::new(path).arg("-V"))?;
+        let help_out = run_tool(path, Command::new(path).arg("--help"))?;
+        let help = format!("{}{}", text(&help_out.stdout), text(&help_out.stderr));
+        let version_text = text(&version_out.stdout);
+        let version = if version_out.status.success() {
+            parse_version(&version_text)
+        } else {
+            None
+        };
+        let version = match version {
+            Some(v) => v,
+            None => probe_version_by_building(path)?,
+        };
+        let version_parts = version_parts(&version);
+        let compressors = parse_compressors(&version_text)
+            .or_else(|| parse_compressors(&help))
+            .unwrap_or_default();
+        Ok(MkfsErofs {
+            path: path.to_owned(),
+            version,
+            version_parts,
+            compressors,
+            has_label: help.contains("-L "),
+            has_mount_point: help.contains("--mount-point"),
+        })
+    }
+
+    pub fn supports_ztailpacking(&self) -> bool {
+        self.version_parts >= (1, 5, 0)
+    }
+
+    pub fn supports_fragments(&self) -> bool {
+        self.version_parts >= (1, 6, 0)
+    }
+
+    /// mkfs.erofs 1.5 copies names into a 255-byte buffer with room for 254 characters, then
+    /// fails to find the truncated file; say so plainly instead.
+    pub fn check_names(&self, tree: &Tree) -> Result<(), BuildError> {
+        if self.version_parts >= (1, 6, 0) {
+            return Ok(());
+        }
+        let too_long = tree.entries().iter().find(|e| {
+            e.path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().len() > 254)
+        });
+        match too_long {
+            None => Ok(()),
+            Some(entry) => Err(BuildError::Tool {
+                tool: self.path.display().to_string(),
+                message: format!(
+                    "mkfs.erofs {} cuts file names to 254 bytes, so it cannot pack {} (a 255-byte \
+                     name); use a newer erofs-utils (1.8 works: `cargo xtask setup` installs it)",
+                    self.version,
+                    tree.source(entry).display()
+                ),
+            }),
+        }
+    }
+
+    /// The command-line options (before `IMAGE SOURCE`) for an image of `compression`.
+    pub fn arguments(
+        &self,
+        compression: Compression,
+        level: Option<u32>,
+        uuid: &str,
+    ) -> Result<Vec<String>, BuildError> {
+        let mut args = Vec::new();
+        if compression == Compression::None {
+            if let Some(level) = level {
+                return Err(BuildError::BadCompressionLevel {
+                    compression,
+                    level,
+                    reason: "an uncompressed image has no level".to_owned(),
+                });
+            }
+        } else {
+            if !self.compressors.is_empty()
+                && !self.compressors.iter().any(|c| c == compression.name())
+            {
+                return Err(BuildError::UnsupportedCompression {
+                    format: ImageFormat::Erofs,
+                    compression,
+                    choices: format!(
+                        "{}, none (mkfs.erofs {} at {})",
+                        self.compressors.join(", "),
+                        self.version,
+                        self.path.display()
+                    ),
+                });
+            }
+            if compression == Compression::Lz4 {
+                if let Some(level) = level {
+                    return Err(BuildError::BadCompressionLevel {
+                        compression,
+                        level,
+                        reason: "erofs lz4 has no levels (lz4hc has)".to_owned(),
+                    });
+                }
+            }
+            args.push(match level {
+                Some(level) => format!("-z{},{level}", compression.name()),
+                None => format!("-z{}", compression.name()),
+            });
+            if self.supports_ztailpacking() {
+                args.push("-Eztailpacking".to_owned());
+            }
+            if self.supports_fragments() {
+                args.push("-Efragments".to_owned());
+            }
+        }
+        args.extend([
+            "-T".to_owned(),
+            TIMESTAMP.to_string(),
+            "--all-root".to_owned(),
+            "-U".to_owned(),
+            uuid.to_owned(),
+            "-x".to_owned(),
+            "-1".to_owned(),
+        ]);
+        if self.has_label {
+            args.extend(["-L".to_owned(), LABEL.to_owned()]);
+        }
+        if self.has_mount_point {
+            args.push(format!("--mount-point={MOUNT_POINT}"));
+        }
+        Ok(args)
+    }
+}
+
+/// Stages `tree` in a directory inside `work_dir` and runs mkfs.erofs to write `image`.
+pub(crate) fn write(
+    tree: &Tree,
+    options: &BuildOptions,
+    image: &Path,
+    work_dir: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<ErofsUsed, BuildError> {
+    let tool = MkfsErofs::probe(&options.mkfs_erofs)?;
+    let compression = options.effective_compression();
+    let args = tool.arguments(compression, options.compression_level, &closure_uuid(tree))?;
+    tool.check_names(tree)?;
+
+    let staging = Staging::new(work_dir)?;
+    progress.phase("staging", tree.counts().file_bytes);
+    staging.fill(tree, progress)?;
+
+    progress.phase("mkfs.erofs", 0);
+    let mut command = Command::new(&tool.path);
+    command.args(&args).arg(image).arg(staging.root());
+    let output = run_tool(&tool.path, &mut command)?;
+    if !output.status.success() {
+        // 1.5 prints some errors on stdout, among its progress lines.
+        let printed = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        let tail: Vec<&str> = printed
+            .lines()
+            .map(|l| l.trim_start_matches("\x1b[K"))
+            .filter(|l| !l.starts_with("Processing "))
+            .rev()
+            .take(20)
+            .collect();
+        return Err(BuildError::Tool {
+            tool: tool.path.display().to_string(),
+            message: format!(
+                "{} (arguments: {})\n{}",
+                output.status,
+                args.join(" "),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        });
+    }
+    Ok(ErofsUsed {
+        level: options.compression_level,
+        tool: format!("mkfs.erofs {} ({})", tool.version, tool.path.display()),
+    })
+}
+
+/// A fixed filesystem UUID for the closure: SHA-256 of its store path names, shaped as an
+/// RFC 9562 version 8 (custom) UUID.
+pub fn closure_uuid(tree: &Tree) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"storedisk erofs uuid\n");
+    for entry in tree.entries() {
+        if entry.path.components().count() == 1 {
+            hasher.update(entry.path.as_os_str().as_encoded_bytes());
+            hasher.update(b"\n");
+        }
+    }
+    let mut bytes: [u8; 16] = [0; 16];
+    bytes.copy_from_slice(&hasher.finalize()[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The staging directory; removed (after making its directories writable again) when dropped.
+struct Staging {
+    dir: tempfile::TempDir,
+}
+
+impl Staging {
+    fn new(work_dir: &Path) -> Result<Staging, BuildError> {
+        let dir = tempfile::Builder::new()
+            .prefix(".storedisk-staging-")
+            .tempdir_in(work_dir)
+            .map_err(|source| BuildError::Write {
+                path: work_dir.to_owned(),
+                source,
+            })?;
+        Ok(Staging { dir })
+    }
+
+    /// The directory mkfs.erofs packs: the image root.
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn fill(&self, tree: &Tree, progress: &dyn ProgressSink) -> Result<(), BuildError> {
+        let root = self.root();
+        let write_err = |path: &Path, source| BuildError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let entries = tree.entries();
+        for entry in entries {
+            let dest = root.join(&entry.path);
+            match &entry.kind {
+                EntryKind::Directory => fs::create_dir(&dest).map_err(|e| write_err(&dest, e))?,
+                EntryKind::Symlink { target } => {
+                    symlink(target, &dest).map_err(|e| write_err(&dest, e))?
+                }
+                EntryKind::Regular {
+                    hard_link_of: Some(first),
+                    ..
+                } => {
+                    let first = root.join(&entries[*first].path);
+                    fs::hard_link(&first, &dest).map_err(|e| write_err(&dest, e))?;
+                }
+                EntryKind::Regular {
+                    size,
+                    hard_link_of: None,
+                    ..
+                } => {
+                    copy_file(&tree.source(entry), &dest, *size)?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode().into()))
+                        .map_err(|e| write_err(&dest, e))?;
+                    progress.advance(*size);
+                }
+            }
+        }
+        // Directories become read-only last, deepest first, once nothing more goes into them.
+        for entry in entries.iter().rev() {
+            if entry.kind == EntryKind::Directory {
+                let dest = root.join(&entry.path);
+                fs::set_permissions(&dest, fs::Permissions::from_mode(0o555))
+                    .map_err(|e| write_err(&dest, e))?;
+            }
+        }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o555))
+            .map_err(|e| write_err(root, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Without write permission a non-root user could not empty the read-only directories.
+        make_dirs_writable(self.dir.path());
+    }
+}
+
+fn make_dirs_writable(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    if let Ok(children) = fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                make_dirs_writable(&child.path());
+            }
+        }
+    }
+}
+
+/// Copies `source` to the new file `dest`, checking it still has the walked length.
+fn copy_file(source: &Path, dest: &Path, expected_len: u64) -> Result<(), BuildError> {
+    let read_err = |source_err| BuildError::Read {
+        path: source.to_owned(),
+        source: source_err,
+    };
+    let mut from = fs::File::open(source).map_err(read_err)?;
+    let mut to = fs::File::create(dest).map_err(|e| BuildError::Write {
+        path: dest.to_owned(),
+        source: e,
+    })?;
+    let copied = io::copy(&mut from, &mut to).map_err(|e| BuildError::Read {
+        path: source.to_owned(),
+        source: io::Error::new(e.kind(), format!("copying it to {}: {e}", dest.display())),
+    })?;
+    if copied != expected_len {
+        return Err(BuildError::Changed {
+            path: source.to_owned(),
+            reason: format!(
+                "it is {copied} bytes long now, {expected_len} when the closure was walked"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn run_tool(path: &Path, command: &mut Command) -> Result<Output, BuildError> {
+    command.stdin(Stdio::null()).output().map_err(|e| {
+        let hint = if e.kind() == io::ErrorKind::NotFound {
+            " (install erofs-utils, e.g. `apt install erofs-utils` or `cargo xtask setup`, or \
+             point --mkfs-erofs / $STOREDISK_MKFS_EROFS at mkfs.erofs)"
+        } else {
+            ""
+        };
+        BuildError::Tool {
+            tool: path.display().to_string(),
+            message: format!("cannot run it: {e}{hint}"),
+        }
+    })
+}
+
+/// mkfs.erofs before 1.6 has no `-V`, but prints `mkfs.erofs <version>` when it builds.
+fn probe_version_by_building(path: &Path) -> Result<String, BuildError> {
+    let tool_err = |message: String| BuildError::Tool {
+        tool: path.display().to_string(),
+        message,
+    };
+    let scratch =
+        tempfile::tempdir().map_err(|e| tool_err(format!("cannot make a temp dir: {e}")))?;
+    let empty = scratch.path().join("empty");
+    fs::create_dir(&empty).map_err(|e| tool_err(format!("cannot make a temp dir: {e}")))?;
+    let output = run_tool(
+        path,
+        Command::new(path)
+            .arg(scratch.path().join("probe.img"))
+            .arg(&empty),
+    )?;
+    parse_version(&text(&output.stdout)).ok_or_else(|| {
+        tool_err(format!(
+            "cannot tell its version: neither `-V` nor a probe build printed one ({})",
+            text(&output.stderr).trim()
+        ))
+    })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The version from `mkfs.erofs (erofs-utils) 1.8.6` or `mkfs.erofs 1.5`.
+fn parse_version(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find(|l| l.trim_start().starts_with("mkfs.erofs"))?
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_owned)
+}
+
+fn version_parts(version: &str) -> (u32, u32, u32) {
+    let mut parts = version.split(['.', '-', '+', '~']).map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0)
+    });
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}
+
+/// The compressor list of `available compressors: a, b` (1.6+ `-V`) or `Available compressors
+/// are: a, b` (1.5 `--help`).
+fn parse_compressors(output: &str) -> Option<Vec<String>> {
+    let line = output
+        .lines()
+        .find(|l| l.to_ascii_lowercase().contains("available compressors"))?;
+    let list = line.split_once(':')?.1;
+    let names: Vec<String> = list
+        .split([',', ' '])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions_and_compressors_of_old_and_new_releases() {
+        let new = "mkfs.erofs (erofs-utils) 1.8.6\navailable compressors: lz4, lz4hc, lzma, deflate, libdeflate, zstd\n";
+        assert_eq!(parse_version(new).as_deref(), Some("1.8.6"));
+        assert_eq!(version_parts("1.8.6"), (1, 8, 6));
+        assert_eq!(
+            parse_compressors(new).unwrap_or_default(),
+            ["lz4", "lz4hc", "lzma", "deflate", "libdeflate", "zstd"]
+        );
+        let old_build = "mkfs.erofs 1.5\n\x1b[KProcessing f ...\n";
+        assert_eq!(parse_version(old_build).as_deref(), Some("1.5"));
+        assert_eq!(version_parts("1.5"), (1, 5, 0));
+        let old_help = "usage: [options] FILE DIRECTORY\n\nAvailable compressors are: lz4hc, lz4\n";
+        assert_eq!(
+            parse_compressors(old_help).unwrap_or_default(),
+            ["lz4hc", "lz4"]
+        );
+        assert_eq!(parse_version("mkfs.erofs: invalid option -- 'V'"), None);
+    }
+
+    fn tool(version: &str) -> MkfsErofs {
+        MkfsErofs {
+            path: PathBuf::from("mkfs.erofs"),
+            version: version.to_owned(),
+            version_parts: version_parts(version),
+            compressors: vec!["lz4".into(), "lz4hc".into()],
+            has_label: version_parts(version) >= (1, 6, 0),
+            has_mount_point: false,
+        }
+    }
+
+    #[test]
+    fn picks_microvm_flags_the_version_supports() {
+        let uuid = "00000000-0000-8000-8000-000000000000";
+        let new = tool("1.8.6")
+            .arguments(Compression::Lz4hc, None, uuid)
+            .unwrap_or_default();
+        assert_eq!(
+            new.join(" "),
+            format!(
+                "-zlz4hc -Eztailpacking -Efragments -T 0 --all-root -U {uuid} -x -1 -L nix-store"
+            )
+        );
+        let old = tool("1.5")
+            .arguments(Compression::Lz4hc, Some(12), uuid)
+            .unwrap_or_default();
+        assert_eq!(
+            old.join(" "),
+            format!("-zlz4hc,12 -Eztailpacking -T 0 --all-root -U {uuid} -x -1")
+        );
+        let none = tool("1.8.6")
+            .arguments(Compression::None, None, uuid)
+            .unwrap_or_default();
+        assert!(
+            !none
+                .iter()
+                .any(|a| a.starts_with("-z") || a.starts_with("-E")),
+            "{none:?}"
+        );
+        assert!(tool("1.5")
+            .arguments(Compression::Zstd, None, uuid)
+            .is_err());
+        assert!(tool("1.5")
+            .arguments(Compression::Lz4, Some(3), uuid)
+            .is_err());
+    }
+}

@@ -1,0 +1,845 @@
+//! `storedisk build` end to end on the testkit's synthetic store: images are extracted by the
+//! peers' own tools (`unsquashfs`, `fsck.erofs --extract`) and every store path is compared with
+//! the closure by NAR hash; modes, owners and times are checked in the extraction; images are
+//! rebuilt under varied conditions and compared byte for byte; every bad input must fail with
+//! exit code 2, name the culprit and leave nothing behind.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed setup step should panic with its message.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use sha2::{Digest, Sha256};
+use storedisk_nix::nar::hash_path;
+use storedisk_nix::{Closure, StoreDir};
+use storedisk_testkit::{store_path_for, tool, SyntheticStore};
+
+fn storedisk() -> assert_cmd::Command {
+    assert_cmd::Command::new(env!("CARGO_BIN_EXE_storedisk"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let digest = Sha256::digest(fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `storedisk build` of the synthetic store's roots; `extra` comes before the roots.
+fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) -> Output {
+    let mut cmd = storedisk();
+    cmd.args(["build", "--format", format, "--closure"])
+        .arg(store.closure_json())
+        .arg("--store-dir")
+        .arg(store.store_dir())
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .args(store.roots().iter().map(|r| store.logical(r)));
+    cmd.output().unwrap()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "storedisk failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// A pair of erofs-utils tools from the same installation, with mkfs.erofs's version.
+#[derive(Debug, Clone)]
+struct ErofsUtils {
+    mkfs: PathBuf,
+    fsck: PathBuf,
+    version: (u32, u32),
+}
+
+fn erofs_version(mkfs: &Path) -> (u32, u32) {
+    let out = std::process::Command::new(mkfs).arg("-V").output().unwrap();
+    let printed = if out.status.success() {
+        text(&out.stdout)
+    } else {
+        // 1.5 has no -V but names its version when it builds.
+        let scratch = tempfile::tempdir().unwrap();
+        fs::create_dir(scratch.path().join("d")).unwrap();
+        let out = std::process::Command::new(mkfs)
+            .arg(scratch.path().join("x.img"))
+            .arg(scratch.path().join("d"))
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    };
+    let word = printed
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or_else(|| panic!("no version in {mkfs:?}'s output: {printed}"));
+    let mut parts = word.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Every distinct erofs-utils installation the testkit can see: the first on the search path,
+/// plus the private prefix's. At least one must be new enough for microvm.nix's
+/// `-Efragments` (1.6+), or the flags microvm.nix uses would go untested.
+fn erofs_utils() -> Vec<ErofsUtils> {
+    let first = tool("mkfs.erofs");
+    let mut candidates = vec![first];
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for dir in [
+        workspace.join("target/tools/bin"),
+        PathBuf::from("/tmp/prov/bin"),
+    ] {
+        candidates.push(dir.join("mkfs.erofs"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    for mkfs in candidates {
+        if !mkfs.is_file() {
+            continue;
+        }
+        let fsck = mkfs.with_file_name("fsck.erofs");
+        assert!(
+            fsck.is_file(),
+            "{} has no fsck.erofs beside it",
+            mkfs.display()
+        );
+        let version = erofs_version(&mkfs);
+        if seen.insert(version) {
+            found.push(ErofsUtils {
+                mkfs,
+                fsck,
+                version,
+            });
+        }
+    }
+    assert!(
+        found.iter().any(|u| u.version >= (1, 6)),
+        "these tests need erofs-utils >= 1.6 (for -Efragments, as microvm.nix uses); found {found:?}; \
+         run `cargo xtask setup` or set STOREDISK_TOOL_MKFS_EROFS"
+    );
+    found
+}
+
+/// The tricky store, minus its 255-byte file name when `utils` cannot pack one (1.5 cuts names
+/// to 254 bytes).
+fn store_for(utils: &ErofsUtils) -> SyntheticStore {
+    if utils.version >= (1, 6) {
+        return SyntheticStore::tricky();
+    }
+    let (builder, toplevel) = SyntheticStore::tricky_builder();
+    let hello = store_path_for("hello-2.12.1");
+    let long = builder
+        .store_dir()
+        .join(hello.base_name())
+        .join("share/doc/hello")
+        .join("n".repeat(255));
+    fs::remove_file(long).unwrap();
+    builder.finish(&[toplevel])
+}
+
+fn extract_squashfs(image: &Path, into: &Path) {
+    let out = std::process::Command::new(tool("unsquashfs"))
+        .arg("-no-progress")
+        .arg("-d")
+        .arg(into)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "unsquashfs failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+fn extract_erofs(fsck: &Path, image: &Path, into: &Path) {
+    let out = std::process::Command::new(fsck)
+        .arg(format!("--extract={}", into.display()))
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} --extract failed: {}{}",
+        fsck.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The extraction holds exactly the closure's paths, each with the closure's NAR hash.
+fn assert_holds_closure(extracted: &Path, closure: &Closure) {
+    let names: BTreeSet<String> = fs::read_dir(extracted)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let want: BTreeSet<String> = closure
+        .iter()
+        .map(|i| i.path.base_name().to_owned())
+        .collect();
+    assert_eq!(
+        names, want,
+        "the image root must hold exactly the closure's store paths"
+    );
+    for info in closure.iter() {
+        let (hash, size) = hash_path(&extracted.join(info.path.base_name())).unwrap();
+        assert_eq!(
+            Some(hash),
+            info.nar_hash,
+            "NAR hash of {} in the image",
+            info.path
+        );
+        assert_eq!(
+            Some(size),
+            info.nar_size,
+            "NAR size of {} in the image",
+            info.path
+        );
+    }
+}
+
+/// Modes as the store has them, root ownership (when the extractor could keep it) and `mtime`
+/// on every entry below the root; the root itself 0555.
+fn assert_canonical_metadata(extracted: &Path, mtime: i64) {
+    let as_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let root = fs::symlink_metadata(extracted).unwrap();
+    assert_eq!(root.mode() & 0o7777, 0o555, "image root mode");
+    let mut stack = vec![extracted.to_owned()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o555, "{}", path.display());
+                stack.push(path.clone());
+            } else if meta.is_file() {
+                assert!(
+                    mode == 0o444 || mode == 0o555,
+                    "{}: mode {mode:o}",
+                    path.display()
+                );
+            } else {
+                assert!(meta.file_type().is_symlink(), "{}", path.display());
+            }
+            if !meta.file_type().is_symlink() {
+                assert_eq!(meta.mtime(), mtime, "mtime of {}", path.display());
+            }
+            if as_root {
+                assert_eq!(
+                    (meta.uid(), meta.gid()),
+                    (0, 0),
+                    "owner of {}",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} entries extracted");
+}
+
+#[test]
+fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("store.squashfs");
+    let out = build(&store, "squashfs", &image, &[]);
+    assert_success(&out);
+    let summary = text(&out.stdout);
+    assert!(summary.contains("6 store paths"), "{summary}");
+
+    let extracted = work.path().join("x");
+    extract_squashfs(&image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
+    assert!(!extracted
+        .join(store.path("outside-1.0").base_name())
+        .exists());
+    assert_canonical_metadata(&extracted, 1);
+
+    // unsquashfs's own listing: every entry root-owned, numeric ids.
+    let listing = std::process::Command::new(tool("unsquashfs"))
+        .arg("-lln")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let listing = text(&listing.stdout);
+    let entries: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("squashfs-root"))
+        .collect();
+    assert!(entries.len() > 20, "{listing}");
+    for line in &entries {
+        let owner = line.split_whitespace().nth(1).unwrap();
+        assert_eq!(owner, "0/0", "{line}");
+    }
+    let stat = std::process::Command::new(tool("unsquashfs"))
+        .arg("-s")
+        .arg(&image)
+        .output()
+        .unwrap();
+    let stat = text(&stat.stdout);
+    assert!(stat.contains("Compression zstd"), "{stat}");
+    assert!(stat.contains("compression-level 15"), "{stat}");
+    assert!(stat.contains("Block size 131072"), "{stat}");
+    assert!(
+        stat.contains("Thu Jan  1 00:00:01 1970"),
+        "superblock time: {stat}"
+    );
+}
+
+#[test]
+fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
+    for utils in erofs_utils() {
+        let work = tempfile::tempdir().unwrap();
+        if utils.version < (1, 6) {
+            // A name this version would cut must be refused plainly, not fail deep inside it.
+            let tricky = SyntheticStore::tricky();
+            let image = work.path().join("refused.erofs");
+            let out = build(
+                &tricky,
+                "erofs",
+                &image,
+                &["--mkfs-erofs", utils.mkfs.to_str().unwrap()],
+            );
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert!(
+                stderr.contains(&"n".repeat(255)) && stderr.contains("255-byte"),
+                "{stderr}"
+            );
+            assert_eq!(listing(work.path()), Vec::<String>::new());
+        }
+        let store = store_for(&utils);
+        let image = work.path().join("store.erofs");
+        let out = build(
+            &store,
+            "erofs",
+            &image,
+            &["--mkfs-erofs", utils.mkfs.to_str().unwrap(), "--json"],
+        );
+        assert_success(&out);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["storePaths"], 6, "{report}");
+        assert_eq!(report["compression"], "lz4hc", "{report}");
+        let tool_used = report["tool"].as_str().unwrap();
+        assert!(
+            tool_used.contains(&utils.mkfs.display().to_string()),
+            "{tool_used}"
+        );
+        assert_eq!(
+            report["imageBytes"].as_u64().unwrap(),
+            fs::metadata(&image).unwrap().len()
+        );
+
+        let extracted = work.path().join("x");
+        extract_erofs(&utils.fsck, &image, &extracted);
+        assert_holds_closure(&extracted, store.closure());
+        assert!(!extracted
+            .join(store.path("outside-1.0").base_name())
+            .exists());
+        assert_canonical_metadata(&extracted, 0);
+        if utils.version >= (1, 8) {
+            // This fsck.erofs extracts hard links as links: the image kept them as one inode.
+            let doc = extracted
+                .join(store.path("hello-2.12.1").base_name())
+                .join("share/doc");
+            let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
+            assert_eq!(
+                ino(doc.join("hello/COPYING")),
+                ino(doc.join("hello/LICENSE"))
+            );
+            let busybox_license = extracted
+                .join(store.path("busybox-1.36.1").base_name())
+                .join("share/doc/LICENSE");
+            assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
+        }
+        let uuid_in = |image: &Path| -> Vec<u8> {
+            // The superblock starts at 1024; its UUID field is at offset 48, 16 bytes.
+            fs::read(image).unwrap()[1024 + 48..1024 + 64].to_vec()
+        };
+        assert_ne!(uuid_in(&image), vec![0; 16], "the image needs a UUID");
+    }
+}
+
+/// Recreates `from` at `to` entry by entry in reverse name order (directory listing order
+/// differs), keeping hard links, symlinks and modes.
+fn copy_tree_reversed(from: &Path, to: &Path, inodes: &mut BTreeMap<(u64, u64), PathBuf>) {
+    let meta = fs::symlink_metadata(from).unwrap();
+    if meta.file_type().is_symlink() {
+        symlink(fs::read_link(from).unwrap(), to).unwrap();
+    } else if meta.is_file() {
+        if let Some(first) = inodes.get(&(meta.dev(), meta.ino())) {
+            fs::hard_link(first, to).unwrap();
+        } else {
+            fs::copy(from, to).unwrap();
+            fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777)).unwrap();
+            inodes.insert((meta.dev(), meta.ino()), to.to_owned());
+        }
+    } else {
+        fs::create_dir(to).unwrap();
+        let mut names: Vec<_> = fs::read_dir(from)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names.reverse();
+        for name in names {
+            copy_tree_reversed(&from.join(&name), &to.join(&name), inodes);
+        }
+    }
+}
+
+#[test]
+fn images_are_byte_identical_whatever_the_root_order_directory_threads_or_listing_order() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    let other_cwd = tempfile::tempdir().unwrap();
+    // The same store laid down in reverse order, elsewhere.
+    let reversed = work.path().join("reversed-store");
+    fs::create_dir(&reversed).unwrap();
+    let mut inodes = BTreeMap::new();
+    let mut tops: Vec<_> = fs::read_dir(store.store_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    tops.sort();
+    tops.reverse();
+    for top in tops {
+        copy_tree_reversed(&top, &reversed.join(top.file_name().unwrap()), &mut inodes);
+    }
+
+    let toplevel = store.path("nixos-system-guest");
+    let hello = store.path("hello-2.12.1");
+    let glibc = store.path("glibc-2.40");
+    let mkfs = erofs_utils()
+        .into_iter()
+        .max_by_key(|u| u.version)
+        .unwrap()
+        .mkfs;
+    for format in ["squashfs", "erofs"] {
+        let run =
+            |roots: Vec<String>, store_dir: &Path, cwd: &Path, threads: &str, output: &Path| {
+                let out = storedisk()
+                    .current_dir(cwd)
+                    .env("RAYON_NUM_THREADS", threads)
+                    .args(["build", "--format", format, "--mkfs-erofs"])
+                    .arg(&mkfs)
+                    .arg("--closure")
+                    .arg(store.closure_json())
+                    .arg("--store-dir")
+                    .arg(store_dir)
+                    .arg("--output")
+                    .arg(output)
+                    .args(roots)
+                    .output()
+                    .unwrap();
+                assert_success(&out);
+            };
+        let first = work.path().join(format!("first.{format}"));
+        run(
+            vec![
+                store.logical(&toplevel),
+                store.logical(&hello),
+                store.logical(&glibc),
+            ],
+            store.store_dir(),
+            work.path(),
+            "1",
+            &first,
+        );
+        // Relative output path, other working directory, base names in another order,
+        // two threads, the reversed store.
+        let second_name = format!("second.{format}");
+        run(
+            vec![
+                glibc.base_name().to_owned(),
+                toplevel.base_name().to_owned(),
+                hello.base_name().to_owned(),
+            ],
+            &reversed,
+            other_cwd.path(),
+            "2",
+            Path::new(&second_name),
+        );
+        let second = other_cwd.path().join(&second_name);
+        assert_eq!(
+            sha256_of(&first),
+            sha256_of(&second),
+            "{format} images of the same closure differ"
+        );
+    }
+}
+
+/// Files in `dir`, for checking that nothing (output or temp file) was left behind.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs a build expected to fail: exit code 2, stderr naming `culprit`, `out_dir` left empty.
+fn assert_fails_cleanly(mut cmd: assert_cmd::Command, out_dir: &Path, culprit: &str) {
+    let out = cmd.output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains(culprit),
+        "the error must name {culprit:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        listing(out_dir),
+        Vec::<String>::new(),
+        "left behind in the output directory"
+    );
+}
+
+fn build_cmd(
+    format: &str,
+    closure: &Path,
+    store_dir: &Path,
+    output: &Path,
+    roots: &[String],
+) -> assert_cmd::Command {
+    let mut cmd = storedisk();
+    cmd.args(["build", "--format", format, "--closure"])
+        .arg(closure)
+        .arg("--store-dir")
+        .arg(store_dir)
+        .arg("--output")
+        .arg(output)
+        .args(roots);
+    cmd
+}
+
+#[test]
+fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
+    let store = SyntheticStore::tricky();
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("image");
+    let toplevel = store.logical(&store.roots()[0]);
+    for format in ["squashfs", "erofs"] {
+        // Not a store path at all, and a malformed one.
+        for bad in ["not-a-store-path", "/nix/store/tooshort-x"] {
+            let cmd = build_cmd(
+                format,
+                store.closure_json(),
+                store.store_dir(),
+                &output,
+                &[bad.to_owned()],
+            );
+            assert_fails_cleanly(cmd, out_dir.path(), bad);
+        }
+        // On disk, but not in the closure.
+        let outside = store.logical(&store.path("outside-1.0"));
+        let cmd = build_cmd(
+            format,
+            store.closure_json(),
+            store.store_dir(),
+            &output,
+            &[toplevel.clone(), outside.clone()],
+        );
+        assert_fails_cleanly(cmd, out_dir.path(), &outside);
+
+        // In the closure, missing on disk.
+        let ghost = store_path_for("ghost-1.0");
+        let mut closure: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(store.closure_json()).unwrap()).unwrap();
+        closure.as_array_mut().unwrap().push(serde_json::json!({
+            "path": store.logical(&ghost),
+            "narHash": "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73",
+            "narSize": 1,
+            "references": [],
+        }));
+        let ghost_json = store.scratch().join(format!("ghost-{format}.json"));
+        fs::write(&ghost_json, closure.to_string()).unwrap();
+        let cmd = build_cmd(
+            format,
+            &ghost_json,
+            store.store_dir(),
+            &output,
+            &[toplevel.clone(), store.logical(&ghost)],
+        );
+        assert_fails_cleanly(cmd, out_dir.path(), &store.logical(&ghost));
+
+        // A store dir that does not hold the closure at all.
+        let empty = tempfile::tempdir().unwrap();
+        let cmd = build_cmd(
+            format,
+            store.closure_json(),
+            empty.path(),
+            &output,
+            std::slice::from_ref(&toplevel),
+        );
+        assert_fails_cleanly(cmd, out_dir.path(), "missing on disk");
+
+        // A closure file that is not one.
+        let junk = store.scratch().join("junk.json");
+        fs::write(&junk, "{\"nothing\": 1}").unwrap();
+        let cmd = build_cmd(
+            format,
+            &junk,
+            store.store_dir(),
+            &output,
+            std::slice::from_ref(&toplevel),
+        );
+        assert_fails_cleanly(cmd, out_dir.path(), &junk.display().to_string());
+    }
+    // A compression the format does not have.
+    let mut cmd = build_cmd(
+        "squashfs",
+        store.closure_json(),
+        store.store_dir(),
+        &output,
+        std::slice::from_ref(&toplevel),
+    );
+    cmd.args(["--compression", "lz4hc"]);
+    assert_fails_cleanly(cmd, out_dir.path(), "lz4hc");
+    let mut cmd = build_cmd(
+        "squashfs",
+        store.closure_json(),
+        store.store_dir(),
+        &output,
+        std::slice::from_ref(&toplevel),
+    );
+    cmd.args(["--compression", "zstd", "--compression-level", "40"]);
+    assert_fails_cleanly(cmd, out_dir.path(), "40");
+    // mkfs.erofs itself refusing, after the closure was staged: the staging tree goes too.
+    let newest = erofs_utils().into_iter().max_by_key(|u| u.version).unwrap();
+    let mut cmd = build_cmd(
+        "erofs",
+        store.closure_json(),
+        store.store_dir(),
+        &output,
+        std::slice::from_ref(&toplevel),
+    );
+    cmd.arg("--mkfs-erofs").arg(&newest.mkfs);
+    cmd.args(["--compression", "lz4hc", "--compression-level", "99"]);
+    assert_fails_cleanly(cmd, out_dir.path(), "invalid compression level 99");
+}
+
+#[test]
+fn a_fifo_in_a_store_path_fails_naming_it() {
+    let store = SyntheticStore::tricky();
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("image");
+    let share = store.physical(&store.path("hello-2.12.1")).join("share");
+    fs::set_permissions(&share, fs::Permissions::from_mode(0o755)).unwrap();
+    let fifo = share.join("a-pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo (coreutils) failed");
+    for format in ["squashfs", "erofs"] {
+        let cmd = build_cmd(
+            format,
+            store.closure_json(),
+            store.store_dir(),
+            &output,
+            &[store.logical(&store.roots()[0])],
+        );
+        assert_fails_cleanly(cmd, out_dir.path(), &fifo.display().to_string());
+    }
+}
+
+#[test]
+fn an_unreadable_file_fails_naming_it() {
+    // Root reads everything, so as root the build runs as `nobody` (via setpriv).
+    let as_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let store = SyntheticStore::tricky();
+    let out_dir = tempfile::tempdir().unwrap();
+    for dir in [store.scratch(), out_dir.path()] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::set_permissions(store.closure_json(), fs::Permissions::from_mode(0o644)).unwrap();
+    let secret = store
+        .physical(&store.path("hello-2.12.1"))
+        .join("share/doc/hello/COPYING");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+    let output = out_dir.path().join("image");
+    for format in ["squashfs", "erofs"] {
+        let mut cmd = if as_root {
+            let mut cmd = assert_cmd::Command::new(tool("setpriv"));
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_storedisk"));
+            cmd
+        } else {
+            storedisk()
+        };
+        cmd.args(["build", "--format", format, "--closure"])
+            .arg(store.closure_json())
+            .arg("--store-dir")
+            .arg(store.store_dir())
+            .arg("--output")
+            .arg(&output)
+            .arg(store.logical(&store.roots()[0]));
+        assert_fails_cleanly(cmd, out_dir.path(), &secret.display().to_string());
+    }
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o444)).unwrap();
+}
+
+#[test]
+fn every_squashfs_compression_gives_the_same_content() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    for (compression, level, shown) in [
+        ("zstd", Some("3"), "zstd"),
+        ("xz", None, "xz"),
+        ("gzip", Some("6"), "gzip"),
+        ("lz4", None, "lz4"),
+    ] {
+        let image = work.path().join(format!("{compression}.squashfs"));
+        let mut extra = vec!["--compression", compression];
+        if let Some(level) = level {
+            extra.extend(["--compression-level", level]);
+        }
+        assert_success(&build(&store, "squashfs", &image, &extra));
+        let stat = std::process::Command::new(tool("unsquashfs"))
+            .arg("-s")
+            .arg(&image)
+            .output()
+            .unwrap();
+        let stat = text(&stat.stdout);
+        assert!(stat.contains(&format!("Compression {shown}")), "{stat}");
+        let extracted = work.path().join(compression);
+        extract_squashfs(&image, &extracted);
+        assert_holds_closure(&extracted, store.closure());
+    }
+}
+
+#[test]
+fn erofs_compressions_give_the_same_content() {
+    let work = tempfile::tempdir().unwrap();
+    for utils in erofs_utils() {
+        let store = store_for(&utils);
+        let mut cases = vec![("lz4", None), ("none", None), ("lz4hc", Some("12"))];
+        if utils.version >= (1, 6) {
+            cases.push(("zstd", Some("10")));
+        }
+        let mut sizes = BTreeMap::new();
+        for (compression, level) in cases {
+            let image = work.path().join(format!(
+                "{compression}-{}.{}.erofs",
+                utils.version.0, utils.version.1
+            ));
+            let mut extra = vec![
+                "--mkfs-erofs",
+                utils.mkfs.to_str().unwrap(),
+                "--compression",
+                compression,
+            ];
+            if let Some(level) = level {
+                extra.extend(["--compression-level", level]);
+            }
+            assert_success(&build(&store, "erofs", &image, &extra));
+            sizes.insert(compression, fs::metadata(&image).unwrap().len());
+            let extracted = work
+                .path()
+                .join(image.file_name().unwrap())
+                .with_extension("x");
+            extract_erofs(&utils.fsck, &image, &extracted);
+            assert_holds_closure(&extracted, store.closure());
+        }
+        // The store's 1.5 MB of partly compressible data must come out smaller compressed.
+        assert!(sizes["lz4hc"] < sizes["none"], "{sizes:?}");
+    }
+}
+
+#[test]
+fn registration_text_and_json_closures_give_the_same_image() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    let info = work.path().join("info");
+    let out = storedisk()
+        .args(["closure-info", "--closure"])
+        .arg(store.closure_json())
+        .arg("--output")
+        .arg(&info)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let from_json = work.path().join("json.squashfs");
+    assert_success(&build(&store, "squashfs", &from_json, &[]));
+    let from_registration = work.path().join("registration.squashfs");
+    let out = build_cmd(
+        "squashfs",
+        &info.join("registration"),
+        store.store_dir(),
+        &from_registration,
+        &[store.logical(&store.roots()[0])],
+    )
+    .output()
+    .unwrap();
+    assert_success(&out);
+    assert_eq!(sha256_of(&from_json), sha256_of(&from_registration));
+}
+
+#[test]
+fn without_a_closure_file_nix_is_asked() {
+    let nix_store = tool("nix-store");
+    let nix_bin = nix_store.parent().unwrap().to_owned();
+    let source = tempfile::tempdir().unwrap();
+    let tree = source.path().join("storedisk-test-tree");
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    fs::write(tree.join("bin/tool"), "#!/bin/sh\necho from nix\n").unwrap();
+    fs::set_permissions(tree.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("bin/tool", tree.join("link")).unwrap();
+    let added = std::process::Command::new(&nix_store)
+        .arg("--add")
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "nix-store --add: {}",
+        text(&added.stderr)
+    );
+    let path = text(&added.stdout).trim().to_owned();
+    let store_path = StoreDir::default().parse_path(&path).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("nix.squashfs");
+    let search_path = format!(
+        "{}:{}",
+        nix_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = storedisk()
+        .env("PATH", search_path)
+        .args(["build", "--format", "squashfs", "--output"])
+        .arg(&image)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let extracted = work.path().join("x");
+    extract_squashfs(&image, &extracted);
+    let hash = std::process::Command::new(&nix_store)
+        .args(["--query", "--hash"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let want: storedisk_nix::NarHash = text(&hash.stdout).trim().parse().unwrap();
+    let (got, _) = hash_path(&extracted.join(store_path.base_name())).unwrap();
+    assert_eq!(got, want, "the image holds {path} as Nix has it");
+    assert_eq!(listing(&extracted), vec![store_path.base_name().to_owned()]);
+}
