@@ -1,10 +1,177 @@
-//! `storedisk verify` (placeholder until its issue lands).
+//! `storedisk verify`: gathers the inputs (image, closures, Nix database answers), runs the
+//! verifier library and prints its report, readable or `--json`. Exit 0 when every check is
+//! ok or not applicable, 1 on findings, 2 when it could not run.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(Debug, clap::Args)]
-pub struct VerifyArgs {}
+use anyhow::Context;
+use storedisk_nix::{Closure, StoreDir, StorePath};
+use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
+use storedisk_verifier::{nix_db, open_image, ImageBytes, Limits, VerifyInputs};
 
-pub fn run(_args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+use crate::progress::TerminalProgress;
+use crate::EXIT_FINDINGS;
+
+/// The Nix command asked for path infos (found on PATH).
+const NIX: &str = "nix";
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Checks: complete (the closure is in the image), integrity (NAR hashes match), \
+self_contained (the image's store path has no references), runner_overlap (the runner does not drag \
+guest paths along), policy (runner closure paths match --allow). A check without its inputs is \
+reported as null (not checked).\n\nExit status: 0 all checks ok or not checked, 1 findings, 2 could not run."
+)]
+pub struct VerifyArgs {
+    /// The squashfs or erofs store disk image.
+    pub image: PathBuf,
+    /// The guest closure the image must hold: exportReferencesGraph or `nix path-info --json`
+    /// output. Without it, the closure-info registration packed in the image is used, if any.
+    #[arg(long, value_name = "FILE")]
+    pub closure: Option<PathBuf>,
+    /// A directory holding the store paths' files (to show where a runner references a guest
+    /// path). Default: the store directory itself when it exists.
+    #[arg(long, value_name = "DIR")]
+    pub store_dir: Option<PathBuf>,
+    /// The image's own store path (default: IMAGE itself when it lies in the Nix store).
+    #[arg(long, value_name = "STOREPATH")]
+    pub image_path: Option<String>,
+    /// The runner (microvm.nix's `microvm.declaredRunner`); its closure is read from Nix unless
+    /// --runner-closure is given.
+    #[arg(long, value_name = "STOREPATH")]
+    pub runner: Option<String>,
+    /// The runner's closure as JSON (exportReferencesGraph, `nix path-info --json -r`); the
+    /// runner is its single root unless --runner names it.
+    #[arg(long, value_name = "FILE")]
+    pub runner_closure: Option<PathBuf>,
+    /// A glob over store path names (`glibc-*`) that the runner closure may hold outside the
+    /// image; repeatable. Enables the policy check.
+    #[arg(long = "allow", value_name = "GLOB")]
+    pub allow: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store_dir = StoreDir::default();
+    let bytes = ImageBytes::open(&args.image)?;
+    let image = bytes.as_slice();
+    let reader = open_image(image, &Limits::default())
+        .with_context(|| format!("{}", args.image.display()))?;
+
+    let guest = guest_closure(&args, reader.as_ref(), &store_dir)?;
+    let image_path = match &args.image_path {
+        Some(text) => Some(
+            store_dir
+                .parse_path_or_base_name(text)
+                .with_context(|| "--image-path".to_owned())?,
+        ),
+        None => store_path_containing(&args.image, &store_dir),
+    };
+    let image_references = image_path.as_ref().map(|p| {
+        nix_db::query_references(NIX, &store_dir.display(p), &store_dir).map_err(|e| e.to_string())
+    });
+    let runner = runner(&args, &store_dir)?;
+    let physical_store = args
+        .store_dir
+        .clone()
+        .or_else(|| Some(PathBuf::from(store_dir.as_str())).filter(|d| d.is_dir()));
+
+    let inputs = VerifyInputs {
+        store_dir: store_dir.clone(),
+        guest,
+        image_path,
+        image_references,
+        runner,
+        allow: args.allow.clone(),
+        physical_store,
+    };
+    let progress = TerminalProgress::stderr();
+    progress.phase(
+        "verifying",
+        storedisk_verifier::progress_total(reader.as_ref(), image),
+    );
+    let label = args.image.display().to_string();
+    let report = storedisk_verifier::verify(&label, image, reader.as_ref(), &inputs, &|n| {
+        progress.advance(n)
+    });
+    progress.finish();
+    let report = report.with_context(|| format!("{}", args.image.display()))?;
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FINDINGS)
+    })
+}
+
+/// `--closure`, else the registration packed in the image (its roots' closure from the Nix
+/// database when Nix knows them, else the registration itself).
+fn guest_closure(
+    args: &VerifyArgs,
+    reader: &dyn storedisk_verifier::ImageReader,
+    store_dir: &StoreDir,
+) -> anyhow::Result<Option<GuestClosure>> {
+    if let Some(file) = &args.closure {
+        return Ok(Some(GuestClosure {
+            closure: read_closure(file, store_dir)?,
+            source: ClosureSource::File,
+        }));
+    }
+    let Some((_, recorded)) = storedisk_verifier::recorded_closure(reader, store_dir)? else {
+        return Ok(None);
+    };
+    let roots: Vec<String> = recorded
+        .roots()
+        .iter()
+        .map(|r| store_dir.display(r))
+        .collect();
+    if let Ok(closure) = nix_db::query_closure(NIX, &roots, store_dir) {
+        return Ok(Some(GuestClosure {
+            closure,
+            source: ClosureSource::NixDb,
+        }));
+    }
+    Ok(Some(GuestClosure {
+        closure: recorded,
+        source: ClosureSource::ImageRegistration,
+    }))
+}
+
+fn read_closure(file: &Path, store_dir: &StoreDir) -> anyhow::Result<Closure> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Closure::from_json(&text, None, store_dir).with_context(|| format!("{}", file.display()))
+}
+
+fn runner(args: &VerifyArgs, store_dir: &StoreDir) -> anyhow::Result<Option<Runner>> {
+    let named = args
+        .runner
+        .as_deref()
+        .map(|r| store_dir.parse_path_or_base_name(r).context("--runner"))
+        .transpose()?;
+    let closure = match (&args.runner_closure, &named) {
+        (Some(file), _) => read_closure(file, store_dir)?,
+        (None, Some(runner)) => {
+            nix_db::query_closure(NIX, &[store_dir.display(runner)], store_dir)?
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Runner::from_closure(closure, named)?))
+}
+
+/// The store path IMAGE lies in, when it is under the store directory (the image file itself
+/// or a file inside a store path directory).
+fn store_path_containing(image: &Path, store_dir: &StoreDir) -> Option<StorePath> {
+    let absolute = std::path::absolute(image).ok()?;
+    let rest = absolute.strip_prefix(store_dir.as_str()).ok()?;
+    let first = rest.components().next()?;
+    StorePath::from_base_name(first.as_os_str().to_str()?).ok()
 }

@@ -1,0 +1,409 @@
+//! The five checks, as pure functions over data: the inventory, closures, the image's recorded
+//! references and the reference scanner's prediction. Nothing here starts a process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use globset::{Glob, GlobSetBuilder};
+use storedisk_nix::{Closure, ReferenceScanner, StoreDir, StorePath};
+
+use crate::error::VerifyError;
+use crate::inventory::{InvalidEntry, Inventory};
+use crate::locate::locate_reference;
+use crate::report::{
+    Complete, Integrity, InvalidEntryReport, Leak, Mismatch, Missing, Policy, RunnerOverlap,
+    SelfContained, Violation,
+};
+
+/// Where the guest closure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosureSource {
+    /// `--closure FILE`.
+    File,
+    /// The local Nix database, for the roots recorded in the image.
+    NixDb,
+    /// The closure-info `registration` file packed in the image.
+    ImageRegistration,
+}
+
+impl ClosureSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosureSource::File => "file",
+            ClosureSource::NixDb => "nix-db",
+            ClosureSource::ImageRegistration => "image-registration",
+        }
+    }
+}
+
+/// The guest closure the image should hold.
+#[derive(Debug, Clone)]
+pub struct GuestClosure {
+    pub closure: Closure,
+    pub source: ClosureSource,
+}
+
+/// The runner and its closure.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    pub path: StorePath,
+    pub closure: Closure,
+}
+
+impl Runner {
+    /// The runner named by `named`, or else the closure's single root.
+    pub fn from_closure(closure: Closure, named: Option<StorePath>) -> Result<Self, VerifyError> {
+        let path = match named {
+            Some(p) => {
+                if !closure.contains(&p) {
+                    return Err(VerifyError::Input(format!(
+                        "the runner {} is not in the runner closure",
+                        closure.display(&p)
+                    )));
+                }
+                p
+            }
+            None => {
+                let roots = closure.roots();
+                if roots.len() != 1 {
+                    return Err(VerifyError::Input(format!(
+                        "the runner closure has {} roots ({}); name the runner with --runner",
+                        roots.len(),
+                        roots
+                            .iter()
+                            .map(|r| r.base_name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                roots
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| VerifyError::Input("empty runner closure".to_owned()))?
+            }
+        };
+        Ok(Runner { path, closure })
+    }
+}
+
+/// `complete`: every closure path is packed.
+pub fn check_complete(
+    inventory: &Inventory,
+    guest: Option<&GuestClosure>,
+    store_dir: &StoreDir,
+) -> Complete {
+    let Some(guest) = guest else {
+        return Complete {
+            why: Some(
+                "no closure: give --closure FILE, or pack a closure-info registration in the image"
+                    .to_owned(),
+            ),
+            ..Complete::default()
+        };
+    };
+    let closure = &guest.closure;
+    let mut referrers_of: BTreeMap<&StorePath, Vec<&StorePath>> = BTreeMap::new();
+    for info in closure.iter() {
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            referrers_of.entry(r).or_default().push(&info.path);
+        }
+    }
+    let mut missing = Vec::new();
+    for info in closure.iter() {
+        if inventory.contains(&info.path) {
+            continue;
+        }
+        // Prefer a referrer that is itself packed: that is the path that will break.
+        let referrers = referrers_of
+            .get(&info.path)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let needed_by = referrers
+            .iter()
+            .find(|r| inventory.contains(r))
+            .or(referrers.first())
+            .map(|r| store_dir.display(r));
+        missing.push(Missing {
+            path: store_dir.display(&info.path),
+            needed_by,
+        });
+    }
+    let extra = inventory
+        .paths
+        .iter()
+        .filter(|p| !closure.contains(&p.path))
+        .map(|p| store_dir.display(&p.path))
+        .collect();
+    Complete {
+        ok: Some(missing.is_empty()),
+        why: None,
+        closure_source: Some(guest.source.as_str().to_owned()),
+        closure_paths: closure.len(),
+        missing,
+        extra,
+    }
+}
+
+/// `integrity`: packed NAR hashes equal the recorded ones; root entries are store paths.
+pub fn check_integrity(
+    inventory: &Inventory,
+    guest: Option<&GuestClosure>,
+    store_dir: &StoreDir,
+) -> Integrity {
+    let invalid_entries: Vec<InvalidEntryReport> = inventory
+        .invalid
+        .iter()
+        .map(|InvalidEntry { name, why }| InvalidEntryReport {
+            name: name.clone(),
+            why: why.clone(),
+        })
+        .collect();
+    let Some(guest) = guest else {
+        let bad = !invalid_entries.is_empty();
+        return Integrity {
+            ok: bad.then_some(false),
+            why: Some("no closure to compare NAR hashes with".to_owned()),
+            invalid_entries,
+            ..Integrity::default()
+        };
+    };
+    let mut mismatched = Vec::new();
+    let mut unchecked = Vec::new();
+    let mut checked = 0;
+    for packed in &inventory.paths {
+        let Some(info) = guest.closure.get(&packed.path) else {
+            continue;
+        };
+        let Some(expected) = info.nar_hash else {
+            unchecked.push(store_dir.display(&packed.path));
+            continue;
+        };
+        checked += 1;
+        let size_differs = info.nar_size.is_some_and(|s| s != packed.nar_size);
+        if expected != packed.nar_hash || size_differs {
+            mismatched.push(Mismatch {
+                path: store_dir.display(&packed.path),
+                expected: expected.to_nix32(),
+                actual: packed.nar_hash.to_nix32(),
+                expected_size: info.nar_size,
+                actual_size: packed.nar_size,
+            });
+        }
+    }
+    Integrity {
+        ok: Some(mismatched.is_empty() && invalid_entries.is_empty()),
+        why: None,
+        checked,
+        mismatched,
+        invalid_entries,
+        unchecked,
+    }
+}
+
+/// The store paths whose hash part occurs in `bytes`: what Nix would record as references of
+/// a build output with these bytes, among `candidates`. Streams in 8 MiB pieces.
+pub fn predict_references(
+    bytes: &[u8],
+    candidates: impl IntoIterator<Item = StorePath>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> BTreeSet<StorePath> {
+    let mut scanner = ReferenceScanner::new(candidates);
+    for piece in bytes.chunks(8 << 20) {
+        scanner.scan(piece);
+        progress(piece.len() as u64);
+    }
+    scanner.into_found()
+}
+
+/// `self_contained`: the image's store path has no references in the Nix database.
+/// `references` is `None` when the image is not a store path, or the reason Nix gave none.
+pub fn check_self_contained(
+    image_path: Option<&StorePath>,
+    references: Option<Result<BTreeSet<StorePath>, String>>,
+    would_reference: &BTreeSet<StorePath>,
+    store_dir: &StoreDir,
+) -> SelfContained {
+    let would: Vec<String> = would_reference
+        .iter()
+        .map(|p| store_dir.display(p))
+        .collect();
+    let base = SelfContained {
+        image_path: image_path.map(|p| store_dir.display(p)),
+        would_reference_count: would.len(),
+        would_reference: would,
+        ..SelfContained::default()
+    };
+    match (image_path, references) {
+        (None, _) => SelfContained {
+            why: Some("the image is not a store path: give --image-path STOREPATH".to_owned()),
+            ..base
+        },
+        (Some(_), None) => SelfContained {
+            why: Some("the image's references were not queried".to_owned()),
+            ..base
+        },
+        (Some(_), Some(Err(why))) => SelfContained {
+            why: Some(why),
+            ..base
+        },
+        (Some(me), Some(Ok(refs))) => {
+            let references: Vec<String> = refs
+                .iter()
+                .filter(|r| *r != me)
+                .map(|r| store_dir.display(r))
+                .collect();
+            SelfContained {
+                ok: Some(references.is_empty()),
+                references,
+                ..base
+            }
+        }
+    }
+}
+
+/// The guest side of the graph to cut: packed paths no other packed path references (as far
+/// as the guest or runner closure know their references), plus the image's own references.
+pub fn guest_roots(
+    inventory: &Inventory,
+    guest: Option<&Closure>,
+    runner: &Closure,
+    image_references: &BTreeSet<StorePath>,
+) -> BTreeSet<StorePath> {
+    let packed: BTreeSet<&StorePath> = inventory.paths.iter().map(|p| &p.path).collect();
+    let mut referenced: BTreeSet<&StorePath> = BTreeSet::new();
+    for p in &packed {
+        let info = guest.and_then(|g| g.get(p)).or_else(|| runner.get(p));
+        if let Some(info) = info {
+            referenced.extend(info.references.iter().filter(|r| *r != *p));
+        }
+    }
+    let mut roots: BTreeSet<StorePath> = packed
+        .iter()
+        .filter(|p| !referenced.contains(*p))
+        .map(|p| (*p).clone())
+        .collect();
+    roots.extend(image_references.iter().cloned());
+    roots
+}
+
+/// `runner_overlap`: what the runner's closure holds only through the guest side.
+pub fn check_runner_overlap(
+    inventory: &Inventory,
+    guest: Option<&GuestClosure>,
+    runner: Option<&Runner>,
+    image_path: Option<&StorePath>,
+    image_references: &BTreeSet<StorePath>,
+    physical_store: Option<&Path>,
+    store_dir: &StoreDir,
+) -> Result<RunnerOverlap, VerifyError> {
+    let Some(runner) = runner else {
+        return Ok(RunnerOverlap {
+            why: Some("no runner: give --runner STOREPATH or --runner-closure FILE".to_owned()),
+            ..RunnerOverlap::default()
+        });
+    };
+    let closure = &runner.closure;
+    let mut cut = guest_roots(
+        inventory,
+        guest.map(|g| &g.closure),
+        closure,
+        image_references,
+    );
+    // The image itself is meant to travel with the runner; its references are what leak.
+    if let Some(me) = image_path {
+        cut.remove(me);
+    }
+    cut.remove(&runner.path);
+    let all = closure.requisites([runner.path.clone()])?;
+    let kept = closure.reachable_avoiding([runner.path.clone()], &cut)?;
+    let chains = closure.shortest_chains(&runner.path)?;
+    let size_of = |p: &StorePath| {
+        closure
+            .get(p)
+            .and_then(|i| i.nar_size)
+            .or_else(|| inventory.get(p).map(|x| x.nar_size))
+            .unwrap_or(0)
+    };
+    let runner_dir = physical_store.map(|d| store_dir.physical(d, &runner.path));
+    let mut paths = Vec::new();
+    for leaked in all.difference(&kept) {
+        let chain = chains.get(leaked).cloned().unwrap_or_default();
+        let location = match (&runner_dir, chain.get(1)) {
+            (Some(dir), Some(next)) if dir.exists() || dir.is_symlink() => {
+                locate_reference(dir, next.hash_part()).ok().flatten()
+            }
+            _ => None,
+        };
+        paths.push(Leak {
+            path: store_dir.display(leaked),
+            nar_size: size_of(leaked),
+            chain: chain.iter().map(|p| store_dir.display(p)).collect(),
+            location,
+        });
+    }
+    let duplicated_bytes = all.difference(&kept).map(size_of).sum();
+    let shared: Vec<&StorePath> = kept.iter().filter(|p| inventory.contains(p)).collect();
+    Ok(RunnerOverlap {
+        ok: Some(paths.is_empty()),
+        why: None,
+        runner: Some(store_dir.display(&runner.path)),
+        runner_closure_paths: all.len(),
+        guest_roots: cut.iter().map(|p| store_dir.display(p)).collect(),
+        duplicated_bytes,
+        paths,
+        shared_bytes: shared.iter().map(|p| size_of(p)).sum(),
+        shared: shared.iter().map(|p| store_dir.display(p)).collect(),
+    })
+}
+
+/// `policy`: every runner closure path outside the image matches an `--allow` glob.
+pub fn check_policy(
+    inventory: &Inventory,
+    runner: Option<&Runner>,
+    allow: &[String],
+    store_dir: &StoreDir,
+) -> Result<Policy, VerifyError> {
+    if allow.is_empty() {
+        return Ok(Policy {
+            why: Some("no --allow patterns given".to_owned()),
+            ..Policy::default()
+        });
+    }
+    let Some(runner) = runner else {
+        return Ok(Policy {
+            why: Some("no runner closure to check".to_owned()),
+            allow: allow.to_vec(),
+            ..Policy::default()
+        });
+    };
+    let mut set = GlobSetBuilder::new();
+    for pattern in allow {
+        let glob = Glob::new(pattern)
+            .map_err(|e| VerifyError::Input(format!("--allow {pattern:?}: {e}")))?;
+        set.add(glob);
+    }
+    let set = set
+        .build()
+        .map_err(|e| VerifyError::Input(format!("--allow patterns: {e}")))?;
+    let chains = runner.closure.shortest_chains(&runner.path)?;
+    let mut violations = Vec::new();
+    for p in runner.closure.requisites([runner.path.clone()])? {
+        if inventory.contains(&p) || set.is_match(p.name()) || set.is_match(p.base_name()) {
+            continue;
+        }
+        violations.push(Violation {
+            path: store_dir.display(&p),
+            nar_size: runner.closure.get(&p).and_then(|i| i.nar_size),
+            chain: chains
+                .get(&p)
+                .map(|c| c.iter().map(|x| store_dir.display(x)).collect())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(Policy {
+        ok: Some(violations.is_empty()),
+        why: None,
+        allow: allow.to_vec(),
+        violations,
+    })
+}

@@ -1,0 +1,55 @@
+//! `VerifyError`: why a verification could not run at all (as opposed to findings, which are
+//! results). The CLI maps every one of these to exit code 2.
+
+use std::io;
+use std::path::PathBuf;
+
+use storedisk_nix::ClosureError;
+
+/// Why the verifier could not produce a report.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// (`cause` is shown in the message rather than chained as a `source`, so it is printed
+    /// once whichever way the error is formatted.)
+    #[error("cannot read {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
+    /// The bytes are neither squashfs nor erofs.
+    #[error("not a squashfs or erofs image: {why}")]
+    UnknownFormat { why: String },
+    /// The image claims to be squashfs/erofs but its structures are inconsistent, truncated or
+    /// hostile (bad offsets, cycles, impossible names).
+    #[error("corrupt image: {what}")]
+    CorruptImage { what: String },
+    /// The image is structurally plausible but exceeds a safety limit (depth, entry count,
+    /// data expansion); see [`crate::Limits`].
+    #[error("image exceeds a safety limit: {what}")]
+    LimitExceeded { what: String },
+    #[error(transparent)]
+    Closure(#[from] ClosureError),
+    /// Asking the local Nix (`nix path-info`) failed.
+    #[error("asking Nix failed: {0}")]
+    Nix(String),
+    /// Inputs that do not fit together (a runner not in its closure, a bad pattern...).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl VerifyError {
+    /// True for errors caused by the image bytes themselves (what a fuzzer may provoke).
+    pub fn is_image_error(&self) -> bool {
+        matches!(
+            self,
+            VerifyError::UnknownFormat { .. }
+                | VerifyError::CorruptImage { .. }
+                | VerifyError::LimitExceeded { .. }
+        )
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        VerifyError::CorruptImage { what: what.into() }
+    }
+
+    pub(crate) fn limit(what: impl Into<String>) -> Self {
+        VerifyError::LimitExceeded { what: what.into() }
+    }
+}

@@ -1,0 +1,173 @@
+//! The inventory of an image: the store paths at its root, each with the NAR hash and NAR size
+//! of its contents, computed by streaming the image's files into a NAR hasher.
+
+use std::io::Write;
+
+use storedisk_nix::{NarEncoder, NarHash, NarHasher, StorePath};
+
+use crate::error::VerifyError;
+use crate::reader::{guard, ImageReader};
+use crate::tree::{dump_node, NodeId, NodeKind};
+
+/// A store path packed in the image, with its NAR hash and size as computed from the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedPath {
+    pub path: StorePath,
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+}
+
+/// An entry at the image root that cannot be a valid store path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEntry {
+    pub name: String,
+    pub why: String,
+}
+
+/// What the image holds.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// Sorted by base name.
+    pub paths: Vec<PackedPath>,
+    pub invalid: Vec<InvalidEntry>,
+}
+
+impl Inventory {
+    pub fn contains(&self, path: &StorePath) -> bool {
+        self.paths.binary_search_by(|p| p.path.cmp(path)).is_ok()
+    }
+
+    pub fn get(&self, path: &StorePath) -> Option<&PackedPath> {
+        self.paths
+            .binary_search_by(|p| p.path.cmp(path))
+            .ok()
+            .map(|i| &self.paths[i])
+    }
+}
+
+/// The root entries that are valid store path names, and the ones that are not.
+pub fn root_store_paths(reader: &dyn ImageReader) -> (Vec<(StorePath, NodeId)>, Vec<InvalidEntry>) {
+    let tree = reader.tree();
+    let mut valid = Vec::new();
+    let mut invalid = Vec::new();
+    for &id in tree.root_children() {
+        let raw = &tree.node(id).name;
+        let name = String::from_utf8_lossy(raw).into_owned();
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|_| "the name is not UTF-8".to_owned())
+            .and_then(|s| StorePath::from_base_name(s).map_err(|e| e.reason));
+        match parsed {
+            Ok(path) => match tree.first_special_under(id) {
+                Some((bad, kind)) => invalid.push(InvalidEntry {
+                    name,
+                    why: format!(
+                        "{} is {kind}, which a Nix store path cannot contain",
+                        tree.path_of(bad)
+                    ),
+                }),
+                None => valid.push((path, id)),
+            },
+            Err(why) => invalid.push(InvalidEntry {
+                name,
+                why: format!("not a store path name: {why}"),
+            }),
+        }
+    }
+    (valid, invalid)
+}
+
+/// NAR hash and size of one node, streamed from the image.
+pub fn hash_node(
+    reader: &dyn ImageReader,
+    id: NodeId,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(NarHash, u64), VerifyError> {
+    let tree = reader.tree();
+    guard(
+        reader.format(),
+        &format!("reading {}", tree.path_of(id)),
+        || {
+            let mut encoder = NarEncoder::new(NarHasher::new())
+                .map_err(|e| VerifyError::corrupt(e.to_string()))?;
+            dump_node(tree, id, reader, &mut encoder, &mut |n| progress(n))?;
+            let mut hasher = encoder
+                .finish()
+                .map_err(|e| VerifyError::corrupt(e.to_string()))?;
+            hasher
+                .flush()
+                .map_err(|e| VerifyError::corrupt(e.to_string()))?;
+            Ok(hasher.finish())
+        },
+    )
+}
+
+/// Hashes every store path at the image root.
+pub fn take_inventory(
+    reader: &dyn ImageReader,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Inventory, VerifyError> {
+    let (valid, invalid) = root_store_paths(reader);
+    let mut paths = Vec::with_capacity(valid.len());
+    for (path, id) in valid {
+        let (nar_hash, nar_size) = hash_node(reader, id, progress)?;
+        paths.push(PackedPath {
+            path,
+            nar_hash,
+            nar_size,
+        });
+    }
+    paths.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Inventory { paths, invalid })
+}
+
+/// Reads a small regular file at `rel` (a `/`-separated path) under root entry `id`; `None`
+/// when it is absent, not a regular file, or larger than `max` bytes.
+pub fn read_small_file(
+    reader: &dyn ImageReader,
+    id: NodeId,
+    rel: &str,
+    max: u64,
+) -> Result<Option<Vec<u8>>, VerifyError> {
+    let tree = reader.tree();
+    let mut at = id;
+    for part in rel.split('/') {
+        let NodeKind::Directory { children } = &tree.node(at).kind else {
+            return Ok(None);
+        };
+        let found = children
+            .binary_search_by(|c| tree.node(*c).name.as_ref().cmp(part.as_bytes()))
+            .ok()
+            .map(|i| children[i]);
+        match found {
+            Some(c) => at = c,
+            None => return Ok(None),
+        }
+    }
+    let NodeKind::Regular { size, handle, .. } = tree.node(at).kind else {
+        return Ok(None);
+    };
+    if size > max {
+        return Ok(None);
+    }
+    guard(
+        reader.format(),
+        &format!("reading {}", tree.path_of(at)),
+        || {
+            use std::io::Read;
+            let mut out = Vec::with_capacity(size as usize);
+            reader
+                .open_file(handle)?
+                .take(size)
+                .read_to_end(&mut out)
+                .map_err(|e| VerifyError::corrupt(format!("{}: {e}", tree.path_of(at))))?;
+            if out.len() as u64 != size {
+                return Err(VerifyError::corrupt(format!(
+                    "{}: file data ended after {} of {size} bytes",
+                    tree.path_of(at),
+                    out.len()
+                )));
+            }
+            Ok(Some(out))
+        },
+    )
+}

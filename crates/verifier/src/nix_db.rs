@@ -1,0 +1,119 @@
+//! Asking the local Nix database (`nix path-info --json`). The only module that starts a
+//! process; the checks take its answers as data.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_json::Value;
+use storedisk_nix::{Closure, StoreDir, StorePath};
+
+use crate::error::VerifyError;
+
+/// Runs `nix path-info --json [--recursive] PATHS...` and returns its standard output.
+fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String, VerifyError> {
+    let mut cmd = Command::new(nix);
+    cmd.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "path-info",
+        "--json",
+    ]);
+    if recursive {
+        cmd.arg("--recursive");
+    }
+    cmd.arg("--").args(paths);
+    let output = cmd.output().map_err(|e| {
+        VerifyError::Nix(format!(
+            "cannot run {nix}: {e} (is Nix installed and on PATH?)"
+        ))
+    })?;
+    if !output.status.success() {
+        return Err(VerifyError::Nix(format!(
+            "`{nix} path-info --json{} {}` failed: {}",
+            if recursive { " --recursive" } else { "" },
+            paths.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    String::from_utf8(output.stdout)
+        .map_err(|_| VerifyError::Nix("nix path-info printed invalid UTF-8".to_owned()))
+}
+
+/// The closure of `paths` as the Nix database records it.
+pub fn query_closure(
+    nix: &str,
+    paths: &[String],
+    store_dir: &StoreDir,
+) -> Result<Closure, VerifyError> {
+    let text = path_info_json(nix, paths, true)?;
+    Ok(Closure::from_json(&text, None, store_dir)?)
+}
+
+/// The references the Nix database records for one path (which must be valid).
+pub fn query_references(
+    nix: &str,
+    path: &str,
+    store_dir: &StoreDir,
+) -> Result<BTreeSet<StorePath>, VerifyError> {
+    let text = path_info_json(nix, &[path.to_owned()], false)?;
+    references_from_path_info(&text, path, store_dir)
+}
+
+/// Picks `path`'s references out of either `nix path-info --json` shape (an array of objects
+/// with `path`, or an object keyed by path).
+pub fn references_from_path_info(
+    text: &str,
+    path: &str,
+    store_dir: &StoreDir,
+) -> Result<BTreeSet<StorePath>, VerifyError> {
+    let bad =
+        |why: &str| VerifyError::Nix(format!("unexpected nix path-info output for {path}: {why}"));
+    let value: Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
+    let info = match &value {
+        Value::Array(items) => items
+            .iter()
+            .find(|i| i.get("path").and_then(Value::as_str) == Some(path)),
+        Value::Object(map) => map.get(path),
+        _ => None,
+    }
+    .filter(|v| v.is_object())
+    .ok_or_else(|| bad("the path is missing or not valid"))?;
+    let mut refs = BTreeSet::new();
+    for r in info
+        .get("references")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let text = r
+            .as_str()
+            .ok_or_else(|| bad("a reference is not a string"))?;
+        refs.insert(
+            store_dir
+                .parse_path_or_base_name(text)
+                .map_err(|e| bad(&e.to_string()))?,
+        );
+    }
+    Ok(refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-image";
+    const R: &str = "/nix/store/1b2c3d4f5g6h7i8j9k0l1m2n3p4q5r6s-glibc";
+
+    #[test]
+    fn reads_both_path_info_shapes() {
+        let store = StoreDir::default();
+        let new = format!(r#"{{"{P}": {{"references": ["{R}"], "narSize": 1}}}}"#);
+        let old = format!(r#"[{{"path": "{P}", "references": ["{R}"]}}]"#);
+        for text in [new, old] {
+            let refs = references_from_path_info(&text, P, &store).unwrap();
+            assert_eq!(refs.len(), 1);
+            assert_eq!(store.display(refs.iter().next().unwrap()), R);
+        }
+        assert!(references_from_path_info(&format!(r#"{{"{P}": null}}"#), P, &store).is_err());
+    }
+}

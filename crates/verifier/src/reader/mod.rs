@@ -1,0 +1,61 @@
+//! Image readers behind one trait. A reader parses an image from a byte slice (so tests and
+//! fuzzers use in-memory images and the CLI a memory map), builds the format-neutral [`Tree`]
+//! once, and then streams file contents on request. Nothing is extracted to disk.
+
+mod erofs;
+mod squashfs;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::error::VerifyError;
+use crate::image::{detect_format, ImageFormat};
+use crate::limits::Limits;
+use crate::tree::{FileSource, Tree};
+
+/// An opened image: its format, its tree, and a way to read file data.
+pub trait ImageReader: FileSource {
+    fn format(&self) -> ImageFormat;
+    fn tree(&self) -> &Tree;
+}
+
+/// Detects the format of `bytes` and opens it, enforcing `limits`.
+pub fn open_image<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<Box<dyn ImageReader + 'a>, VerifyError> {
+    let format = detect_format(bytes)?;
+    guard(format, "reading the image's metadata", || match format {
+        ImageFormat::Squashfs => squashfs::SquashfsImage::open(bytes, limits)
+            .map(|r| Box::new(r) as Box<dyn ImageReader + 'a>),
+        ImageFormat::Erofs => {
+            erofs::ErofsImage::open(bytes, limits).map(|r| Box::new(r) as Box<dyn ImageReader + 'a>)
+        }
+    })
+}
+
+/// Runs a call into a format library, turning a panic into [`VerifyError::CorruptImage`].
+///
+/// Why: backhand and erofs-rs parse untrusted bytes and, although both check most bounds, a
+/// corrupt image can still reach an `unwrap`, an index or an arithmetic overflow inside them.
+/// We bound what we can before calling them (sizes, counts, depth, offsets), and this is the
+/// last line: a hostile image must give exit code 2 with a message, never a crash. The state a
+/// panic leaves behind is dropped with the reader, so unwind safety is not a concern here.
+pub(crate) fn guard<T>(
+    format: ImageFormat,
+    doing: &str,
+    call: impl FnOnce() -> Result<T, VerifyError>,
+) -> Result<T, VerifyError> {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(VerifyError::corrupt(format!(
+                "the {format} reader failed while {doing} (library panic: {message})"
+            )))
+        }
+    }
+}
