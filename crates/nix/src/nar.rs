@@ -43,6 +43,8 @@ pub struct NarEncoder<W: Write> {
     /// One frame per open directory.
     stack: Vec<DirectoryFrame>,
     root_done: bool,
+    /// Copy buffer for file contents, allocated once per NAR (a closure has many small files).
+    buffer: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -62,6 +64,7 @@ impl<W: Write> NarEncoder<W> {
             out,
             stack: Vec::new(),
             root_done: false,
+            buffer: Vec::new(),
         })
     }
 
@@ -85,7 +88,7 @@ impl<W: Write> NarEncoder<W> {
         write_str(out, b"contents").map_err(NarError::Output)?;
         out.write_all(&size.to_le_bytes())
             .map_err(NarError::Output)?;
-        let copied = copy_exact(contents, out, size)?;
+        let copied = copy_exact(contents, out, size, &mut self.buffer)?;
         if copied != size {
             return Err(NarError::Invalid {
                 path: PathBuf::new(),
@@ -235,8 +238,16 @@ fn write_padding(out: &mut dyn Write, len: u64) -> io::Result<()> {
     out.write_all(&[0u8; 8][..pad as usize])
 }
 
-fn copy_exact(from: &mut dyn Read, to: &mut dyn Write, size: u64) -> Result<u64, NarError> {
-    let mut buf = vec![0u8; 256 * 1024];
+fn copy_exact(
+    from: &mut dyn Read,
+    to: &mut dyn Write,
+    size: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64, NarError> {
+    const BUFFER_SIZE: usize = 256 * 1024;
+    if size > 0 && buf.len() < BUFFER_SIZE {
+        buf.resize(BUFFER_SIZE, 0);
+    }
     let mut copied = 0u64;
     while copied < size {
         let want = (size - copied).min(buf.len() as u64) as usize;
