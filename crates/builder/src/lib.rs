@@ -227,6 +227,12 @@ pub enum BuildError {
     Changed { path: PathBuf, reason: String },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("{path} cannot be written to a {format} image: {reason}")]
+    Unrepresentable {
+        path: PathBuf,
+        format: ImageFormat,
+        reason: String,
+    },
     #[error("squashfs writer failed: {0}")]
     Squashfs(String),
     #[error("{tool}: {message}")]
@@ -252,6 +258,29 @@ pub struct NoProgress;
 impl ProgressSink for NoProgress {
     fn phase(&self, _name: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
+}
+
+/// Longest symlink target backhand 0.25 can write or read: its inode parser asserts
+/// `target_size < 256` (squashfs itself allows up to `PATH_MAX`).
+const BACKHAND_MAX_SYMLINK_TARGET: usize = 255;
+
+/// Refuses, naming the entry, what backhand would otherwise panic on while writing.
+fn check_backhand_limits(tree: &Tree) -> Result<(), BuildError> {
+    for entry in tree.entries() {
+        if let EntryKind::Symlink { target } = &entry.kind {
+            if target.len() > BACKHAND_MAX_SYMLINK_TARGET {
+                return Err(BuildError::Unrepresentable {
+                    path: tree.source(entry),
+                    format: ImageFormat::Squashfs,
+                    reason: format!(
+                        "its symlink target is {} bytes; the squashfs writer (backhand 0.25) handles at most {BACKHAND_MAX_SYMLINK_TARGET} (use --format erofs)",
+                        target.len()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Packs every store path of `closure` (found under `options.store_dir`) into an image at
@@ -316,6 +345,7 @@ fn build_image_inner(
 
     let (compression_level, tool) = match options.format {
         ImageFormat::Squashfs => {
+            check_backhand_limits(&tree)?;
             let level = squashfs::write(&tree, options, temp.as_file(), progress)?;
             (level, None)
         }

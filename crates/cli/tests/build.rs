@@ -660,6 +660,42 @@ fn a_fifo_in_a_store_path_fails_naming_it() {
 }
 
 #[test]
+fn a_symlink_target_too_long_for_backhand_fails_naming_it_and_erofs_keeps_it() {
+    let (mut builder, toplevel) = SyntheticStore::tricky_builder();
+    let long_target = format!("/nix/store/{}", "t".repeat(300));
+    builder.symlink(&toplevel, "long-link", &long_target);
+    let store = builder.finish(&[toplevel.clone()]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let link = store.physical(&toplevel).join("long-link");
+    let cmd = build_cmd(
+        "squashfs",
+        store.closure_json(),
+        store.store_dir(),
+        &out_dir.path().join("image"),
+        &[store.logical(&toplevel)],
+    );
+    assert_fails_cleanly(cmd, out_dir.path(), &link.display().to_string());
+
+    // erofs has no such limit: the link is packed verbatim.
+    let image = out_dir.path().join("image.erofs");
+    let utils = erofs_utils()
+        .into_iter()
+        .max_by_key(|u| u.version)
+        .expect("an erofs-utils");
+    let out = build(
+        &store,
+        "erofs",
+        &image,
+        &["--mkfs-erofs", utils.mkfs.to_str().unwrap()],
+    );
+    assert_success(&out);
+    let extracted = out_dir.path().join("extracted");
+    extract_erofs(&utils.fsck, &image, &extracted);
+    let target = fs::read_link(extracted.join(toplevel.base_name()).join("long-link")).unwrap();
+    assert_eq!(target.to_str(), Some(long_target.as_str()));
+}
+
+#[test]
 fn an_unreadable_file_fails_naming_it() {
     // Root reads everything, so as root the build runs as `nobody` (via setpriv).
     let as_root = fs::metadata("/proc/self")
