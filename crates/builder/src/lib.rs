@@ -158,6 +158,9 @@ pub struct BuildOptions {
     pub store_dir: PathBuf,
     /// The `mkfs.erofs` to run for erofs images (a bare name is looked up on `PATH`).
     pub mkfs_erofs: PathBuf,
+    /// Pass `-Efragments` to mkfs.erofs, as microvm.nix does. Off by default: together with
+    /// `-Eztailpacking` it corrupts file data with erofs-utils 1.8.6 and 1.9.4 on some inputs.
+    pub erofs_fragments: bool,
 }
 
 impl BuildOptions {
@@ -168,6 +171,7 @@ impl BuildOptions {
             compression_level: None,
             store_dir: PathBuf::from(storedisk_nix::store_path::DEFAULT_STORE_DIR),
             mkfs_erofs: PathBuf::from("mkfs.erofs"),
+            erofs_fragments: false,
         }
     }
 
@@ -233,6 +237,10 @@ pub enum BuildError {
         format: ImageFormat,
         reason: String,
     },
+    #[error(
+        "the image written to {output} failed its read-back check, so it was not kept: {reason}"
+    )]
+    ReadBack { output: PathBuf, reason: String },
     #[error("squashfs writer failed: {0}")]
     Squashfs(String),
     #[error("{tool}: {message}")]
@@ -291,7 +299,21 @@ pub fn build_image(
     output: &Path,
     progress: &dyn ProgressSink,
 ) -> Result<BuildReport, BuildError> {
-    let result = build_image_inner(closure, options, output, progress);
+    build_image_checked(closure, options, output, progress, &|_| Ok(()))
+}
+
+/// [`build_image`], with `read_back` run on the finished image before it is moved to `output`:
+/// an `Err(reason)` discards the image and fails the build. The CLI passes the verifier's
+/// integrity check here, so a writer bug (ours or mkfs.erofs's) never reaches a user as a
+/// silently corrupt store disk.
+pub fn build_image_checked(
+    closure: &Closure,
+    options: &BuildOptions,
+    output: &Path,
+    progress: &dyn ProgressSink,
+    read_back: &dyn Fn(&Path) -> Result<(), String>,
+) -> Result<BuildReport, BuildError> {
+    let result = build_image_inner(closure, options, output, progress, read_back);
     progress.finish();
     result
 }
@@ -301,6 +323,7 @@ fn build_image_inner(
     options: &BuildOptions,
     output: &Path,
     progress: &dyn ProgressSink,
+    read_back: &dyn Fn(&Path) -> Result<(), String>,
 ) -> Result<BuildReport, BuildError> {
     let compression = options.effective_compression();
     if !options.format.compressions().contains(&compression) {
@@ -358,6 +381,10 @@ fn build_image_inner(
     let file = temp.as_file();
     file.sync_all().map_err(write_err)?;
     let image_bytes = file.metadata().map_err(write_err)?.len();
+    read_back(temp.path()).map_err(|reason| BuildError::ReadBack {
+        output: output.to_owned(),
+        reason,
+    })?;
     // NamedTempFile makes the file 0600; an image is meant to be read by others (a hypervisor
     // running as another user), like any build output.
     fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644)).map_err(write_err)?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context as _};
-use storedisk_builder::{build_image, BuildOptions, BuildReport, Compression, ImageFormat};
+use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
 use storedisk_nix::{Closure, StoreDir, StorePath};
 
 use crate::progress::TerminalProgress;
@@ -64,6 +64,17 @@ pub struct BuildArgs {
     #[arg(long, short, value_name = "FILE")]
     output: PathBuf,
 
+    /// Pass -Efragments to mkfs.erofs, as microvm.nix does. Off by default: with
+    /// -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs
+    /// (the read-back check catches it).
+    #[arg(long)]
+    erofs_fragments: bool,
+
+    /// Skip reading the finished image back (NAR hash of every store path compared with the
+    /// closure) before it replaces FILE.
+    #[arg(long)]
+    no_read_back: bool,
+
     /// Print the build report as JSON on stdout instead of the summary line.
     #[arg(long)]
     json: bool,
@@ -100,12 +111,27 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     options.compression = args.compression;
     options.compression_level = args.compression_level;
     options.store_dir = args.store_dir.clone();
+    options.erofs_fragments = args.erofs_fragments;
     if let Some(mkfs) = &args.mkfs_erofs {
         options.mkfs_erofs = mkfs.clone();
     }
 
     let progress = TerminalProgress::stderr();
-    let report = build_image(&closure, &options, &args.output, &progress)
+    let read_back = |image: &Path| {
+        if args.no_read_back {
+            return Ok(());
+        }
+        let check = TerminalProgress::stderr();
+        check.phase(
+            "read-back",
+            closure.nar_size_of(closure.iter().map(|i| &i.path)),
+        );
+        let advance = |n| check.advance(n);
+        let result = storedisk_verifier::read_back(image, &closure, &args.store_dir, &advance);
+        check.finish();
+        result
+    };
+    let report = build_image_checked(&closure, &options, &args.output, &progress, &read_back)
         .with_context(|| format!("building {}", args.output.display()))?;
 
     if args.json {

@@ -695,6 +695,89 @@ fn a_symlink_target_too_long_for_backhand_fails_naming_it_and_erofs_keeps_it() {
     assert_eq!(target.to_str(), Some(long_target.as_str()));
 }
 
+/// Two files on which erofs-utils 1.8.6 and 1.9.4, given microvm.nix's
+/// `-zlz4hc -Eztailpacking -Efragments`, write an image whose file data reads back wrong (with
+/// fsck.erofs, and in a guest kernel 6.12): found by the vm-test harness. The store path with
+/// them must never become a store disk silently.
+fn fragments_corruption_store() -> SyntheticStore {
+    let mut builder = storedisk_testkit::SyntheticStoreBuilder::new();
+    let lib = builder.path("lib-22", storedisk_testkit::StorePathSpec::Directory);
+    let mut text = String::new();
+    let mut link = b"seed".to_vec();
+    while text.len() < 8255 {
+        let hex = Sha256::digest(&link)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        text.push_str(&hex);
+        text.push('\n');
+        link = hex.into_bytes();
+    }
+    text.truncate(8255);
+    builder.file(&lib, "lib/a.txt", text.as_bytes(), false);
+    let depends = format!("/nix/store/{}-lib-11\n", "d".repeat(32));
+    builder.file(&lib, "nix-support/depends", depends.as_bytes(), false);
+    builder.finish(&[lib])
+}
+
+#[test]
+fn erofs_fragments_corruption_is_caught_by_the_read_back() {
+    let store = fragments_corruption_store();
+    let utils = erofs_utils()
+        .into_iter()
+        .max_by_key(|u| u.version)
+        .expect("an erofs-utils");
+    let mkfs = utils.mkfs.to_str().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let image = out_dir.path().join("image");
+
+    // Without the read-back, the corrupt image is kept and fsck.erofs extracts other bytes.
+    let out = build(
+        &store,
+        "erofs",
+        &image,
+        &["--mkfs-erofs", mkfs, "--erofs-fragments", "--no-read-back"],
+    );
+    assert_success(&out);
+    let extracted = out_dir.path().join("extracted");
+    extract_erofs(&utils.fsck, &image, &extracted);
+    let lib = store.roots()[0].clone();
+    let (hash, _) = hash_path(&extracted.join(lib.base_name())).unwrap();
+    assert_ne!(
+        Some(hash),
+        store.closure().get(&lib).unwrap().nar_hash,
+        "mkfs.erofs {:?} no longer corrupts this input: revisit the -Efragments default",
+        utils.version
+    );
+    fs::remove_file(&image).unwrap();
+    fs::remove_dir_all(&extracted).unwrap();
+
+    // With it (the default), the build fails naming the path, and nothing is left.
+    let mut cmd = storedisk();
+    cmd.args([
+        "build",
+        "--format",
+        "erofs",
+        "--erofs-fragments",
+        "--mkfs-erofs",
+        mkfs,
+        "--closure",
+    ])
+    .arg(store.closure_json())
+    .arg("--store-dir")
+    .arg(store.store_dir())
+    .arg("--output")
+    .arg(&image)
+    .arg(store.logical(&lib));
+    assert_fails_cleanly(cmd, out_dir.path(), lib.base_name());
+
+    // The default flags (no -Efragments) pack it correctly.
+    let out = build(&store, "erofs", &image, &["--mkfs-erofs", mkfs]);
+    assert_success(&out);
+    extract_erofs(&utils.fsck, &image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
+}
+
 #[test]
 fn an_unreadable_file_fails_naming_it() {
     // Root reads everything, so as root the build runs as `nobody` (via setpriv).

@@ -205,6 +205,34 @@ fn images_from_every_peer_pass_complete_and_integrity() {
     }
 }
 
+/// backhand's parallel reader read every file as empty with one rayon thread (it prefetched
+/// `threads / 2` blocks): verify must give the same answer on a one-core machine.
+#[test]
+fn squashfs_verifies_on_a_single_thread() {
+    let store = SyntheticStore::tricky();
+    let tree = stage(&store, &closure_paths(&store), "tree");
+    let closure = store.closure_json().to_str().unwrap();
+    let squashfs: Vec<_> = peer_images(&tree, store.scratch())
+        .into_iter()
+        .filter(|(label, _)| label.contains("squashfs"))
+        .collect();
+    assert!(!squashfs.is_empty(), "no squashfs peer image was made");
+    for (label, image) in squashfs {
+        let out = Cmd::cargo_bin("storedisk")
+            .unwrap()
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["verify", image.to_str().unwrap(), "--closure", closure])
+            .timeout(Duration::from_secs(120))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{label} with one thread: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// IMAGE verifies against CLOSURE: complete, intact, every path's NAR hash and size as recorded.
 fn assert_verifies(store: &SyntheticStore, label: &str, image: &Path, closure: &str) {
     {

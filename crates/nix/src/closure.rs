@@ -242,6 +242,14 @@ impl Closure {
         Ok(chains)
     }
 
+    /// Records the NAR hash and size of a member (no-op for a path not in the closure).
+    pub fn set_nar_hash(&mut self, path: &StorePath, nar_hash: NarHash, nar_size: u64) {
+        if let Some(info) = self.infos.get_mut(path) {
+            info.nar_hash = Some(nar_hash);
+            info.nar_size = Some(nar_size);
+        }
+    }
+
     /// Sum of the NAR sizes of `paths` (paths without a recorded size count 0).
     pub fn nar_size_of<'a>(&self, paths: impl IntoIterator<Item = &'a StorePath>) -> u64 {
         paths

@@ -170,6 +170,68 @@ pub fn verify(
     })
 }
 
+/// Reads a freshly built image back and checks that it holds exactly `closure` with the NAR
+/// hashes recorded there: the builder's guard against writers (ours, mkfs.erofs) that produce
+/// images the kernel reads differently from the store. `Err` says what differs; paths of the
+/// closure without a recorded narHash are hashed from `physical_store` for the comparison.
+pub fn read_back(
+    image: &std::path::Path,
+    closure: &Closure,
+    physical_store: &std::path::Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), String> {
+    let store_dir = &closure.store_dir;
+    let bytes = ImageBytes::open(image).map_err(|e| e.to_string())?;
+    let reader = open_image(bytes.as_slice(), &Limits::default()).map_err(|e| e.to_string())?;
+    let inventory = take_inventory(reader.as_ref(), progress).map_err(|e| e.to_string())?;
+    let mut expected = closure.clone();
+    for info in closure.iter().filter(|i| i.nar_hash.is_none()) {
+        let physical = physical_store.join(info.path.base_name());
+        let (hash, size) = storedisk_nix::nar::hash_path(&physical).map_err(|e| e.to_string())?;
+        expected.set_nar_hash(&info.path, hash, size);
+    }
+    let guest = GuestClosure {
+        closure: expected,
+        source: ClosureSource::File,
+    };
+    let complete = checks::check_complete(&inventory, Some(&guest), store_dir);
+    let integrity = checks::check_integrity(&inventory, Some(&guest), store_dir);
+    let mut problems: Vec<String> = Vec::new();
+    problems.extend(
+        complete
+            .missing
+            .iter()
+            .map(|m| format!("{} is missing", m.path)),
+    );
+    problems.extend(
+        complete
+            .extra
+            .iter()
+            .map(|p| format!("{p} is not in the closure")),
+    );
+    problems.extend(integrity.mismatched.iter().map(|m| {
+        format!(
+            "{} reads back with NAR hash {} ({} bytes), not {} ({} bytes)",
+            m.path,
+            m.actual,
+            m.actual_size,
+            m.expected,
+            m.expected_size.map_or("?".to_owned(), |s| s.to_string())
+        )
+    }));
+    problems.extend(
+        integrity
+            .invalid_entries
+            .iter()
+            .map(|e| format!("root entry {:?}: {}", e.name, e.why)),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 /// Opens `bytes` and computes the inventory only: what the fuzz targets exercise.
 pub fn inventory_of(bytes: &[u8], limits: &Limits) -> Result<Inventory, VerifyError> {
     let reader = open_image(bytes, limits)?;
