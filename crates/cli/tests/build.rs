@@ -332,7 +332,7 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
         );
         assert_success(&out);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(report["storePaths"], 6, "{report}");
+        assert_eq!(report["store_paths"], 6, "{report}");
         assert_eq!(report["compression"], "lz4hc", "{report}");
         let tool_used = report["tool"].as_str().unwrap();
         assert!(
@@ -340,7 +340,7 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
             "{tool_used}"
         );
         assert_eq!(
-            report["imageBytes"].as_u64().unwrap(),
+            report["image_bytes"].as_u64().unwrap(),
             fs::metadata(&image).unwrap().len()
         );
 
