@@ -615,6 +615,79 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
     assert!(text.contains(" -> "), "{text}");
 }
 
+/// Leak 4 (`regInfo=`): the runner references only the closure-info, whose registration lists
+/// the whole closure. The toplevel is referenced by the closure-info, yet it is a guest root:
+/// everything the guest alone needs must be reported, not just the closure-info.
+#[test]
+fn a_reginfo_leak_through_the_closure_info_reports_the_whole_guest() {
+    let (mut b, toplevel) = SyntheticStore::tricky_builder();
+    let guest_names = [
+        "glibc-2.40",
+        "busybox-1.36.1",
+        "hello-2.12.1",
+        "config.json",
+        "current-hello",
+        "nixos-system-guest",
+    ];
+    // Registration text with paths only (no hashes or references): enough for the verifier to
+    // recognise the closure-info, and for Nix's scanner to record every path as a reference.
+    let registration: String = guest_names
+        .iter()
+        .map(|n| {
+            format!(
+                "{}\n\n\n\n0\n",
+                b.logical(&storedisk_testkit::store_path_for(n))
+            )
+        })
+        .collect();
+    let closure_info = b.path("closure-info", StorePathSpec::Directory);
+    b.file(
+        &closure_info,
+        "registration",
+        registration.as_bytes(),
+        false,
+    );
+    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
+    let runner = b.path("microvm-run-reginfo", StorePathSpec::Directory);
+    let script = format!(
+        "#!{}/bin/sh\nexec qemu -append \"regInfo={}/registration\"\n",
+        b.logical(&busybox),
+        b.logical(&closure_info)
+    );
+    b.file(&runner, "bin/microvm-run", script.as_bytes(), true);
+    let store = b.finish(&[toplevel, closure_info.clone()]);
+    let image = guest_image(&store);
+
+    let (code, report) = verify_runner(&store, &image, &runner, &[]);
+    assert_eq!(code, 1, "{report}");
+    let overlap = check(&report, "runner_overlap");
+    let mut expected = expected_leaks(&store);
+    expected.push(store.logical(&closure_info));
+    expected.sort_by(|a, b| a.rsplit('/').next().cmp(&b.rsplit('/').next()));
+    assert_eq!(paths_of(&overlap["paths"], "path"), expected);
+    // busybox and glibc run the runner's own script: shared, not leaked.
+    let strings = |key: &str| -> Vec<String> {
+        overlap[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let shared = strings("shared");
+    for name in ["busybox-1.36.1", "glibc-2.40"] {
+        assert!(
+            shared.contains(&store.logical(&store.path(name))),
+            "{name}: {shared:?}"
+        );
+    }
+    let guest_roots = strings("guest_roots");
+    assert!(
+        guest_roots.contains(&store.logical(&store.roots()[0])),
+        "{guest_roots:?}"
+    );
+}
+
 #[test]
 fn a_runner_sharing_only_what_it_needs_is_ok() {
     let (store, runners) = store_with_runners();

@@ -242,6 +242,14 @@ impl Closure {
         Ok(chains)
     }
 
+    /// Drops a member's outgoing references (the graph with that node made a leaf); no-op for a
+    /// path not in the closure.
+    pub fn clear_references(&mut self, path: &StorePath) {
+        if let Some(info) = self.infos.get_mut(path) {
+            info.references.clear();
+        }
+    }
+
     /// Records the NAR hash and size of a member (no-op for a path not in the closure).
     pub fn set_nar_hash(&mut self, path: &StorePath, nar_hash: NarHash, nar_size: u64) {
         if let Some(info) = self.infos.get_mut(path) {

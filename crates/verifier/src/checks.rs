@@ -261,29 +261,30 @@ pub fn check_self_contained(
     }
 }
 
-/// The guest side of the graph to cut: packed paths no other packed path references (as far
-/// as the guest or runner closure know their references), plus the image's own references.
+/// The guest side of the graph: the paths a runner must not need, because reaching them means
+/// reaching into the guest. They are the packed paths that no other packed path references,
+/// not counting the references of `registration_path` (the closure-info, whose registration
+/// text lists the whole closure rather than using it; counting it would hide the toplevel).
+/// References come from the guest closure, or else from the runner closure.
 pub fn guest_roots(
     inventory: &Inventory,
     guest: Option<&Closure>,
     runner: &Closure,
-    image_references: &BTreeSet<StorePath>,
+    registration_path: Option<&StorePath>,
 ) -> BTreeSet<StorePath> {
     let packed: BTreeSet<&StorePath> = inventory.paths.iter().map(|p| &p.path).collect();
     let mut referenced: BTreeSet<&StorePath> = BTreeSet::new();
-    for p in &packed {
+    for p in packed.iter().filter(|p| Some(**p) != registration_path) {
         let info = guest.and_then(|g| g.get(p)).or_else(|| runner.get(p));
         if let Some(info) = info {
             referenced.extend(info.references.iter().filter(|r| *r != *p));
         }
     }
-    let mut roots: BTreeSet<StorePath> = packed
+    packed
         .iter()
         .filter(|p| !referenced.contains(*p))
         .map(|p| (*p).clone())
-        .collect();
-    roots.extend(image_references.iter().cloned());
-    roots
+        .collect()
 }
 
 /// `runner_overlap`: what the runner's closure holds only through the guest side.
@@ -292,7 +293,7 @@ pub fn check_runner_overlap(
     guest: Option<&GuestClosure>,
     runner: Option<&Runner>,
     image_path: Option<&StorePath>,
-    image_references: &BTreeSet<StorePath>,
+    registration_path: Option<&StorePath>,
     physical_store: Option<&Path>,
     store_dir: &StoreDir,
 ) -> Result<RunnerOverlap, VerifyError> {
@@ -307,15 +308,21 @@ pub fn check_runner_overlap(
         inventory,
         guest.map(|g| &g.closure),
         closure,
-        image_references,
+        registration_path,
     );
-    // The image itself is meant to travel with the runner; its references are what leak.
+    // The image itself is meant to travel with the runner; what it references (leak 1) is what
+    // leaks, so its edges are cut rather than the paths it points to: a path the runner also
+    // needs by itself (the busybox of its script) stays shared, not leaked.
     if let Some(me) = image_path {
         cut.remove(me);
     }
     cut.remove(&runner.path);
+    let mut graph = closure.clone();
+    if let Some(me) = image_path {
+        graph.clear_references(me);
+    }
     let all = closure.requisites([runner.path.clone()])?;
-    let kept = closure.reachable_avoiding([runner.path.clone()], &cut)?;
+    let kept = graph.reachable_avoiding([runner.path.clone()], &cut)?;
     let chains = closure.shortest_chains(&runner.path)?;
     let size_of = |p: &StorePath| {
         closure

@@ -113,10 +113,11 @@ pub fn verify(
     let inventory = inventory?;
     let would_reference = would_reference?;
     let guest = inputs.guest.as_ref();
-    let image_refs: BTreeSet<StorePath> = match &inputs.image_references {
-        Some(Ok(refs)) => refs.clone(),
-        _ => BTreeSet::new(),
-    };
+    // A closure-info packed in the image: its references list the closure, they do not use it.
+    let registration_path = recorded_closure(reader, store_dir)
+        .ok()
+        .flatten()
+        .map(|(path, _)| path);
     let checks = report::Checks {
         complete: checks::check_complete(&inventory, guest, store_dir),
         integrity: checks::check_integrity(&inventory, guest, store_dir),
@@ -131,7 +132,7 @@ pub fn verify(
             guest,
             inputs.runner.as_ref(),
             inputs.image_path.as_ref(),
-            &image_refs,
+            registration_path.as_ref(),
             inputs.physical_store.as_deref(),
             store_dir,
         )?,
