@@ -1,12 +1,40 @@
-//! `cargo xtask`: storedisk's build tasks, plain Rust over `xshell`.
+//! `cargo xtask`: storedisk's build tasks, plain Rust. Each subcommand is a module; every external
+//! program they start goes through [`cmd::Cmd`] (logged, timed, bounded by a timeout).
 
-fn main() -> anyhow::Result<()> {
-    let task = std::env::args().nth(1);
-    match task.as_deref() {
-        None | Some("--help" | "-h" | "help") => {
-            println!("usage: cargo xtask <task>\n\ntasks:\n  (added by later issues)");
-            Ok(())
+mod cmd;
+mod setup;
+mod tools;
+mod vm_test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "storedisk's build tasks", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install and check the tools the harness needs (Nix, QEMU, kernel, busybox, peers' tools).
+    Setup(setup::SetupArgs),
+    /// Build microVMs with and without each store-disk fix, boot them, measure `nix copy`, compare
+    /// with the snapshots in golden/.
+    VmTest(vm_test::VmTestArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.task {
+        Task::Setup(args) => setup::run(args),
+        Task::VmTest(args) => vm_test::run(args),
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
         }
-        Some(other) => anyhow::bail!("unknown task {other:?}; run `cargo xtask --help`"),
     }
 }

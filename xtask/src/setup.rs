@@ -1,0 +1,520 @@
+//! `cargo xtask setup`: installs what the harness needs on a Debian machine, idempotently, and
+//! checks that each tool works. apt packages for the peers' tools, busybox, QEMU and a kernel (from
+//! bookworm-backports on bookworm); Nix 2.26 and erofs-utils 1.8.6 from Debian trixie packages
+//! unpacked into a private prefix under `target/tools/` (no system libc upgrade, /etc/nix untouched).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::Cmd;
+use crate::tools::{self, Toolchain, NIX_CONFIG};
+
+/// `cargo xtask setup`
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    /// Only check what is installed; install nothing.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// apt packages from the release's own suites.
+const BASE_PACKAGES: &[&str] = &[
+    "squashfs-tools",
+    "squashfs-tools-ng",
+    "erofs-utils",
+    "busybox-static",
+    "patchelf",
+    "xz-utils",
+    "zstd",
+    "cpio",
+    "time",
+];
+/// apt packages that come from bookworm-backports on bookworm (qemu 10 matches the preinstalled
+/// qemu-utils there; bookworm's own 7.2 conflicts with it).
+const BACKPORTS_PACKAGES: &[&str] = &["qemu-system-x86", "linux-image-cloud-amd64"];
+/// Packages unpacked into the private prefix from trixie.
+const PREFIX_PACKAGES: &[&str] = &["nix-bin", "erofs-utils"];
+/// Programs from the prefix, patched to run with the prefix's own loader and libraries.
+const PREFIX_PROGRAMS: &[&str] = &["nix", "mkfs.erofs", "fsck.erofs"];
+/// Nix's other names for the same binary.
+const NIX_ALIASES: &[&str] = &[
+    "nix-store",
+    "nix-build",
+    "nix-instantiate",
+    "nix-hash",
+    "nix-env",
+];
+
+const SOURCES_FILE: &str = "/etc/apt/sources.list.d/storedisk-xtask.sources";
+const PIN_FILE: &str = "/etc/apt/preferences.d/storedisk-xtask-trixie";
+/// Files the lead wrote by hand before this command existed; ours replace them.
+const HAND_MADE_FILES: &[&str] = &[
+    "/etc/apt/sources.list.d/storedisk-extra.sources",
+    "/etc/apt/preferences.d/storedisk-trixie",
+];
+
+pub fn run(args: SetupArgs) -> Result<()> {
+    if args.check {
+        let toolchain = Toolchain::locate()?;
+        report(&toolchain)?;
+        return Ok(());
+    }
+    let toolchain = ensure()?;
+    report(&toolchain)
+}
+
+/// Returns the toolchain, installing whatever is missing first.
+pub fn ensure() -> Result<Toolchain> {
+    if let Ok(toolchain) = Toolchain::locate() {
+        if peers_present() {
+            return Ok(toolchain);
+        }
+    }
+    install()?;
+    Toolchain::locate().context("tools are still missing after `cargo xtask setup`")
+}
+
+/// The peers' tools and helpers the tests use as oracles are installed.
+fn peers_present() -> bool {
+    [
+        "mksquashfs",
+        "unsquashfs",
+        "gensquashfs",
+        "mkfs.erofs",
+        "fsck.erofs",
+        "patchelf",
+        "xz",
+        "zstd",
+        "cpio",
+    ]
+    .iter()
+    .all(|p| tools::which(p).is_some())
+        && tools_dir_program("mkfs.erofs").is_some()
+}
+
+fn tools_dir_program(name: &str) -> Option<PathBuf> {
+    let p = tools::tools_dir().join("bin").join(name);
+    p.exists().then_some(p)
+}
+
+fn install() -> Result<()> {
+    if tools::which("apt-get").is_none() {
+        if tools::which("nix").is_some() {
+            bail!(
+                "this machine has Nix but no apt: use the flake's dev shell, which provides every tool \
+                 the harness needs: `nix develop` (then run `cargo xtask vm-test` inside it)"
+            );
+        }
+        bail!(
+            "cannot provision: no apt-get and no Nix >= {}.{}; install Nix, or run on Debian 12+",
+            tools::MIN_NIX.0,
+            tools::MIN_NIX.1
+        );
+    }
+    if !is_root() {
+        bail!("`cargo xtask setup` installs apt packages and must run as root (e.g. `sudo -E cargo xtask setup`)");
+    }
+    let codename = os_codename()?;
+    eprintln!("setup: Debian {codename}");
+    let on_bookworm = codename == "bookworm";
+    let sources_changed = if on_bookworm {
+        write_apt_sources()?
+    } else {
+        false
+    };
+
+    let missing_base: Vec<&str> = BASE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    let need_backports = BACKPORTS_PACKAGES.iter().any(|p| !dpkg_installed(p))
+        || tools::locate_qemu().is_err()
+        || tools::locate_kernel().is_err();
+    let system_nix_ok = tools::which("nix")
+        .and_then(|p| p.parent().and_then(tools::probe_nix))
+        .is_some();
+    let need_prefix = !(tools::probe_nix(&tools::tools_dir().join("bin")).is_some()
+        || system_nix_ok)
+        || tools_dir_program("mkfs.erofs").is_none();
+
+    if sources_changed || !missing_base.is_empty() || need_backports || need_prefix {
+        apt(&["update"])?;
+    }
+    if missing_base.is_empty() {
+        eprintln!("setup: found apt packages {}", BASE_PACKAGES.join(" "));
+    } else {
+        eprintln!("setup: installing {}", missing_base.join(" "));
+        apt(&[
+            &["install", "-y", "--no-install-recommends"][..],
+            &missing_base,
+        ]
+        .concat())?;
+    }
+    if need_backports {
+        let suite_flag: &[&str] = if on_bookworm {
+            &["-t", "bookworm-backports"]
+        } else {
+            &[]
+        };
+        eprintln!(
+            "setup: installing {} {}",
+            BACKPORTS_PACKAGES.join(" "),
+            if on_bookworm {
+                "from bookworm-backports"
+            } else {
+                ""
+            }
+        );
+        apt(&[
+            &["install", "-y", "--no-install-recommends"][..],
+            suite_flag,
+            BACKPORTS_PACKAGES,
+        ]
+        .concat())?;
+    } else {
+        eprintln!("setup: found qemu-system-x86 (with the microvm machine) and a kernel with the guest modules");
+    }
+    if need_prefix {
+        if on_bookworm {
+            build_prefix()?;
+        } else {
+            // Newer releases ship Nix >= 2.18 and erofs-utils >= 1.8 themselves.
+            eprintln!("setup: installing nix-bin from {codename}");
+            apt(&["install", "-y", "--no-install-recommends", "nix-bin"])?;
+            link_system_erofs()?;
+        }
+    } else {
+        eprintln!(
+            "setup: found Nix and erofs-utils 1.8 in {}",
+            tools::tools_dir().join("bin").display()
+        );
+    }
+    write_env_file()?;
+    if sources_changed {
+        remove_hand_made_apt_files();
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Cmd::new("id")
+        .arg("-u")
+        .quiet()
+        .read()
+        .is_ok_and(|uid| uid == "0")
+}
+
+fn os_codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .context("/etc/os-release has no VERSION_CODENAME")
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Cmd::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .quiet()
+        .read()
+        .is_ok_and(|s| s == "install ok installed")
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    Cmd::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .timeout(Duration::from_secs(1800))
+        .run()?;
+    Ok(())
+}
+
+/// The URI of the release's main Debian mirror, as the machine's own sources name it.
+fn debian_mirror() -> String {
+    let mut texts = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        texts.extend(
+            paths
+                .iter()
+                .filter(|p| !p.ends_with("storedisk-xtask.sources"))
+                .filter_map(|p| std::fs::read_to_string(p).ok()),
+        );
+    }
+    texts.extend(std::fs::read_to_string("/etc/apt/sources.list").ok());
+    mirror_from_sources(&texts).unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
+}
+
+/// Finds the first Debian archive URI (not -security, not a third party) in sources texts
+/// (deb822 `URIs:` lines or one-line `deb URI suite ...`).
+fn mirror_from_sources(texts: &[String]) -> Option<String> {
+    let candidates = texts.iter().flat_map(|t| t.lines()).filter_map(|line| {
+        let line = line.trim();
+        if let Some(uris) = line.strip_prefix("URIs:") {
+            uris.split_whitespace().next().map(str::to_owned)
+        } else if let Some(rest) = line.strip_prefix("deb ") {
+            rest.split_whitespace()
+                .find(|w| w.contains("://"))
+                .map(str::to_owned)
+        } else {
+            None
+        }
+    });
+    candidates
+        .into_iter()
+        .find(|uri| uri.trim_end_matches('/').ends_with("/debian"))
+}
+
+/// Writes our apt source (bookworm-backports and trixie) and the low trixie pin; returns whether
+/// anything changed.
+fn write_apt_sources() -> Result<bool> {
+    let mirror = debian_mirror();
+    let sources = format!(
+        "# Written by `cargo xtask setup` (storedisk): qemu and the kernel from bookworm-backports,\n\
+         # Nix 2.26 and erofs-utils 1.8 from trixie (unpacked into target/tools, never installed).\n\
+         Types: deb\nURIs: {mirror}\nSuites: bookworm-backports trixie\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    let pin =
+        "# Written by `cargo xtask setup` (storedisk): nothing installs from trixie by accident.\n\
+               Package: *\nPin: release n=trixie\nPin-Priority: 50\n";
+    let mut changed = write_if_different(Path::new(SOURCES_FILE), &sources)?;
+    changed |= write_if_different(Path::new(PIN_FILE), pin)?;
+    if changed {
+        eprintln!(
+            "setup: wrote {SOURCES_FILE} (mirror {mirror}) and {PIN_FILE} (trixie pinned at 50)"
+        );
+    } else {
+        eprintln!("setup: found {SOURCES_FILE} and {PIN_FILE}");
+    }
+    Ok(changed)
+}
+
+/// Once our own files are in place, the hand-made ones would only make apt warn about duplicates.
+fn remove_hand_made_apt_files() {
+    for file in HAND_MADE_FILES {
+        if Path::new(file).exists() && std::fs::remove_file(file).is_ok() {
+            eprintln!("setup: removed {file} (replaced by storedisk-xtask's files)");
+        }
+    }
+}
+
+fn write_if_different(path: &Path, content: &str) -> Result<bool> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == content) {
+        return Ok(false);
+    }
+    write_atomically(path, content.as_bytes())?;
+    Ok(true)
+}
+
+/// Writes `path` through a temp file and a rename.
+pub fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Downloads the trixie .debs of [`PREFIX_PACKAGES`] (with their dependencies) without installing
+/// them, unpacks them into `target/tools/prefix`, and patches the programs to use that prefix's
+/// loader and libraries (RPATH, not RUNPATH, so libraries find their own dependencies there too).
+fn build_prefix() -> Result<()> {
+    let tools = tools::tools_dir();
+    let debs = tools.join("debs");
+    let prefix = tools.join("prefix");
+    let bin = tools.join("bin");
+    eprintln!(
+        "setup: unpacking {} from trixie into {}",
+        PREFIX_PACKAGES.join(" "),
+        tools.display()
+    );
+    std::fs::create_dir_all(debs.join("partial"))?;
+    let archives = format!("Dir::Cache::archives={}", debs.display());
+    apt(&[
+        &[
+            "install",
+            "-y",
+            "--download-only",
+            "--no-install-recommends",
+            "-t",
+            "trixie",
+            "-o",
+            &archives,
+        ][..],
+        PREFIX_PACKAGES,
+    ]
+    .concat())?;
+    let mut deb_files: Vec<PathBuf> = std::fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    deb_files.sort();
+    if deb_files.is_empty() {
+        bail!("apt downloaded no .deb into {}", debs.display());
+    }
+    // Unpack into a fresh directory, then swap it in: a half-unpacked prefix is never used.
+    let staging = tools.join("prefix.new");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    for deb in &deb_files {
+        Cmd::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&staging)
+            .quiet()
+            .run()?;
+    }
+    eprintln!("setup: unpacked {} .debs", deb_files.len());
+    if prefix.exists() {
+        std::fs::remove_dir_all(&prefix)?;
+    }
+    std::fs::rename(&staging, &prefix)?;
+    std::fs::create_dir_all(&bin)?;
+    let loader = [
+        "usr/lib64/ld-linux-x86-64.so.2",
+        "lib64/ld-linux-x86-64.so.2",
+    ]
+    .iter()
+    .map(|p| prefix.join(p))
+    .find(|p| p.exists())
+    .context("the unpacked libc6 has no ld-linux-x86-64.so.2")?;
+    let rpath = format!(
+        "{0}/usr/lib/x86_64-linux-gnu:{0}/lib/x86_64-linux-gnu",
+        prefix.display()
+    );
+    for program in PREFIX_PROGRAMS {
+        let source = prefix.join("usr/bin").join(program);
+        let dest = bin.join(program);
+        let tmp = bin.join(format!(".{program}.tmp"));
+        std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
+        Cmd::new("patchelf")
+            .arg("--set-interpreter")
+            .arg(&loader)
+            .args(["--force-rpath", "--set-rpath", &rpath])
+            .arg(&tmp)
+            .run()?;
+        std::fs::rename(&tmp, &dest)?;
+    }
+    for alias in NIX_ALIASES {
+        let link = bin.join(alias);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("nix", &link)?;
+    }
+    Ok(())
+}
+
+/// On releases whose erofs-utils is new enough, the prefix's bin just points at the system's.
+fn link_system_erofs() -> Result<()> {
+    let bin = tools::tools_dir().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for program in ["mkfs.erofs", "fsck.erofs"] {
+        let target = tools::which(program)
+            .with_context(|| format!("{program} not found after installing erofs-utils"))?;
+        let link = bin.join(program);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link)?;
+    }
+    Ok(())
+}
+
+/// `target/tools/nix.env`: source it to use the same Nix and settings as the harness by hand.
+fn write_env_file() -> Result<()> {
+    let bin = tools::tools_dir().join("bin");
+    let text = format!(
+        "# Generated by `cargo xtask setup`: `. target/tools/nix.env` to run Nix as the harness does.\n\
+         # Settings go through NIX_CONFIG only; /etc/nix is never used or changed.\n\
+         export PATH={}:\"$PATH\"\nexport NIX_CONFIG='{}'\n",
+        bin.display(),
+        NIX_CONFIG
+    );
+    write_if_different(&tools::tools_dir().join("nix.env"), &text)?;
+    Ok(())
+}
+
+/// Runs each tool once and prints what was found.
+fn report(toolchain: &Toolchain) -> Result<()> {
+    let nix = &toolchain.nix;
+    let eval = nix
+        .cmd("nix-instantiate")
+        .args(["--eval", "--expr", "builtins.nixVersion"])
+        .quiet()
+        .read()?;
+    eprintln!(
+        "found: {} in {} (evaluates: {eval})",
+        nix.version,
+        nix.bin_dir.display()
+    );
+    eprintln!(
+        "found: {} (has the microvm machine)",
+        toolchain.qemu.display()
+    );
+    eprintln!(
+        "found: kernel {} at {}",
+        toolchain.kernel.release,
+        toolchain.kernel.vmlinuz.display()
+    );
+    for module in &toolchain.kernel.modules {
+        eprintln!("found:   module {}", module.display());
+    }
+    eprintln!("found: busybox {}", toolchain.busybox.display());
+    for program in [
+        "mksquashfs",
+        "unsquashfs",
+        "gensquashfs",
+        "mkfs.erofs",
+        "fsck.erofs",
+    ] {
+        let path = tools::which(program).with_context(|| format!("{program} is missing (apt packages squashfs-tools, squashfs-tools-ng, erofs-utils)"))?;
+        eprintln!("found: {}", path.display());
+    }
+    if let Some(erofs) = tools_dir_program("mkfs.erofs") {
+        let version = Cmd::new(&erofs).arg("-V").quiet().run_unchecked()?;
+        eprintln!(
+            "found: {} ({})",
+            erofs.display(),
+            version.stdout.lines().next().unwrap_or("?").trim()
+        );
+    }
+    eprintln!(
+        "setup: everything the harness needs is here; `. {}` gives a shell the same Nix",
+        tools::tools_dir().join("nix.env").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_is_the_debian_archive() {
+        let texts = vec![
+            "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n".to_owned(),
+            "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n\nURIs: http://mirror.example/debian-security\n".to_owned(),
+        ];
+        assert_eq!(
+            mirror_from_sources(&texts).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let one_line =
+            vec!["deb [arch=amd64] http://ftp.de.debian.org/debian/ bookworm main\n".to_owned()];
+        assert_eq!(
+            mirror_from_sources(&one_line).as_deref(),
+            Some("http://ftp.de.debian.org/debian/")
+        );
+        assert_eq!(mirror_from_sources(&[]), None);
+    }
+}

@@ -1,0 +1,363 @@
+//! Where the harness's external tools are: Nix (system or the private prefix under
+//! `target/tools/`), QEMU, a kernel with the modules a store disk guest needs, busybox. Locating
+//! never installs anything; `setup` does that.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::Cmd;
+
+/// Oldest Nix with `unsafeDiscardReferences` and the JSON formats we read.
+pub const MIN_NIX: (u32, u32) = (2, 18);
+
+/// Kernel modules the stage-1 initrd loads (with their dependencies) to mount a store disk.
+pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "squashfs", "erofs"];
+
+/// The checkout's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target directory (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// The private tool prefix `cargo xtask setup` fills.
+pub fn tools_dir() -> PathBuf {
+    target_dir().join("tools")
+}
+
+/// Nix settings passed through the environment only: /etc/nix is never touched.
+pub const NIX_CONFIG: &str = "experimental-features = nix-command\n\
+build-users-group =\n\
+sandbox = false\n\
+substituters =\n\
+require-sigs = false\n\
+max-jobs = auto\n\
+warn-dirty = false";
+
+/// A Nix installation the harness can drive.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    /// Directory holding `nix`, `nix-build`, `nix-store`, `nix-instantiate`.
+    pub bin_dir: PathBuf,
+    pub version: String,
+}
+
+impl Nix {
+    /// A command running one of Nix's programs with the harness's configuration.
+    pub fn cmd(&self, program: &str) -> Cmd {
+        Cmd::new(self.bin_dir.join(program))
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("PATH", path_with(&self.bin_dir))
+            .timeout(Duration::from_secs(1800))
+    }
+}
+
+/// `dir` in front of the current PATH.
+pub fn path_with(dir: &Path) -> String {
+    let current =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".to_owned());
+    format!("{}:{current}", dir.display())
+}
+
+/// A kernel image plus the module files (dependencies first) that stage 1 must load.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    /// Module files in load order; `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz`.
+    pub modules: Vec<PathBuf>,
+}
+
+/// Every tool `vm-test` needs, located.
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    pub nix: Nix,
+    pub qemu: PathBuf,
+    pub kernel: Kernel,
+    pub busybox: PathBuf,
+}
+
+/// Parses "nix (Nix) 2.26.3" into (2, 26).
+pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().last()?;
+    let mut parts = version.split(['.', 'p', 'r', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Finds a program on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A Nix at `bin_dir` if it runs and is new enough.
+pub fn probe_nix(bin_dir: &Path) -> Option<Nix> {
+    let nix = bin_dir.join("nix");
+    if !is_executable(&nix) {
+        return None;
+    }
+    let out = Cmd::new(&nix)
+        .arg("--version")
+        .timeout(Duration::from_secs(20))
+        .quiet()
+        .run()
+        .ok()?;
+    let version = out.stdout.trim().to_owned();
+    (parse_nix_version(&version)? >= MIN_NIX).then(|| Nix {
+        bin_dir: bin_dir.to_owned(),
+        version,
+    })
+}
+
+/// The Nix to use: the system's if new enough, else the private prefix's.
+pub fn locate_nix() -> Option<Nix> {
+    let system = which("nix").and_then(|p| p.parent().and_then(probe_nix));
+    system.or_else(|| probe_nix(&tools_dir().join("bin")))
+}
+
+/// `qemu-system-x86_64` if it has the `microvm` machine.
+pub fn locate_qemu() -> Result<PathBuf> {
+    let qemu = which("qemu-system-x86_64").context("qemu-system-x86_64 is not installed")?;
+    let machines = Cmd::new(&qemu)
+        .args(["-machine", "help"])
+        .timeout(Duration::from_secs(30))
+        .quiet()
+        .read()?;
+    if !machines
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("microvm"))
+    {
+        bail!("{} has no `microvm` machine type", qemu.display());
+    }
+    Ok(qemu)
+}
+
+/// A static busybox (the fixtures' builder and the guest's userland).
+pub fn locate_busybox() -> Result<PathBuf> {
+    for candidate in ["/bin/busybox", "/usr/bin/busybox"] {
+        let path = PathBuf::from(candidate);
+        if is_executable(&path) {
+            return Ok(path);
+        }
+    }
+    which("busybox").context("busybox is not installed (apt package busybox-static)")
+}
+
+/// The newest kernel under /boot whose modules directory has every module in [`GUEST_MODULES`].
+pub fn locate_kernel() -> Result<Kernel> {
+    let mut releases: Vec<String> = std::fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_owned)
+        })
+        .collect();
+    releases.sort_by(|a, b| compare_versions(b, a));
+    let mut why = Vec::new();
+    for release in releases {
+        match kernel_for_release(&release) {
+            Ok(kernel) => return Ok(kernel),
+            Err(err) => why.push(format!("{release}: {err:#}")),
+        }
+    }
+    bail!(
+        "no usable kernel in /boot ({})",
+        if why.is_empty() {
+            "no vmlinuz-*".to_owned()
+        } else {
+            why.join("; ")
+        }
+    )
+}
+
+/// Orders "6.12.9+x" before "6.12.10+x".
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let key = |s: &str| -> Vec<u64> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    key(a).cmp(&key(b))
+}
+
+fn kernel_for_release(release: &str) -> Result<Kernel> {
+    let vmlinuz = PathBuf::from(format!("/boot/vmlinuz-{release}"));
+    std::fs::File::open(&vmlinuz).with_context(|| {
+        format!(
+            "cannot read {} (it is readable by root only)",
+            vmlinuz.display()
+        )
+    })?;
+    let moddir = PathBuf::from(format!("/lib/modules/{release}"));
+    let deps_text = std::fs::read_to_string(moddir.join("modules.dep"))
+        .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
+    let builtin = std::fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
+    let modules = module_load_order(&deps_text, &builtin, GUEST_MODULES)?;
+    Ok(Kernel {
+        release: release.to_owned(),
+        vmlinuz,
+        modules: modules.into_iter().map(|m| moddir.join(m)).collect(),
+    })
+}
+
+/// The module name of a path in modules.dep ("kernel/fs/erofs/erofs.ko.xz" -> "erofs").
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// Relative module paths to load, dependencies first, for `wanted` modules; built-in ones are
+/// skipped, missing ones are an error.
+pub fn module_load_order(
+    modules_dep: &str,
+    modules_builtin: &str,
+    wanted: &[&str],
+) -> Result<Vec<String>> {
+    let mut deps: std::collections::BTreeMap<String, (String, Vec<String>)> = Default::default();
+    for line in modules_dep.lines() {
+        let Some((module, rest)) = line.split_once(':') else {
+            continue;
+        };
+        deps.insert(
+            module_name(module),
+            (
+                module.to_owned(),
+                rest.split_whitespace().map(str::to_owned).collect(),
+            ),
+        );
+    }
+    let builtin: std::collections::BTreeSet<String> =
+        modules_builtin.lines().map(module_name).collect();
+    let mut order = Vec::new();
+    for name in wanted {
+        let name = name.replace('-', "_");
+        if builtin.contains(&name) {
+            continue;
+        }
+        let (path, its_deps) = deps.get(&name).with_context(|| {
+            format!("kernel module {name} is neither built in nor in modules.dep")
+        })?;
+        // modules.dep lists the full dependency closure, deepest last: load it in reverse.
+        for dep in its_deps.iter().rev().chain(std::iter::once(path)) {
+            if !order.contains(dep) {
+                order.push(dep.clone());
+            }
+        }
+    }
+    Ok(order)
+}
+
+impl Toolchain {
+    /// Finds every tool, or says which are missing.
+    pub fn locate() -> Result<Toolchain> {
+        let mut missing = Vec::new();
+        let nix = locate_nix();
+        if nix.is_none() {
+            missing.push(format!(
+                "Nix >= {}.{} (neither on PATH nor in {})",
+                MIN_NIX.0,
+                MIN_NIX.1,
+                tools_dir().join("bin").display()
+            ));
+        }
+        let qemu = locate_qemu()
+            .map_err(|e| missing.push(format!("{e:#}")))
+            .ok();
+        let kernel = locate_kernel()
+            .map_err(|e| missing.push(format!("{e:#}")))
+            .ok();
+        let busybox = locate_busybox()
+            .map_err(|e| missing.push(format!("{e:#}")))
+            .ok();
+        match (nix, qemu, kernel, busybox) {
+            (Some(nix), Some(qemu), Some(kernel), Some(busybox)) => Ok(Toolchain {
+                nix,
+                qemu,
+                kernel,
+                busybox,
+            }),
+            _ => bail!(
+                "missing tools:\n  - {}\nrun `cargo xtask setup` to install them",
+                missing.join("\n  - ")
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_versions() {
+        assert_eq!(parse_nix_version("nix (Nix) 2.26.3"), Some((2, 26)));
+        assert_eq!(parse_nix_version("nix (Nix) 2.8.0"), Some((2, 8)));
+        assert_eq!(
+            parse_nix_version("nix (Nix) 2.31pre20250101_abc"),
+            Some((2, 31))
+        );
+        assert!(parse_nix_version("nix (Nix) 2.8.0").unwrap() < MIN_NIX);
+    }
+
+    #[test]
+    fn module_order_puts_dependencies_first() {
+        let dep = "kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz\n\
+                   kernel/lib/libcrc32c.ko.xz:\n\
+                   kernel/drivers/block/virtio_blk.ko.xz:\n";
+        let order = module_load_order(
+            dep,
+            "kernel/fs/squashfs/squashfs.ko\n",
+            &["virtio_blk", "squashfs", "erofs"],
+        )
+        .unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/block/virtio_blk.ko.xz",
+                "kernel/lib/libcrc32c.ko.xz",
+                "kernel/fs/erofs/erofs.ko.xz"
+            ]
+        );
+        let err = module_load_order(dep, "", &["overlay"]).unwrap_err();
+        assert!(format!("{err}").contains("overlay"));
+    }
+
+    #[test]
+    fn version_order() {
+        assert_eq!(
+            compare_versions("6.12.10+x", "6.12.9+x"),
+            std::cmp::Ordering::Greater
+        );
+    }
+}
