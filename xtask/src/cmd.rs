@@ -1,6 +1,10 @@
 //! The one way xtask runs an external program: every command line is logged, timed, bounded by a
 //! timeout (its whole process group is killed on expiry) and its output captured, so that a failure
 //! reports what ran, how long it took and the tail of what it printed.
+//!
+//! Command lines are written the matklad way, with xshell's `cmd!` (`cmd!(sh, "apt-get install
+//! {packages...}")`), and converted into a [`Cmd`] to run: xshell quotes and splits arguments
+//! safely, [`Cmd`] adds what xshell lacks (timeouts that kill the process group, logs, timing).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
@@ -83,6 +87,22 @@ impl Finished {
 pub fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl From<xshell::Cmd<'_>> for Cmd {
+    fn from(cmd: xshell::Cmd<'_>) -> Cmd {
+        let command: Command = cmd.into();
+        let mut out = Cmd::new(command.get_program()).args(command.get_args());
+        for (key, value) in command.get_envs() {
+            if let Some(value) = value {
+                out = out.env(key, value);
+            }
+        }
+        if let Some(dir) = command.get_current_dir() {
+            out = out.current_dir(dir);
+        }
+        out
+    }
 }
 
 impl Cmd {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use xshell::{cmd, Shell};
 
 use crate::cmd::Cmd;
 use crate::tools::{self, Toolchain, NIX_CONFIG};
@@ -200,11 +201,13 @@ fn install() -> Result<()> {
 }
 
 fn is_root() -> bool {
-    Cmd::new("id")
-        .arg("-u")
-        .quiet()
-        .read()
+    shell()
+        .and_then(|sh| Cmd::from(cmd!(sh, "id -u")).quiet().read())
         .is_ok_and(|uid| uid == "0")
+}
+
+fn shell() -> Result<Shell> {
+    Shell::new().context("starting xshell")
 }
 
 fn os_codename() -> Result<String> {
@@ -216,16 +219,19 @@ fn os_codename() -> Result<String> {
 }
 
 fn dpkg_installed(package: &str) -> bool {
-    Cmd::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .quiet()
-        .read()
+    shell()
+        .and_then(|sh| {
+            let format = "-f=${Status}";
+            Cmd::from(cmd!(sh, "dpkg-query -W {format} {package}"))
+                .quiet()
+                .read()
+        })
         .is_ok_and(|s| s == "install ok installed")
 }
 
 fn apt(args: &[&str]) -> Result<()> {
-    Cmd::new("apt-get")
-        .args(args)
+    let sh = shell()?;
+    Cmd::from(cmd!(sh, "apt-get {args...}"))
         .env("DEBIAN_FRONTEND", "noninteractive")
         .timeout(Duration::from_secs(1800))
         .run()?;
