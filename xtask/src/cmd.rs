@@ -32,6 +32,7 @@ pub struct Cmd {
     stdin: Option<Vec<u8>>,
     log_file: Option<PathBuf>,
     quiet: bool,
+    inherit_output: bool,
 }
 
 /// What a finished (or killed) command left behind.
@@ -116,6 +117,7 @@ impl Cmd {
             stdin: None,
             log_file: None,
             quiet: false,
+            inherit_output: false,
         }
     }
 
@@ -165,6 +167,13 @@ impl Cmd {
     /// Send stdout and stderr to this file (created or truncated) instead of capturing them.
     pub fn log_file(mut self, path: impl AsRef<Path>) -> Cmd {
         self.log_file = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Let the command print straight to this process's stdout and stderr (a test run whose
+    /// output a person or CI reads as it comes); nothing is captured.
+    pub fn inherit_output(mut self) -> Cmd {
+        self.inherit_output = true;
         self
     }
 
@@ -235,6 +244,9 @@ impl Cmd {
             Stdio::null()
         });
         match &self.log_file {
+            _ if self.inherit_output => {
+                command.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            }
             Some(path) => {
                 let file = File::create(path)
                     .with_context(|| format!("creating log file {}", path.display()))?;
