@@ -141,8 +141,9 @@ pub struct RunnerOverlap {
     pub runner: Option<String>,
     /// Number of paths in the runner's closure.
     pub runner_closure_paths: usize,
-    /// The cut: guest roots (packed paths no other packed path references) and the image's
-    /// recorded references.
+    /// The cut: the guest roots, packed paths no other packed path references apart from the
+    /// closure-info (the toplevel, the closure-info). The image's own references are cut as
+    /// edges, not listed here.
     pub guest_roots: Vec<String>,
     /// Sum of the leaked paths' narSize: what a deployment copies twice.
     pub duplicated_bytes: u64,
