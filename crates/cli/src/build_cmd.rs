@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context as _};
 use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
 use storedisk_nix::{Closure, StoreDir, StorePath};
+use storedisk_verifier::report::human_bytes;
 
 use crate::progress::TerminalProgress;
 
@@ -246,19 +247,4 @@ fn summary_line(report: &BuildReport, output: &Path) -> String {
         human_bytes(report.file_bytes),
         human_bytes(report.image_bytes),
     )
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
+use storedisk_verifier::report::human_bytes;
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -70,21 +71,6 @@ pub fn finish(
     }
     eprintln!("vm-test: all assertions hold and every snapshot matches");
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn boot_text(run: &Run) -> String {
@@ -503,8 +489,8 @@ fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> 
                 .as_ref()
                 .map_or("-".to_owned(), |b| format!("{:.1}", b.outcome.seconds)),
             t.map_or("-".to_owned(), |t| t.paths.to_string()),
-            t.map_or("-".to_owned(), |t| human(t.nar_bytes)),
-            t.map_or("-".to_owned(), |t| human(t.compressed_bytes)),
+            t.map_or("-".to_owned(), |t| human_bytes(t.nar_bytes)),
+            t.map_or("-".to_owned(), |t| human_bytes(t.compressed_bytes)),
             t.and_then(|t| t.leaked_paths)
                 .map_or("n/a".to_owned(), |n| n.to_string()),
             run.verify.as_ref().map_or("-".to_owned(), |v| v.summary()),

@@ -28,6 +28,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The names of the checks that reported `false`, comma-separated.
+    fn failing_checks(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|(_, v)| v.as_bool() == Some(false))
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The verifier said it cannot run because its subcommand is still a placeholder.
     pub fn not_implemented(&self) -> bool {
         self.unavailable
@@ -44,38 +54,9 @@ impl Verdict {
             (Some(why), _, _) => format!("could not run: {}", why.lines().next().unwrap_or("")),
             (None, Some(true), _) => "ok".to_owned(),
             (None, _, Some(leaked)) if !leaked.is_empty() => {
-                let failing: Vec<&String> = self
-                    .checks
-                    .iter()
-                    .filter(|(_, v)| v.as_bool() == Some(false))
-                    .map(|(k, _)| k)
-                    .collect();
-                format!(
-                    "{} leaked ({})",
-                    leaked.len(),
-                    failing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                format!("{} leaked ({})", leaked.len(), self.failing_checks())
             }
-            (None, _, _) => {
-                let failing: Vec<&String> = self
-                    .checks
-                    .iter()
-                    .filter(|(_, v)| v.as_bool() == Some(false))
-                    .map(|(k, _)| k)
-                    .collect();
-                format!(
-                    "fails: {}",
-                    failing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
+            (None, _, _) => format!("fails: {}", self.failing_checks()),
         }
     }
 }
