@@ -197,13 +197,12 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
 
     let total = started.elapsed().as_secs_f64();
-    let outcome = report::finish(&runs, &phases, total, accel, &work, &root.join("golden"));
     eprintln!("\nphases:");
     for (name, secs) in &phases.0 {
         eprintln!("  {name:<16} {secs:>7.1}s");
     }
     eprintln!("  {:<16} {total:>7.1}s", "total");
-    outcome
+    report::finish(&runs, &phases, total, accel, &work, &root.join("golden"))
 }
 
 /// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`).

@@ -62,6 +62,23 @@ pub fn finish(
             failed_snapshots.join(", ")
         );
     }
+    // The closing line CI reads: one count per run (booted and verified) and per snapshot
+    // compared, plus each failed cross-variant assertion.
+    let measured: Vec<&Run> = runs.iter().filter(|r| r.plan.kind == "run").collect();
+    let runs_ok = measured
+        .iter()
+        .filter(|r| {
+            r.boot.as_ref().is_some_and(|b| b.outcome.ok)
+                && r.verify.as_ref().is_some_and(|v| v.unavailable.is_none())
+        })
+        .count();
+    let snapshots_compared = compared_snapshot_groups(runs);
+    let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
+    let passed = runs_ok + snapshots_compared.saturating_sub(failed_snapshots.len());
+    if failed == 0 {
+        eprintln!("vm-test: all assertions hold and every snapshot matches");
+    }
+    println!("vm-test: {passed} passed, {failed} failed");
     if !failed_assertions.is_empty() || !failed_snapshots.is_empty() {
         bail!(
             "{} assertion(s) failed, {} snapshot(s) changed",
@@ -69,7 +86,6 @@ pub fn finish(
             failed_snapshots.len()
         );
     }
-    eprintln!("vm-test: all assertions hold and every snapshot matches");
     Ok(())
 }
 
@@ -285,8 +301,9 @@ fn short_variant(v: &str) -> &'static str {
     }
 }
 
-/// Compares every (scenario, format) table with golden/; returns the names that differ.
-fn check_snapshots(runs: &[Run], golden: &Path) -> Vec<String> {
+/// The runs by (scenario, format), and whether every variant ran (snapshots cover them all,
+/// so they are compared only then).
+fn snapshot_groups(runs: &[Run]) -> (BTreeMap<(String, String), Vec<&Run>>, bool) {
     let mut groups: BTreeMap<(String, String), Vec<&Run>> = BTreeMap::new();
     for run in runs.iter().filter(|r| r.plan.kind == "run") {
         groups
@@ -300,6 +317,20 @@ fn check_snapshots(runs: &[Run], golden: &Path) -> Vec<String> {
         .collect::<BTreeSet<_>>()
         .len()
         == super::VARIANT_ORDER.len();
+    (groups, all_variants)
+}
+
+/// How many snapshots [`check_snapshots`] compares for these runs.
+fn compared_snapshot_groups(runs: &[Run]) -> usize {
+    match snapshot_groups(runs) {
+        (groups, true) => groups.len(),
+        (_, false) => 0,
+    }
+}
+
+/// Compares every (scenario, format) table with golden/; returns the names that differ.
+fn check_snapshots(runs: &[Run], golden: &Path) -> Vec<String> {
+    let (groups, all_variants) = snapshot_groups(runs);
     if !all_variants {
         eprintln!(
             "snapshots: not compared (a --variant filter is active; snapshots cover every variant)"
