@@ -1,14 +1,19 @@
 # The one Nix implementation of what a store-disk MicroVM is made of, modelled on microvm.nix
 # (nixos-modules/microvm/store-disk.nix, lib/runner.nix, lib/runners/qemu.nix): closure info,
-# store disk, stage-1 initrd, runner. The harness (vm-tests/default.nix) and flake.nix import it.
+# store disk, stage-1 initrd, runner, and the check that verifies a runner against its store
+# disk. The harness (vm-tests/default.nix) and flake.nix (its `lib` and the NixOS module in
+# nix/module.nix) import it, so what `cargo xtask vm-test` builds is what users build.
 #
 # No nixpkgs: every derivation's builder is busybox's sh (busybox picks the applet from argv[0],
 # so `busybox` must be a store directory with bin/<applet> symlinks). `storedisk` is a store
 # directory with bin/storedisk: it is a build input of the closure-info and the store disk only,
 # never part of what a guest or a runner references. `mkfsErofs`: the mkfs.erofs that
-# `storedisk build` runs for erofs images, by absolute host path (the harness builds with the
-# sandbox off; erofs-utils 1.8 comes from a private prefix that only works where it was unpacked).
-# Its sha256 is a derivation input, so a different mkfs.erofs rebuilds the erofs disks.
+# `storedisk build` runs for erofs images, either a store path (the module: an ordinary build
+# input) or an absolute host path without string context (the harness builds with the sandbox
+# off; its erofs-utils 1.8 comes from a private prefix that only works where it was unpacked):
+# then its sha256 is a derivation input, so a different mkfs.erofs rebuilds the erofs disks.
+# `system`: where the derivations build (the build machine), never the guest's architecture:
+# a store disk holds files, not code to run, so any machine can build any guest's disk.
 { busybox, storedisk, mkfsErofs ? null, system ? "x86_64-linux" }:
 
 let
@@ -52,19 +57,25 @@ rec {
   # when nix.enable) in one squashfs or erofs image, built by `storedisk build`.
   # discardReferences = false reproduces leak 1: Nix then records every store path whose hash
   # appears in the image bytes as a runtime reference of the image.
+  # The result also carries `guestRoots` (not a derivation attribute): what checkRunner needs.
   storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true }:
     let roots = [ toplevel ] ++ (if regInfo == null then [ ] else [ regInfo ]);
-      erofsTool = if format == "erofs" && mkfsErofs != null then {
+      hostTool = mkfsErofs != null && !(builtins.hasContext (toString mkfsErofs));
+      erofsTool = if format == "erofs" && hostTool then {
         mkfsErofs = builtins.unsafeDiscardStringContext (toString mkfsErofs);
         mkfsErofsSha256 = builtins.hashFile "sha256" mkfsErofs;
       } else { };
-      mkfsFlag = if erofsTool == { } then "" else "--mkfs-erofs ${erofsTool.mkfsErofs}";
-    in runStructured "microvm-store-disk.${format}" ({
-      exportReferencesGraph.closure = roots;
-    } // erofsTool // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
-      ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
-        --closure-key closure ${mkfsFlag} --output "$out" ${toString roots}
-    '';
+      mkfsFlag =
+        if format != "erofs" || mkfsErofs == null then ""
+        else if hostTool then "--mkfs-erofs ${erofsTool.mkfsErofs}"
+        else "--mkfs-erofs ${mkfsErofs}";
+      disk = runStructured "microvm-store-disk.${format}" ({
+        exportReferencesGraph.closure = roots;
+      } // erofsTool // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
+        ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
+          --closure-key closure ${mkfsFlag} --output "$out" ${toString roots}
+      '';
+    in disk // { guestRoots = roots; };
 
   # Stage 1: a busybox initramfs that loads the store-disk modules, mounts the disk read-only at
   # /nix/.ro-store and onto /nix/store in a tmpfs root, and switches to init= from the kernel
@@ -121,5 +132,52 @@ rec {
       chmod 0555 $out/bin/microvm-run
       ${optionalString systemSymlink "ln -s ${toplevel} $out/share/microvm/system"}
       echo vnet_hdr > $out/share/microvm/tap-flags
+    '';
+
+  # The closure of rootPaths as exportReferencesGraph JSON (the structured-attrs file, whose one
+  # list of path infos is what `storedisk verify --closure/--runner-closure` reads). It only
+  # describes those paths, so its references are discarded: building it needs them, using it not.
+  closureJson = name: rootPaths: runStructured name {
+    exportReferencesGraph.closure = rootPaths;
+    unsafeDiscardReferences.out = true;
+  } ''
+    cp "$NIX_ATTRS_JSON_FILE" "$out"
+  '';
+
+  # The check: `storedisk verify` on a store disk (made by storeDisk above) and the runner that
+  # boots it, with both closures from exportReferencesGraph (no Nix database inside a build).
+  # Fails on any finding; the report (leaked paths with their bytes and reference chains) is
+  # printed to the build log and kept in $out/report.txt. `self_contained` needs the Nix
+  # database and is reported as not checked here; an image that kept references still fails,
+  # through `runner_overlap`, because the runner's closure then reaches the guest through it.
+  # allowLeaks: findings that are all runner_overlap leaks (e.g. a deliberate
+  # microvm.systemSymlink) are reported but do not fail the build; any other finding still does.
+  # allow: globs for the policy check (runner closure paths allowed outside the image).
+  checkRunner = { runner, storeDisk, allowLeaks ? false, allow ? [ ] }:
+    let
+      guestClosure = closureJson "storedisk-guest-closure.json" storeDisk.guestRoots;
+      runnerClosure = closureJson "storedisk-runner-closure.json" [ runner ];
+      allowFlags = toString (map (glob: "--allow '${glob}'") allow);
+    in
+    runCommand "storedisk-check-${runner.name or "runner"}" { } ''
+      mkdir -p $out
+      status=0
+      ${storedisk}/bin/storedisk verify ${storeDisk} --closure ${guestClosure} \
+        --runner ${runner} --runner-closure ${runnerClosure} ${allowFlags} \
+        > $out/report.txt || status=$?
+      cat $out/report.txt
+      if [ "$status" = 1 ] && ${if allowLeaks then "true" else "false"}; then
+        # Only leaks: the report's finding count equals runner_overlap's path count.
+        findings=$(sed -n '1s/^\([0-9]*\) findings*$/\1/p' $out/report.txt)
+        leaks=$(sed -n 's/^runner_overlap: \([0-9]*\) path(s) leak.*/\1/p' $out/report.txt)
+        if [ -n "$findings" ] && [ "$findings" = "$leaks" ]; then
+          echo "storedisk check: $leaks leaked path(s) allowed (allowLeaks)" >&2
+          status=0
+        fi
+      fi
+      if [ "$status" != 0 ]; then
+        echo "storedisk check failed (storedisk verify exit $status): see the report above" >&2
+        exit 1
+      fi
     '';
 }

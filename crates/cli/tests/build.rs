@@ -664,7 +664,7 @@ fn a_symlink_target_too_long_for_backhand_fails_naming_it_and_erofs_keeps_it() {
     let (mut builder, toplevel) = SyntheticStore::tricky_builder();
     let long_target = format!("/nix/store/{}", "t".repeat(300));
     builder.symlink(&toplevel, "long-link", &long_target);
-    let store = builder.finish(&[toplevel.clone()]);
+    let store = builder.finish(std::slice::from_ref(&toplevel));
     let out_dir = tempfile::tempdir().unwrap();
     let link = store.physical(&toplevel).join("long-link");
     let cmd = build_cmd(

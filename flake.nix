@@ -1,0 +1,92 @@
+# storedisk for Nix users: the `storedisk` package, a dev shell with everything
+# `cargo xtask test`/`vm-test` use, the NixOS module for microvm.nix guests with the store on a
+# disk (nix/module.nix), the Nix functions it shares with the harness (vm-tests/lib.nix), and
+# checks that build an example MicroVM with the module and verify it.
+# No flake.lock is committed (it cannot be made offline): run `nix flake lock` first.
+{
+  description = "Self-contained Nix store disk images for microvm.nix MicroVMs, verified";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+    microvm = {
+      url = "github:astro/microvm.nix";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs = { self, nixpkgs, microvm }:
+    let
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      exampleGuest = import ./nix/example-guest.nix {
+        inherit nixpkgs;
+        microvmModule = microvm.nixosModules.microvm;
+        storediskModule = self.nixosModules.default;
+      };
+    in
+    {
+      overlays.default = final: _prev: {
+        storedisk = final.callPackage ./nix/package.nix { };
+      };
+
+      packages = forAllSystems (pkgs: rec {
+        storedisk = pkgs.callPackage ./nix/package.nix { };
+        default = storedisk;
+      });
+
+      nixosModules.default = ./nix/module.nix;
+
+      lib = {
+        # closureInfo, storeDisk, checkRunner, ... built from nixpkgs' busybox and erofs-utils.
+        withPkgs = pkgs: import ./nix/lib.nix { inherit pkgs; };
+        # The same functions from a busybox and a storedisk store directory, as the harness
+        # calls them: { busybox, storedisk, mkfsErofs ? null, system }.
+        withTools = import ./vm-tests/lib.nix;
+      };
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = with pkgs; [
+            cargo rustc rustfmt clippy cargo-insta
+            nix qemu
+            erofs-utils squashfs-tools-ng squashfsTools
+            # Static: it is the fixtures' builder and the guest's userland in the initrd.
+            pkgsStatic.busybox
+            cpio xz zstd gzip patchelf
+          ];
+        };
+      });
+
+      checks = forAllSystems (pkgs:
+        let
+          system = pkgs.stdenv.hostPlatform.system;
+          guest = exampleGuest { buildSystem = system; };
+          # Backward compatibility: the symlink is back on request and the check reports it.
+          withSymlink = exampleGuest {
+            buildSystem = system;
+            extraConfig = {
+              microvm.systemSymlink = true;
+              storedisk.check.allowLeaks = true;
+            };
+          };
+          symlinkCheck = withSymlink.config.microvm.storeDiskCheck;
+        in
+        {
+          storedisk = self.packages.${system}.storedisk;
+          example-runner = guest.config.microvm.declaredRunner;
+          example-store-disk-check = guest.config.microvm.storeDiskCheck;
+          example-system-symlink-reported = pkgs.runCommand "system-symlink-leak-reported" { } ''
+            grep '^runner_overlap: ' ${symlinkCheck}/report.txt
+            grep -- '-nixos-system-storedisk-example-' ${symlinkCheck}/report.txt
+            touch $out
+          '';
+        } // nixpkgs.lib.optionalAttrs (system == "x86_64-linux") {
+          # An aarch64 guest cross-compiled here: its store disk and check build on x86_64.
+          aarch64-guest-store-disk-check = (exampleGuest {
+            buildSystem = system;
+            guestSystem = "aarch64-linux";
+          }).config.microvm.storeDiskCheck;
+        });
+    };
+}
