@@ -55,6 +55,11 @@
             pkgsStatic.busybox
             cpio xz zstd gzip patchelf
           ];
+          # The guest kernel for `cargo xtask vm-test` (NixOS has no /boot/vmlinuz-* or
+          # /lib/modules); xtask/src/tools.rs reads these.
+          STOREDISK_VM_KERNEL = "${pkgs.linuxPackages.kernel}/bzImage";
+          STOREDISK_VM_MODULES =
+            "${pkgs.linuxPackages.kernel}/lib/modules/${pkgs.linuxPackages.kernel.modDirVersion}";
         };
       });
 

@@ -92,7 +92,7 @@ fn peers_present() -> bool {
     ]
     .iter()
     .all(|p| tools::which(p).is_some())
-        && tools_dir_program("mkfs.erofs").is_some()
+        && tools::mkfs_erofs_with_fragments().is_some()
 }
 
 fn tools_dir_program(name: &str) -> Option<PathBuf> {

@@ -173,6 +173,9 @@ pub fn locate_busybox() -> Result<PathBuf> {
 
 /// The newest kernel under /boot whose modules directory has every module in [`GUEST_MODULES`].
 pub fn locate_kernel() -> Result<Kernel> {
+    if let Some(kernel) = kernel_from_env() {
+        return kernel;
+    }
     let mut releases: Vec<String> = std::fs::read_dir("/boot")
         .context("reading /boot")?
         .filter_map(|e| e.ok())
@@ -211,21 +214,72 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     key(a).cmp(&key(b))
 }
 
+/// An mkfs.erofs new enough for microvm.nix's `-Efragments` (erofs-utils 1.6+): the private
+/// prefix's (Debian 12 ships 1.5), else one on `PATH` (a Nix dev shell's).
+pub fn mkfs_erofs_with_fragments() -> Option<PathBuf> {
+    let private = tools_dir().join("bin/mkfs.erofs");
+    if private.exists() {
+        return Some(private);
+    }
+    let on_path = which("mkfs.erofs")?;
+    let version = Cmd::new(&on_path).arg("-V").quiet().read().ok()?;
+    let (major, minor) = parse_erofs_version(&version)?;
+    ((major, minor) >= (1, 6)).then_some(on_path)
+}
+
+/// `(major, minor)` from `mkfs.erofs -V` output such as `mkfs.erofs (erofs-utils) 1.8.6`.
+fn parse_erofs_version(text: &str) -> Option<(u32, u32)> {
+    let version = text
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// `STOREDISK_VM_KERNEL` (a bzImage) and `STOREDISK_VM_MODULES` (its `lib/modules/<release>`
+/// directory) name the guest kernel explicitly; the flake's dev shell sets them from nixpkgs, as
+/// NixOS has no /boot/vmlinuz-* and no /lib/modules.
+const KERNEL_ENV: &str = "STOREDISK_VM_KERNEL";
+const MODULES_ENV: &str = "STOREDISK_VM_MODULES";
+
+fn kernel_from_env() -> Option<Result<Kernel>> {
+    let vmlinuz = PathBuf::from(std::env::var_os(KERNEL_ENV)?);
+    Some((|| {
+        let moddir = PathBuf::from(
+            std::env::var_os(MODULES_ENV)
+                .with_context(|| format!("{KERNEL_ENV} is set but {MODULES_ENV} is not"))?,
+        );
+        let release = moddir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{MODULES_ENV}={} has no release name", moddir.display()))?
+            .to_owned();
+        kernel_with_modules(release, vmlinuz, moddir)
+    })())
+}
+
 fn kernel_for_release(release: &str) -> Result<Kernel> {
     let vmlinuz = PathBuf::from(format!("/boot/vmlinuz-{release}"));
+    kernel_with_modules(
+        release.to_owned(),
+        vmlinuz,
+        PathBuf::from(format!("/lib/modules/{release}")),
+    )
+}
+
+fn kernel_with_modules(release: String, vmlinuz: PathBuf, moddir: PathBuf) -> Result<Kernel> {
     std::fs::File::open(&vmlinuz).with_context(|| {
         format!(
             "cannot read {} (it is readable by root only)",
             vmlinuz.display()
         )
     })?;
-    let moddir = PathBuf::from(format!("/lib/modules/{release}"));
     let deps_text = std::fs::read_to_string(moddir.join("modules.dep"))
         .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
     let builtin = std::fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
     let modules = module_load_order(&deps_text, &builtin, GUEST_MODULES)?;
     Ok(Kernel {
-        release: release.to_owned(),
+        release,
         vmlinuz,
         modules: modules.into_iter().map(|m| moddir.join(m)).collect(),
     })
@@ -317,6 +371,21 @@ impl Toolchain {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reads_erofs_utils_versions() {
+        assert_eq!(
+            parse_erofs_version("mkfs.erofs (erofs-utils) 1.8.6\navailable compressors: lz4"),
+            Some((1, 8))
+        );
+        assert_eq!(parse_erofs_version("mkfs.erofs 1.5"), Some((1, 5)));
+        assert_eq!(
+            parse_erofs_version("mkfs.erofs (erofs-utils) 1.9-rc1"),
+            Some((1, 9))
+        );
+        assert_eq!(parse_erofs_version("no version here"), None);
+    }
+
     use super::*;
 
     #[test]

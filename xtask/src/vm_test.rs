@@ -162,7 +162,8 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     let host_dir = phases.time("host inputs", || {
         host::prepare(&toolchain, &storedisk, &work.join("host"))
     })?;
-    let mkfs_erofs = tools::tools_dir().join("bin/mkfs.erofs");
+    let mkfs_erofs = tools::mkfs_erofs_with_fragments()
+        .context("no mkfs.erofs 1.6+ (erofs-utils): run `cargo xtask setup`")?;
     let nix_args = NixArgs {
         file: root.join("vm-tests/default.nix"),
         host_dir,
