@@ -1,15 +1,16 @@
 //! `storedisk build`: parses flags, finds the closure of the ROOTs (from `--closure` or by
 //! asking Nix), hands it to `storedisk_builder::build_image` and prints the one-line summary (or
-//! JSON). Also the closure-file loader the other subcommands share.
+//! JSON).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
-use storedisk_nix::{Closure, StoreDir, StorePath};
+use storedisk_nix::{StoreDir, StorePath};
 use storedisk_verifier::report::human_bytes;
 
+use crate::closure_file;
 use crate::progress::TerminalProgress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -98,8 +99,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<StorePath>>>()?;
 
     let closure = match &args.closure {
-        Some(file) => load_closure(file, args.closure_key.as_deref(), &logical)?,
-        None => closure_from_nix(&roots, &logical)?,
+        Some(file) => closure_file::load(file, args.closure_key.as_deref(), &logical)?,
+        None => closure_file::from_nix(&roots, &logical)?,
     };
     let closure = closure
         .restrict_to(roots.iter().cloned())
@@ -157,55 +158,6 @@ fn parse_root(text: &str, logical: &StoreDir, physical_dir: &Path) -> anyhow::Re
         _ => logical.parse_path_or_base_name(text),
     };
     parsed.with_context(|| format!("ROOT {text:?}"))
-}
-
-/// Reads a closure file: JSON (any form `Closure::from_json` takes) or registration text.
-pub(crate) fn load_closure(
-    file: &Path,
-    key: Option<&str>,
-    store_dir: &StoreDir,
-) -> anyhow::Result<Closure> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read the closure file {}", file.display()))?;
-    let closure = if text.trim_start().starts_with(['[', '{']) {
-        Closure::from_json(&text, key, store_dir)
-    } else {
-        if key.is_some() {
-            bail!(
-                "--closure-key applies to JSON, but {} is registration text",
-                file.display()
-            );
-        }
-        Closure::from_registration(&text, store_dir)
-    };
-    closure.with_context(|| format!("closure file {}", file.display()))
-}
-
-/// Asks Nix for the closure of `roots`, with hashes, sizes and references.
-fn closure_from_nix(roots: &[StorePath], store_dir: &StoreDir) -> anyhow::Result<Closure> {
-    let mut command = Command::new("nix");
-    command
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "path-info",
-            "--json",
-            "--recursive",
-        ])
-        .args(roots.iter().map(|r| store_dir.display(r)))
-        .stdin(Stdio::null());
-    let output = command.output().with_context(|| {
-        "cannot run `nix` to find the closure of the ROOTs (install Nix, or pass --closure FILE)"
-    })?;
-    if !output.status.success() {
-        bail!(
-            "`nix path-info --json --recursive` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let text = String::from_utf8(output.stdout).context("`nix path-info` printed non-UTF-8")?;
-    Closure::from_json(&text, None, store_dir).context("reading `nix path-info --json` output")
 }
 
 fn report_json(report: &BuildReport, output: &Path) -> serde_json::Value {

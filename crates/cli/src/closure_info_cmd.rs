@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use storedisk_nix::registration::closure_info;
 use storedisk_nix::StoreDir;
 
-use crate::build_cmd::load_closure;
+use crate::closure_file;
 
 /// Write closureInfo's files (registration, store-paths, total-nar-size) for a closure, exactly
 /// as nixpkgs' `closureInfo` renders them from exportReferencesGraph.
@@ -31,7 +31,7 @@ pub struct ClosureInfoArgs {
 }
 
 pub fn run(args: ClosureInfoArgs) -> anyhow::Result<ExitCode> {
-    let closure = load_closure(
+    let closure = closure_file::load(
         &args.closure,
         args.closure_key.as_deref(),
         &StoreDir::default(),

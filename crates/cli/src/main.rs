@@ -5,6 +5,7 @@
 //! arguments, bad input, I/O).
 
 mod build_cmd;
+mod closure_file;
 mod closure_info_cmd;
 mod progress;
 mod verify_cmd;

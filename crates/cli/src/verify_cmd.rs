@@ -10,11 +10,9 @@ use storedisk_nix::{Closure, StoreDir, StorePath};
 use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
 use storedisk_verifier::{nix_db, open_image, ImageBytes, Limits, VerifyInputs};
 
+use crate::closure_file::{self, NIX};
 use crate::progress::TerminalProgress;
 use crate::EXIT_FINDINGS;
-
-/// The Nix command asked for path infos (found on PATH).
-const NIX: &str = "nix";
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -61,7 +59,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let reader = open_image(image, &Limits::default())
         .with_context(|| format!("{}", args.image.display()))?;
 
-    let guest = guest_closure(&args, reader.as_ref(), &store_dir)?;
+    let recorded = storedisk_verifier::recorded_closure(reader.as_ref(), &store_dir)?;
+    let registration_path = recorded.as_ref().map(|(path, _)| path.clone());
+    let guest = guest_closure(&args, recorded, &store_dir)?;
     let image_path = match &args.image_path {
         Some(text) => Some(
             store_dir
@@ -84,6 +84,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         guest,
         image_path,
         image_references,
+        registration_path,
         runner,
         allow: args.allow.clone(),
         physical_store,
@@ -116,16 +117,16 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 /// database when Nix knows them, else the registration itself).
 fn guest_closure(
     args: &VerifyArgs,
-    reader: &dyn storedisk_verifier::ImageReader,
+    recorded: Option<(StorePath, Closure)>,
     store_dir: &StoreDir,
 ) -> anyhow::Result<Option<GuestClosure>> {
     if let Some(file) = &args.closure {
         return Ok(Some(GuestClosure {
-            closure: read_closure(file, store_dir)?,
+            closure: closure_file::load(file, None, store_dir)?,
             source: ClosureSource::File,
         }));
     }
-    let Some((_, recorded)) = storedisk_verifier::recorded_closure(reader, store_dir)? else {
+    let Some((_, recorded)) = recorded else {
         return Ok(None);
     };
     let roots: Vec<String> = recorded
@@ -145,12 +146,6 @@ fn guest_closure(
     }))
 }
 
-fn read_closure(file: &Path, store_dir: &StoreDir) -> anyhow::Result<Closure> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    Closure::from_json(&text, None, store_dir).with_context(|| format!("{}", file.display()))
-}
-
 fn runner(args: &VerifyArgs, store_dir: &StoreDir) -> anyhow::Result<Option<Runner>> {
     let named = args
         .runner
@@ -158,7 +153,7 @@ fn runner(args: &VerifyArgs, store_dir: &StoreDir) -> anyhow::Result<Option<Runn
         .map(|r| store_dir.parse_path_or_base_name(r).context("--runner"))
         .transpose()?;
     let closure = match (&args.runner_closure, &named) {
-        (Some(file), _) => read_closure(file, store_dir)?,
+        (Some(file), _) => closure_file::load(file, None, store_dir)?,
         (None, Some(runner)) => {
             nix_db::query_closure(NIX, &[store_dir.display(runner)], store_dir)?
         }
@@ -168,9 +163,9 @@ fn runner(args: &VerifyArgs, store_dir: &StoreDir) -> anyhow::Result<Option<Runn
 }
 
 /// The store path IMAGE lies in, when it is under the store directory (the image file itself
-/// or a file inside a store path directory).
+/// or a file inside a store path directory), symlinks followed: `./result` is a store path.
 fn store_path_containing(image: &Path, store_dir: &StoreDir) -> Option<StorePath> {
-    let absolute = std::path::absolute(image).ok()?;
+    let absolute = std::fs::canonicalize(image).ok()?;
     let rest = absolute.strip_prefix(store_dir.as_str()).ok()?;
     let first = rest.components().next()?;
     StorePath::from_base_name(first.as_os_str().to_str()?).ok()

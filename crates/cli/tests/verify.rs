@@ -688,6 +688,109 @@ fn a_reginfo_leak_through_the_closure_info_reports_the_whole_guest() {
     );
 }
 
+/// Leak 1 (the image's own references), with no guest closure at all: the guest side comes
+/// from the image (its unreferenced root paths, references found by Nix's scanner in each
+/// packed path), the image's recorded references are cut as edges, and what the runner needs
+/// by itself (busybox for its script, glibc through it) stays shared.
+#[test]
+fn an_image_reference_leak_without_a_guest_closure_spares_what_the_runner_needs() {
+    let (mut b, toplevel) = SyntheticStore::tricky_builder();
+    let guest: Vec<StorePath> = [
+        "glibc-2.40",
+        "busybox-1.36.1",
+        "hello-2.12.1",
+        "config.json",
+        "current-hello",
+        "nixos-system-guest",
+    ]
+    .iter()
+    .map(|n| storedisk_testkit::store_path_for(n))
+    .collect();
+    // An image whose metadata is uncompressed, so every packed name is in its bytes and Nix's
+    // scanner (the testkit's) records the whole guest as its references.
+    let scratch = tempfile::tempdir().unwrap();
+    let image_file = scratch.path().join("disk.img");
+    let mut mksquashfs = Command::new(tool("mksquashfs"));
+    mksquashfs
+        .args(guest.iter().map(|p| b.store_dir().join(p.base_name())))
+        .arg(&image_file)
+        .args([
+            "-noappend",
+            "-all-root",
+            "-quiet",
+            "-noI",
+            "-noD",
+            "-noF",
+            "-noX",
+        ]);
+    run(&mut mksquashfs);
+    let image = b.path("microvm-store-disk.squashfs", StorePathSpec::File);
+    b.file(&image, "", &std::fs::read(&image_file).unwrap(), false);
+    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
+    let runner = b.path("microvm-run-image", StorePathSpec::Directory);
+    let script = format!(
+        "#!{}/bin/sh\nexec qemu -drive file={},if=none\n",
+        b.logical(&busybox),
+        b.logical(&image)
+    );
+    b.file(&runner, "bin/microvm-run", script.as_bytes(), true);
+    // A runner that needs only busybox: without any closure of the guest, the packed paths'
+    // references must come from the image, or busybox would look like a guest root.
+    let clean = b.path("microvm-run-busybox-only", StorePathSpec::Directory);
+    let script = format!("#!{}/bin/sh\nexec qemu\n", b.logical(&busybox));
+    b.file(&clean, "bin/microvm-run", script.as_bytes(), true);
+    let store = b.finish(&[toplevel, runner.clone(), clean.clone()]);
+    let clean_closure = store.scratch().join("clean.json");
+    store.write_closure_json(std::slice::from_ref(&clean), &clean_closure);
+    let (code, report, stderr) = verify(&[
+        image_file.to_str().unwrap(),
+        "--runner-closure",
+        clean_closure.to_str().unwrap(),
+    ]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(check(&report, "runner_overlap")["ok"], true, "{report}");
+
+    let runner_closure = store.scratch().join("runner.json");
+    store.write_closure_json(std::slice::from_ref(&runner), &runner_closure);
+    assert!(
+        store
+            .closure()
+            .get(&image)
+            .unwrap()
+            .references
+            .contains(&store.roots()[0]),
+        "the uncompressed image should reference the toplevel"
+    );
+
+    let (code, report, stderr) = verify(&[
+        store.physical(&image).to_str().unwrap(),
+        "--image-path",
+        &store.logical(&image),
+        "--runner-closure",
+        runner_closure.to_str().unwrap(),
+    ]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(check(&report, "complete")["ok"], Value::Null);
+    let overlap = check(&report, "runner_overlap");
+    assert_eq!(paths_of(&overlap["paths"], "path"), expected_leaks(&store));
+    let leak = &overlap["paths"][0];
+    assert_eq!(leak["chain"][1], store.logical(&image), "{leak}");
+    let shared: Vec<&str> = overlap["shared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for name in ["busybox-1.36.1", "glibc-2.40"] {
+        assert!(
+            shared.contains(&store.logical(&store.path(name)).as_str()),
+            "{name}: {shared:?}"
+        );
+    }
+}
+
 #[test]
 fn a_runner_sharing_only_what_it_needs_is_ok() {
     let (store, runners) = store_with_runners();

@@ -354,6 +354,12 @@ fn path_info_from_json(
     let path = store_dir
         .parse_path(&path_text)
         .map_err(|e| entry_err(e.reason))?;
+    // Old `nix path-info --json` lists a path it does not have as {"path": ..., "valid": false}.
+    if v.get("valid") == Some(&Value::Bool(false)) {
+        return Err(entry_err(
+            "not a valid path (nix path-info marks it \"valid\": false)".to_owned(),
+        ));
+    }
     let nar_hash = match v.get("narHash") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(
@@ -491,6 +497,9 @@ mod tests {
             Closure::from_json(&dangling, None, &StoreDir::default()),
             Err(ClosureError::Dangling { .. })
         ));
+        let invalid = serde_json::json!([{"path": p("a"), "valid": false}]).to_string();
+        let err = Closure::from_json(&invalid, None, &StoreDir::default()).unwrap_err();
+        assert!(err.to_string().contains("not a valid path"), "{err}");
         let bad_hash = serde_json::json!([{"path": p("a"), "narHash": "md5:x"}]).to_string();
         assert!(Closure::from_json(&bad_hash, None, &StoreDir::default()).is_err());
         let null_info = serde_json::json!({ p("a"): null }).to_string();

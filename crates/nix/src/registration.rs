@@ -18,7 +18,8 @@ pub fn parse(text: &str, store_dir: &StoreDir) -> Result<Vec<PathInfo>, ClosureE
     };
     while let Some((n, path_line)) = lines.next() {
         if path_line.is_empty() {
-            if lines.peek().is_none() {
+            // Blank lines may trail the text; anywhere else one is an error.
+            if lines.clone().all(|(_, l)| l.is_empty()) {
                 break;
             }
             return Err(err(
@@ -170,5 +171,9 @@ mod tests {
         );
         let err = parse(&format!("{a}\n{H}\nfive\n\n0\n"), &StoreDir::default()).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
+        let trailing = parse(&format!("{a}\n{H}\n5\n\n0\n\n\n"), &StoreDir::default()).unwrap();
+        assert_eq!(trailing.len(), 1);
+        let leading = parse(&format!("\n{a}\n{H}\n5\n\n0\n"), &StoreDir::default());
+        assert!(leading.is_err());
     }
 }

@@ -190,9 +190,21 @@ pub fn check_integrity(
             });
         }
     }
+    // A path with no recorded narHash proves nothing either way: not "ok".
+    let (ok, why) = if !mismatched.is_empty() || !invalid_entries.is_empty() {
+        (Some(false), None)
+    } else if !unchecked.is_empty() {
+        let why = format!(
+            "{} packed path(s) have no recorded narHash to compare with",
+            unchecked.len()
+        );
+        (None, Some(why))
+    } else {
+        (Some(true), None)
+    };
     Integrity {
-        ok: Some(mismatched.is_empty() && invalid_entries.is_empty()),
-        why: None,
+        ok,
+        why,
         checked,
         mismatched,
         invalid_entries,
@@ -265,7 +277,8 @@ pub fn check_self_contained(
 /// reaching into the guest. They are the packed paths that no other packed path references,
 /// not counting the references of `registration_path` (the closure-info, whose registration
 /// text lists the whole closure rather than using it; counting it would hide the toplevel).
-/// References come from the guest closure, or else from the runner closure.
+/// References come from the guest closure, or else from the runner closure, or else from the
+/// image itself (Nix's scanner over each packed path's NAR, as Nix found them when it built it).
 pub fn guest_roots(
     inventory: &Inventory,
     guest: Option<&Closure>,
@@ -275,10 +288,15 @@ pub fn guest_roots(
     let packed: BTreeSet<&StorePath> = inventory.paths.iter().map(|p| &p.path).collect();
     let mut referenced: BTreeSet<&StorePath> = BTreeSet::new();
     for p in packed.iter().filter(|p| Some(**p) != registration_path) {
-        let info = guest.and_then(|g| g.get(p)).or_else(|| runner.get(p));
-        if let Some(info) = info {
-            referenced.extend(info.references.iter().filter(|r| *r != *p));
-        }
+        let recorded = guest.and_then(|g| g.get(p)).or_else(|| runner.get(p));
+        let references = match recorded {
+            Some(info) => &info.references,
+            None => match inventory.get(p) {
+                Some(packed) => &packed.references,
+                None => continue,
+            },
+        };
+        referenced.extend(references.iter().filter(|r| *r != *p));
     }
     packed
         .iter()

@@ -1,9 +1,11 @@
 //! The inventory of an image: the store paths at its root, each with the NAR hash and NAR size
-//! of its contents, computed by streaming the image's files into a NAR hasher.
+//! of its contents and the other packed paths it references, computed in one pass by streaming
+//! the image's files into a NAR hasher and Nix's reference scanner.
 
-use std::io::Write;
+use std::collections::BTreeSet;
+use std::io::{self, Write};
 
-use storedisk_nix::{NarEncoder, NarHash, NarHasher, StorePath};
+use storedisk_nix::{NarEncoder, NarHash, NarHasher, ReferenceScanner, StorePath};
 
 use crate::error::VerifyError;
 use crate::reader::{guard, ImageReader};
@@ -15,6 +17,10 @@ pub struct PackedPath {
     pub path: StorePath,
     pub nar_hash: NarHash,
     pub nar_size: u64,
+    /// The packed paths (itself included) whose hash part occurs in its NAR: the references Nix
+    /// records for it, as far as they are packed. What the graph checks use when no closure
+    /// says.
+    pub references: BTreeSet<StorePath>,
 }
 
 /// An entry at the image root that cannot be a valid store path.
@@ -76,27 +82,48 @@ pub fn root_store_paths(reader: &dyn ImageReader) -> (Vec<(StorePath, NodeId)>, 
     (valid, invalid)
 }
 
-/// NAR hash and size of one node, streamed from the image.
+/// One pass over a NAR: its sha256 and length, and which candidate hash parts occur in it.
+struct HashAndScan {
+    hasher: NarHasher,
+    scanner: ReferenceScanner,
+}
+
+impl Write for HashAndScan {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hasher.write_all(buf)?;
+        self.scanner.scan(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// NAR hash, size and references (among `candidates`) of one node, streamed from the image.
 pub fn hash_node(
     reader: &dyn ImageReader,
     id: NodeId,
+    candidates: &[StorePath],
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<(NarHash, u64), VerifyError> {
+) -> Result<(NarHash, u64, BTreeSet<StorePath>), VerifyError> {
     let tree = reader.tree();
     guard(
         reader.format(),
         &format!("reading {}", tree.path_of(id)),
         || {
-            let mut encoder = NarEncoder::new(NarHasher::new())
-                .map_err(|e| VerifyError::corrupt(e.to_string()))?;
+            let sink = HashAndScan {
+                hasher: NarHasher::new(),
+                scanner: ReferenceScanner::new(candidates.iter().cloned()),
+            };
+            let mut encoder =
+                NarEncoder::new(sink).map_err(|e| VerifyError::corrupt(e.to_string()))?;
             dump_node(tree, id, reader, &mut encoder, &mut |n| progress(n))?;
-            let mut hasher = encoder
+            let sink = encoder
                 .finish()
                 .map_err(|e| VerifyError::corrupt(e.to_string()))?;
-            hasher
-                .flush()
-                .map_err(|e| VerifyError::corrupt(e.to_string()))?;
-            Ok(hasher.finish())
+            let (hash, size) = sink.hasher.finish();
+            Ok((hash, size, sink.scanner.into_found()))
         },
     )
 }
@@ -107,13 +134,15 @@ pub fn take_inventory(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Inventory, VerifyError> {
     let (valid, invalid) = root_store_paths(reader);
+    let candidates: Vec<StorePath> = valid.iter().map(|(p, _)| p.clone()).collect();
     let mut paths = Vec::with_capacity(valid.len());
     for (path, id) in valid {
-        let (nar_hash, nar_size) = hash_node(reader, id, progress)?;
+        let (nar_hash, nar_size, references) = hash_node(reader, id, &candidates, progress)?;
         paths.push(PackedPath {
             path,
             nar_hash,
             nar_size,
+            references,
         });
     }
     paths.sort_by(|a, b| a.path.cmp(&b.path));

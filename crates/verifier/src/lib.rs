@@ -44,6 +44,9 @@ pub struct VerifyInputs {
     /// The image's references from the Nix database, or why they are unknown.
     pub image_references: Option<Result<BTreeSet<StorePath>, String>>,
     pub runner: Option<Runner>,
+    /// The closure-info packed in the image, if any ([`recorded_closure`]): its registration
+    /// lists the closure rather than using it, which matters for the guest roots.
+    pub registration_path: Option<StorePath>,
     /// `--allow` globs.
     pub allow: Vec<String>,
     /// A physical directory holding store paths (for `where` of leaks).
@@ -113,11 +116,6 @@ pub fn verify(
     let inventory = inventory?;
     let would_reference = would_reference?;
     let guest = inputs.guest.as_ref();
-    // A closure-info packed in the image: its references list the closure, they do not use it.
-    let registration_path = recorded_closure(reader, store_dir)
-        .ok()
-        .flatten()
-        .map(|(path, _)| path);
     let checks = report::Checks {
         complete: checks::check_complete(&inventory, guest, store_dir),
         integrity: checks::check_integrity(&inventory, guest, store_dir),
@@ -132,7 +130,7 @@ pub fn verify(
             guest,
             inputs.runner.as_ref(),
             inputs.image_path.as_ref(),
-            registration_path.as_ref(),
+            inputs.registration_path.as_ref(),
             inputs.physical_store.as_deref(),
             store_dir,
         )?,
