@@ -506,7 +506,7 @@ mod tests {
         let uuid = "00000000-0000-8000-8000-000000000000";
         let new = tool("1.8.6")
             .arguments(Compression::Lz4hc, None, true, uuid)
-            .unwrap_or_default();
+            .unwrap();
         assert_eq!(
             new.join(" "),
             format!(
@@ -515,18 +515,18 @@ mod tests {
         );
         let safe = tool("1.8.6")
             .arguments(Compression::Lz4hc, None, false, uuid)
-            .unwrap_or_default();
+            .unwrap();
         assert!(!safe.iter().any(|a| a == "-Efragments"), "{safe:?}");
         let old = tool("1.5")
             .arguments(Compression::Lz4hc, Some(12), true, uuid)
-            .unwrap_or_default();
+            .unwrap();
         assert_eq!(
             old.join(" "),
             format!("-zlz4hc,12 -Eztailpacking -T 0 --all-root -U {uuid} -x -1")
         );
         let none = tool("1.8.6")
             .arguments(Compression::None, None, true, uuid)
-            .unwrap_or_default();
+            .unwrap();
         assert!(
             !none
                 .iter()

@@ -348,6 +348,12 @@ fn build_image_inner(
         source,
     };
     // Checked before the (possibly long) walk so a typo in --output fails at once.
+    if output.is_dir() {
+        return Err(write_err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "it is a directory; give the image file's path",
+        )));
+    }
     if !output_dir.is_dir() {
         return Err(write_err(io::Error::new(
             io::ErrorKind::NotFound,

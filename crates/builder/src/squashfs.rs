@@ -2,29 +2,31 @@
 //! gensquashfs's geometry (128 KiB blocks, 4 KiB padding) and microvm.nix's default compression
 //! (zstd, at gensquashfs's default level 15).
 //!
-//! File data is streamed: each file is handed to backhand as a [`StoreFileReader`] that opens
-//! the file on its first read and closes it at end of file, so one file is open at a time and
-//! nothing is read into memory beyond a block.
+//! File data is streamed and compressed on every core: a reader thread reads the files in image
+//! order and workers compress their blocks ahead of backhand ([`block_pipeline`]), while
+//! backhand lays out the image from the bytes the reader thread hands it. One file is open at a
+//! time and at most [`block_pipeline::READ_AHEAD_BYTES`] of file data are in memory. The image
+//! does not depend on the number of threads.
 //!
 //! Hard links: backhand gives every node its own inode, so a hard link becomes a second inode.
 //! Its data is still stored once for files of at least one block, through backhand's duplicate
 //! detection. That detection trusts a 64-bit xxh64 of the content; to make sure it never merges
-//! two different files, the readers also SHA-256 every such file and, should two files of the
-//! same length share an xxh64 but not their SHA-256, the image is written again without
+//! two different files, the reader thread also SHA-256es every such file and, should two files of
+//! the same length share an xxh64 but not their SHA-256, the image is written again without
 //! duplicate detection.
+
+mod block_pipeline;
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
-
-use backhand::compression::{CompressionOptions, Compressor, Gzip, Lz4, Zstd};
-use backhand::{CompressionExtra, ExtraXz, FilesystemCompressor, FilesystemWriter, NodeHeader};
-use sha2::{Digest, Sha256};
-use xxhash_rust::xxh64::Xxh64;
+use std::sync::Arc;
 
 use crate::tree::{EntryKind, Tree};
 use crate::{BuildError, BuildOptions, Compression, ProgressSink};
+use backhand::compression::{CompressionOptions, Compressor, Gzip, Lz4, Zstd};
+use backhand::{CompressionExtra, ExtraXz, FilesystemCompressor, FilesystemWriter, NodeHeader};
+use block_pipeline::{ActiveGuard, DataQueue, FileData, Pipeline, SourceFile};
 
 /// Data block size, as gensquashfs and mksquashfs use by default.
 pub const BLOCK_SIZE: u32 = 128 * 1024;
@@ -37,6 +39,8 @@ pub const DEFAULT_GZIP_LEVEL: u32 = 9;
 /// Modification time of every entry and of the superblock: the Nix store's canonical 1.
 /// (The image root directory keeps 0: backhand has no setter for the root's time.)
 pub const MTIME: u32 = 1;
+/// Most compression workers a build starts (one per core up to this).
+const MAX_THREADS: usize = 16;
 
 /// Writes `tree` as a squashfs image to `out` (positioned anywhere: it is rewound); returns the
 /// compression level used, if the algorithm has levels.
@@ -46,39 +50,89 @@ pub(crate) fn write(
     out: &File,
     progress: &dyn ProgressSink,
 ) -> Result<Option<u32>, BuildError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    write_with_threads(tree, options, out, progress, threads)
+}
+
+/// [`write`] with `threads` compression workers (the image does not depend on it).
+fn write_with_threads(
+    tree: &Tree,
+    options: &BuildOptions,
+    out: &File,
+    progress: &dyn ProgressSink,
+    threads: usize,
+) -> Result<Option<u32>, BuildError> {
     let (compressor, level) =
         filesystem_compressor(options.effective_compression(), options.compression_level)?;
     let total = tree.counts().file_bytes;
 
-    let context = ReadContext {
-        progress,
-        failure: RefCell::new(None),
-        contents: RefCell::new(Vec::new()),
-    };
     progress.phase("packing", total);
-    write_once(tree, compressor, true, out, &context)?;
-    if !duplicate_detection_was_exact(&context.contents.borrow()) {
+    let digests = write_once(tree, compressor, true, out, progress, threads)?;
+    if !duplicate_detection_was_exact(&digests) {
         // Astronomically unlikely, but then correctness wins over size.
         progress.phase("packing again without duplicate detection", total);
-        write_once(tree, compressor, false, out, &context)?;
+        write_once(tree, compressor, false, out, progress, threads)?;
     }
     Ok(level)
 }
 
+/// Writes the image once; returns the digests of every file of at least one block.
 fn write_once(
     tree: &Tree,
     compressor: FilesystemCompressor,
     deduplicate: bool,
     out: &File,
-    context: &ReadContext<'_>,
-) -> Result<(), BuildError> {
+    progress: &dyn ProgressSink,
+    threads: usize,
+) -> Result<Vec<ContentDigest>, BuildError> {
     let out_err = |e: io::Error| BuildError::Squashfs(format!("writing the image: {e}"));
-    context.contents.borrow_mut().clear();
     out.set_len(0).map_err(out_err)?;
     let mut out_ref = out;
     out_ref.seek(SeekFrom::Start(0)).map_err(out_err)?;
 
+    let files: Vec<SourceFile> = tree
+        .entries()
+        .iter()
+        .filter_map(|entry| match entry.kind {
+            EntryKind::Regular { size, .. } => Some(SourceFile {
+                path: tree.source(entry),
+                expected_len: size,
+            }),
+            _ => None,
+        })
+        .collect();
+    let pipeline = Pipeline::new();
+    let context = ReadContext {
+        progress,
+        failure: RefCell::new(None),
+        data: Arc::clone(&pipeline.data),
+    };
+
+    std::thread::scope(|scope| {
+        let reader = pipeline.spawn(scope, files, compressor, BLOCK_SIZE, threads);
+        let written = write_with_backhand(tree, compressor, deduplicate, out, &context, &pipeline);
+        pipeline.hang_up();
+        let digests = reader
+            .join()
+            .map_err(|_| BuildError::Squashfs("the file reader thread panicked".to_owned()))?;
+        written?;
+        debug_assert_eq!(pipeline.results.mispredicted(), 0);
+        Ok(digests)
+    })
+}
+
+/// Hands the tree to backhand's writer, with the pipeline's readers and compressor.
+fn write_with_backhand(
+    tree: &Tree,
+    compressor: FilesystemCompressor,
+    deduplicate: bool,
+    out: &File,
+    context: &ReadContext<'_>,
+    pipeline: &Pipeline,
+) -> Result<(), BuildError> {
+    let out_err = |e: io::Error| BuildError::Squashfs(format!("writing the image: {e}"));
     let mut fs = FilesystemWriter::default();
+    fs.set_kind(block_pipeline::kind());
     fs.set_block_size(BLOCK_SIZE);
     fs.set_time(MTIME);
     fs.set_only_root_id();
@@ -91,22 +145,29 @@ fn write_once(
     let node_err = |path: &std::path::Path, e: backhand::BackhandError| {
         BuildError::Squashfs(format!("adding {}: {e}", path.display()))
     };
+    let mut ordinal = 0;
     for entry in tree.entries() {
         let header = NodeHeader::new(entry.mode(), 0, 0, MTIME);
         match &entry.kind {
             EntryKind::Directory => fs.push_dir(&entry.path, header),
             EntryKind::Symlink { target } => fs.push_symlink(target, &entry.path, header),
-            EntryKind::Regular { size, .. } => fs.push_file(
-                StoreFileReader::new(tree.source(entry), *size, context),
-                &entry.path,
-                header,
-            ),
+            EntryKind::Regular { .. } => {
+                ordinal += 1;
+                fs.push_file(
+                    StoreFileReader::new(ordinal - 1, context),
+                    &entry.path,
+                    header,
+                )
+            }
         }
         .map_err(|e| node_err(&entry.path, e))?;
     }
 
     let mut writer = BufWriter::with_capacity(1 << 20, out);
-    let written = fs.write(&mut writer);
+    let written = {
+        let _active = ActiveGuard::install(Arc::clone(&pipeline.results));
+        fs.write(&mut writer)
+    };
     // A reader's own error (naming the file) explains a failed write better than backhand's.
     if let Some(failure) = context.failure.borrow_mut().take() {
         return Err(failure);
@@ -201,8 +262,8 @@ struct ReadContext<'p> {
     progress: &'p dyn ProgressSink,
     /// The first error a reader met, with the file's path (backhand only keeps an io::Error).
     failure: RefCell<Option<BuildError>>,
-    /// (length, xxh64, SHA-256) of every file long enough for backhand's duplicate detection.
-    contents: RefCell<Vec<ContentDigest>>,
+    /// The file data the pipeline's reader thread read, in tree order.
+    data: Arc<DataQueue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -222,29 +283,24 @@ fn duplicate_detection_was_exact(digests: &[ContentDigest]) -> bool {
         .all(|w| (w[0].len, w[0].xxh64) != (w[1].len, w[1].xxh64) || w[0].sha256 == w[1].sha256)
 }
 
-/// A file of the store, opened at its first read and closed at end of file; checks that it
-/// still has the size the walk saw.
+/// The data of one store file as backhand reads it: served from the pipeline's queue, which
+/// holds what the reader thread read from disk (and checked against the walked size).
 struct StoreFileReader<'c> {
-    path: PathBuf,
-    expected_len: u64,
-    read_len: u64,
-    file: Option<File>,
+    /// This file's position among the regular files, to check the queue is in step.
+    ordinal: usize,
+    chunk: Option<Arc<Vec<u8>>>,
+    offset: usize,
     finished: bool,
-    digests: Option<(Xxh64, Sha256)>,
     context: &'c ReadContext<'c>,
 }
 
 impl<'c> StoreFileReader<'c> {
-    fn new(path: PathBuf, expected_len: u64, context: &'c ReadContext<'c>) -> Self {
-        let digests =
-            (expected_len >= u64::from(BLOCK_SIZE)).then(|| (Xxh64::new(0), Sha256::new()));
+    fn new(ordinal: usize, context: &'c ReadContext<'c>) -> Self {
         StoreFileReader {
-            path,
-            expected_len,
-            read_len: 0,
-            file: None,
+            ordinal,
+            chunk: None,
+            offset: 0,
             finished: false,
-            digests,
             context,
         }
     }
@@ -252,76 +308,52 @@ impl<'c> StoreFileReader<'c> {
     /// Records `error` for the build and gives backhand an io::Error that stops it.
     fn fail(&mut self, error: BuildError) -> io::Error {
         let message = error.to_string();
-        self.file = None;
+        self.chunk = None;
         self.finished = true;
         self.context.failure.borrow_mut().get_or_insert(error);
         io::Error::other(message)
-    }
-
-    fn changed(&mut self, reason: String) -> io::Error {
-        let path = self.path.clone();
-        self.fail(BuildError::Changed { path, reason })
     }
 }
 
 impl Read for StoreFileReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.finished || buf.is_empty() {
-            return Ok(0);
-        }
-        if self.file.is_none() {
-            match File::open(&self.path) {
-                Ok(file) => self.file = Some(file),
-                Err(source) => {
-                    let path = self.path.clone();
-                    return Err(self.fail(BuildError::Read { path, source }));
+        loop {
+            if self.finished || buf.is_empty() {
+                return Ok(0);
+            }
+            if let Some(chunk) = &self.chunk {
+                let rest = &chunk[self.offset..];
+                if !rest.is_empty() {
+                    let n = rest.len().min(buf.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    self.offset += n;
+                    self.context.progress.advance(n as u64);
+                    return Ok(n);
+                }
+                self.chunk = None;
+            }
+            match self.context.data.pop() {
+                Some((ordinal, data)) if ordinal == self.ordinal => match data {
+                    FileData::Chunk(chunk) => {
+                        self.chunk = Some(chunk);
+                        self.offset = 0;
+                    }
+                    FileData::End => {
+                        self.finished = true;
+                        return Ok(0);
+                    }
+                    FileData::Failed(error) => return Err(self.fail(error)),
+                },
+                other => {
+                    let got = other.map(|(ordinal, _)| ordinal);
+                    return Err(self.fail(BuildError::Squashfs(format!(
+                        "internal error: backhand asked for file #{} but the reader thread sent \
+                         {got:?}",
+                        self.ordinal
+                    ))));
                 }
             }
         }
-        let Some(file) = self.file.as_mut() else {
-            return Ok(0);
-        };
-        let n = match file.read(buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
-            Err(source) => {
-                let path = self.path.clone();
-                return Err(self.fail(BuildError::Read { path, source }));
-            }
-        };
-        if n == 0 {
-            if self.read_len != self.expected_len {
-                let reason = format!(
-                    "it is {} bytes long now, {} when the closure was walked",
-                    self.read_len, self.expected_len
-                );
-                return Err(self.changed(reason));
-            }
-            self.file = None;
-            self.finished = true;
-            if let Some((xxh, sha)) = self.digests.take() {
-                self.context.contents.borrow_mut().push(ContentDigest {
-                    len: self.read_len,
-                    xxh64: xxh.digest(),
-                    sha256: sha.finalize().into(),
-                });
-            }
-            return Ok(0);
-        }
-        self.read_len += n as u64;
-        if self.read_len > self.expected_len {
-            let reason = format!(
-                "it grew past the {} bytes it had when the closure was walked",
-                self.expected_len
-            );
-            return Err(self.changed(reason));
-        }
-        if let Some((xxh, sha)) = self.digests.as_mut() {
-            xxh.update(&buf[..n]);
-            sha.update(&buf[..n]);
-        }
-        self.context.progress.advance(n as u64);
-        Ok(n)
     }
 }
 
@@ -364,5 +396,136 @@ mod tests {
         let (_, level) =
             filesystem_compressor(Compression::Zstd, None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(level, Some(DEFAULT_ZSTD_LEVEL));
+    }
+
+    /// A store with every case the block predictions must follow: empty files, files just
+    /// under, at and over one block, all-zero blocks (holes), a zero tail, duplicates (also of
+    /// more than a block), and enough small files to fill the fragment buffer several times.
+    fn prediction_store() -> (tempfile::TempDir, storedisk_nix::Closure) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let top = format!("{}-prediction", "b".repeat(32));
+        let root = dir.path().join(&top);
+        std::fs::create_dir_all(root.join("small")).unwrap_or_else(|e| panic!("{e}"));
+        let block = BLOCK_SIZE as usize;
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut bytes = |len: usize, text: bool| -> Vec<u8> {
+            (0..len)
+                .map(|i| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    if text {
+                        b"abcdefgh /nix/store\n"[(state % 20) as usize]
+                    } else if i % 3 == 0 {
+                        0
+                    } else {
+                        state as u8
+                    }
+                })
+                .collect()
+        };
+        let mut zero_tail = bytes(block, false);
+        zero_tail.extend(vec![0; 1000]);
+        let mut zero_middle = bytes(block, true);
+        zero_middle.extend(vec![0; block]);
+        zero_middle.extend(bytes(5000, true));
+        let big = bytes(2 * block + 77, false);
+        let files: Vec<(String, Vec<u8>)> = vec![
+            ("empty".into(), Vec::new()),
+            ("one-byte".into(), b"x".to_vec()),
+            ("just-under".into(), bytes(block - 1, true)),
+            ("exact".into(), bytes(block, false)),
+            ("just-over".into(), bytes(block + 1, true)),
+            ("big".into(), big.clone()),
+            ("big-copy".into(), big),
+            ("zeros".into(), vec![0; 2 * block]),
+            ("zero-tail".into(), zero_tail),
+            ("zero-middle".into(), zero_middle),
+        ];
+        for (name, data) in &files {
+            std::fs::write(root.join(name), data).unwrap_or_else(|e| panic!("{e}"));
+        }
+        for i in 0..120 {
+            let len = (i * 7919) % 9000;
+            std::fs::write(root.join(format!("small/{i:03}")), bytes(len, i % 2 == 0))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::set_permissions(root.join("exact"), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let path = storedisk_nix::StorePath::from_base_name(&top).unwrap_or_else(|e| panic!("{e}"));
+        let closure = storedisk_nix::Closure::new(
+            storedisk_nix::StoreDir::default(),
+            vec![storedisk_nix::PathInfo::new(path)],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (dir, closure)
+    }
+
+    fn image_with_threads(tree: &Tree, store: &std::path::Path, threads: usize) -> Vec<u8> {
+        let mut options = BuildOptions::new(crate::ImageFormat::Squashfs);
+        options.store_dir = store.to_owned();
+        let out = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+        write_with_threads(tree, &options, &out, &crate::NoProgress, threads)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut image = Vec::new();
+        let mut reader = &out;
+        reader
+            .seek(SeekFrom::Start(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        reader
+            .read_to_end(&mut image)
+            .unwrap_or_else(|e| panic!("{e}"));
+        image
+    }
+
+    /// The image plain backhand writes, compressing inline and reading the files itself.
+    fn image_without_pipeline(tree: &Tree) -> Vec<u8> {
+        let (compressor, _) =
+            filesystem_compressor(Compression::Zstd, None).unwrap_or_else(|e| panic!("{e}"));
+        let mut fs = FilesystemWriter::default();
+        fs.set_block_size(BLOCK_SIZE);
+        fs.set_time(MTIME);
+        fs.set_only_root_id();
+        fs.set_root_mode(0o555);
+        fs.set_root_uid(0);
+        fs.set_root_gid(0);
+        fs.set_compressor(compressor);
+        fs.set_no_duplicate_files(true);
+        for entry in tree.entries() {
+            let header = NodeHeader::new(entry.mode(), 0, 0, MTIME);
+            match &entry.kind {
+                EntryKind::Directory => fs.push_dir(&entry.path, header),
+                EntryKind::Symlink { target } => fs.push_symlink(target, &entry.path, header),
+                EntryKind::Regular { .. } => fs.push_file(
+                    File::open(tree.source(entry)).unwrap_or_else(|e| panic!("{e}")),
+                    &entry.path,
+                    header,
+                ),
+            }
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mut image = io::Cursor::new(Vec::new());
+        let (_, len) = fs.write(&mut image).unwrap_or_else(|e| panic!("{e}"));
+        let mut image = image.into_inner();
+        image.truncate(len as usize);
+        image
+    }
+
+    #[test]
+    fn parallel_compression_writes_what_backhand_alone_writes_whatever_the_thread_count() {
+        let (store, closure) = prediction_store();
+        let tree = Tree::walk(&closure, store.path()).unwrap_or_else(|e| panic!("{e}"));
+        let reference = image_without_pipeline(&tree);
+        for threads in [1, 2, 5] {
+            // (write_once also asserts, in debug builds, that every block was predicted.)
+            let image = image_with_threads(&tree, store.path(), threads);
+            assert!(
+                image == reference,
+                "with {threads} threads the image ({} bytes) differs from backhand's own ({} bytes)",
+                image.len(),
+                reference.len()
+            );
+        }
     }
 }

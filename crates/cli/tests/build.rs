@@ -15,7 +15,7 @@ use std::process::Output;
 use sha2::{Digest, Sha256};
 use storedisk_nix::nar::hash_path;
 use storedisk_nix::{Closure, StoreDir};
-use storedisk_testkit::{store_path_for, tool, SyntheticStore};
+use storedisk_testkit::{store_path_for, tool, ErofsUtils, SyntheticStore};
 
 fn storedisk() -> assert_cmd::Command {
     assert_cmd::Command::new(env!("CARGO_BIN_EXE_storedisk"))
@@ -54,77 +54,12 @@ fn assert_success(output: &Output) {
     );
 }
 
-/// A pair of erofs-utils tools from the same installation, with mkfs.erofs's version.
-#[derive(Debug, Clone)]
-struct ErofsUtils {
-    mkfs: PathBuf,
-    fsck: PathBuf,
-    version: (u32, u32),
-}
-
-fn erofs_version(mkfs: &Path) -> (u32, u32) {
-    let out = std::process::Command::new(mkfs).arg("-V").output().unwrap();
-    let printed = if out.status.success() {
-        text(&out.stdout)
-    } else {
-        // 1.5 has no -V but names its version when it builds.
-        let scratch = tempfile::tempdir().unwrap();
-        fs::create_dir(scratch.path().join("d")).unwrap();
-        let out = std::process::Command::new(mkfs)
-            .arg(scratch.path().join("x.img"))
-            .arg(scratch.path().join("d"))
-            .output()
-            .unwrap();
-        text(&out.stdout)
-    };
-    let word = printed
-        .split_whitespace()
-        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
-        .unwrap_or_else(|| panic!("no version in {mkfs:?}'s output: {printed}"));
-    let mut parts = word.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
-/// Every distinct erofs-utils installation the testkit can see: the first on the search path,
-/// plus the private prefix's. At least one must be new enough for microvm.nix's
-/// `-Efragments` (1.6+), or the flags microvm.nix uses would go untested.
+/// Every erofs-utils the tests can reach; microvm.nix's flags need one of 1.6+ among them.
 fn erofs_utils() -> Vec<ErofsUtils> {
-    let first = tool("mkfs.erofs");
-    let mut candidates = vec![first];
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for dir in [
-        workspace.join("target/tools/bin"),
-        PathBuf::from("/tmp/prov/bin"),
-    ] {
-        candidates.push(dir.join("mkfs.erofs"));
-    }
-    let mut seen = BTreeSet::new();
-    let mut found = Vec::new();
-    for mkfs in candidates {
-        if !mkfs.is_file() {
-            continue;
-        }
-        let fsck = mkfs.with_file_name("fsck.erofs");
-        assert!(
-            fsck.is_file(),
-            "{} has no fsck.erofs beside it",
-            mkfs.display()
-        );
-        let version = erofs_version(&mkfs);
-        if seen.insert(version) {
-            found.push(ErofsUtils {
-                mkfs,
-                fsck,
-                version,
-            });
-        }
-    }
-    assert!(
-        found.iter().any(|u| u.version >= (1, 6)),
-        "these tests need erofs-utils >= 1.6 (for -Efragments, as microvm.nix uses); found {found:?}; \
-         run `cargo xtask setup` or set STOREDISK_TOOL_MKFS_EROFS"
-    );
-    found
+    let newest = storedisk_testkit::newest_erofs_utils();
+    let all = storedisk_testkit::erofs_utils();
+    assert!(all.iter().any(|u| u.version == newest.version));
+    all
 }
 
 /// The tricky store, minus its 255-byte file name when `utils` cannot pack one (1.5 cuts names
@@ -534,6 +469,27 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     let out_dir = tempfile::tempdir().unwrap();
     let output = out_dir.path().join("image");
     let toplevel = store.logical(&store.roots()[0]);
+    // An output path that is a directory fails before any work, naming it.
+    let out_is_dir = out_dir.path().join("a-directory");
+    fs::create_dir(&out_is_dir).unwrap();
+    let cmd = build_cmd(
+        "squashfs",
+        store.closure_json(),
+        store.store_dir(),
+        &out_is_dir,
+        std::slice::from_ref(&toplevel),
+    );
+    let out = {
+        let mut cmd = cmd;
+        cmd.output().unwrap()
+    };
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("a-directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    fs::remove_dir(&out_is_dir).unwrap();
     for format in ["squashfs", "erofs"] {
         // Not a store path at all, and a malformed one.
         for bad in ["not-a-store-path", "/nix/store/tooshort-x"] {

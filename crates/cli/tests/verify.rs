@@ -115,7 +115,7 @@ fn peer_images(tree: &Path, out: &Path) -> Vec<(String, PathBuf)> {
 /// mkfs.erofs 1.5 (Debian 12) images: the 1.5 tool cannot pack the tricky store (it fails
 /// with ENOENT on a 255-byte file name), so these come from `erofs15_store`.
 fn erofs15_images(tree: &Path, out: &Path) -> Vec<(String, PathBuf)> {
-    let erofs15 = tool("mkfs.erofs");
+    let erofs15 = storedisk_testkit::erofs_utils_version(1, 5).mkfs;
     let mut images = Vec::new();
     for (label, flags) in [
         ("mkfs.erofs-1.5-lz4hc", &["-zlz4hc"][..]),
@@ -128,16 +128,9 @@ fn erofs15_images(tree: &Path, out: &Path) -> Vec<(String, PathBuf)> {
     images
 }
 
-/// erofs-utils 1.8 (microvm.nix's flags need it): provisioned by `cargo xtask setup`.
+/// erofs-utils 1.6+ (microvm.nix's flags need it): 1.8.6, provisioned by `cargo xtask setup`.
 fn mkfs_erofs_18() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    [
-        workspace.join("target/tools/bin/mkfs.erofs"),
-        PathBuf::from("/tmp/prov/bin/mkfs.erofs"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| tool("mkfs.erofs-1.8"))
+    storedisk_testkit::newest_erofs_utils().mkfs
 }
 
 /// The tricky cases mkfs.erofs 1.5 can pack (everything but the 255-byte name).

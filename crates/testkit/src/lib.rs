@@ -14,4 +14,4 @@ mod tools;
 pub use synthetic::{
     pseudo_random_bytes, store_path_for, StorePathSpec, SyntheticStore, SyntheticStoreBuilder,
 };
-pub use tools::tool;
+pub use tools::{erofs_utils, erofs_utils_version, newest_erofs_utils, tool, ErofsUtils};

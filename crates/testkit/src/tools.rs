@@ -3,13 +3,105 @@
 use std::path::{Path, PathBuf};
 
 /// Directories searched after `PATH`: the private prefix `cargo xtask setup` provisions, then
-/// the hand-made one the first session used.
+/// the system's (so a tool shadowed on `PATH` by the private prefix is still found).
 fn extra_dirs() -> Vec<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     vec![
         workspace.join("target/tools/bin"),
-        PathBuf::from("/tmp/prov/bin"),
+        PathBuf::from("/usr/sbin"),
+        PathBuf::from("/usr/bin"),
     ]
+}
+
+/// A pair of erofs-utils tools from one installation, with mkfs.erofs's `(major, minor)`.
+#[derive(Debug, Clone)]
+pub struct ErofsUtils {
+    pub mkfs: PathBuf,
+    pub fsck: PathBuf,
+    pub version: (u32, u32),
+}
+
+/// Every erofs-utils installation with a distinct version, in search order: `PATH`, the private
+/// prefix (1.8.6 from `cargo xtask setup`), the system's (Debian 12: 1.5). Tests pick the
+/// versions they need from it and fail, naming the version, when it is absent.
+pub fn erofs_utils() -> Vec<ErofsUtils> {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut found = Vec::new();
+    for dir in path_dirs.into_iter().chain(extra_dirs()) {
+        let mkfs = dir.join("mkfs.erofs");
+        let fsck = dir.join("fsck.erofs");
+        if !mkfs.is_file() || !fsck.is_file() {
+            continue;
+        }
+        let version = erofs_version(&mkfs);
+        if seen.insert(version) {
+            found.push(ErofsUtils {
+                mkfs,
+                fsck,
+                version,
+            });
+        }
+    }
+    found
+}
+
+/// The installation of erofs-utils `major.minor`; panics with an install hint without it.
+pub fn erofs_utils_version(major: u32, minor: u32) -> ErofsUtils {
+    let all = erofs_utils();
+    all.iter()
+        .find(|u| u.version == (major, minor))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs erofs-utils {major}.{minor} (found {all:?}): `cargo xtask setup` \
+                 installs Debian 12's 1.5 and unpacks 1.8.6 under target/tools"
+            )
+        })
+}
+
+/// The newest erofs-utils, which must have `-Efragments` (1.6+, microvm.nix's flags).
+pub fn newest_erofs_utils() -> ErofsUtils {
+    let all = erofs_utils();
+    all.iter()
+        .max_by_key(|u| u.version)
+        .filter(|u| u.version >= (1, 6))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs erofs-utils >= 1.6 for microvm.nix's -Efragments (found \
+                 {all:?}): run `cargo xtask setup`"
+            )
+        })
+}
+
+/// mkfs.erofs's `(major, minor)`: from `-V`, or, for 1.5, which has no `-V`, from the banner
+/// it prints when it builds.
+fn erofs_version(mkfs: &Path) -> (u32, u32) {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let out = std::process::Command::new(mkfs).arg("-V").output().unwrap();
+    let printed = if out.status.success() {
+        text(&out.stdout)
+    } else {
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::create_dir(scratch.path().join("d")).unwrap();
+        let out = std::process::Command::new(mkfs)
+            .arg(scratch.path().join("x.img"))
+            .arg(scratch.path().join("d"))
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    };
+    let word = printed
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or_else(|| panic!("no version in {mkfs:?}'s output: {printed}"));
+    let mut parts = word
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// The path of the external tool `name`, from `$STOREDISK_TOOL_<NAME>` (upper case, `-` and `.`

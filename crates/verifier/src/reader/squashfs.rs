@@ -48,6 +48,13 @@ fn lib_err(doing: &str) -> impl Fn(backhand::BackhandError) -> VerifyError + '_ 
         } else {
             shown
         };
+        let shown = if shown.trim().is_empty() {
+            "backhand 0.25 gave no reason (its reader also rejects valid images, e.g. ones with a \
+             symlink target longer than 255 bytes)"
+                .to_owned()
+        } else {
+            shown
+        };
         VerifyError::corrupt(format!("squashfs: {doing}: {shown}"))
     }
 }
