@@ -211,13 +211,14 @@ impl<W: Write> NarEncoder<W> {
     }
 }
 
+/// Whether `name` can be a directory entry in a NAR (and so in a store path): not empty, not
+/// `.` or `..`, no `/` and no NUL.
+pub fn is_valid_entry_name(name: &[u8]) -> bool {
+    !(name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0))
+}
+
 fn check_entry_name(name: &[u8]) -> Result<(), NarError> {
-    let bad = name.is_empty()
-        || name == b"."
-        || name == b".."
-        || name.contains(&b'/')
-        || name.contains(&0);
-    if bad {
+    if !is_valid_entry_name(name) {
         return Err(NarError::Invalid {
             path: PathBuf::from(String::from_utf8_lossy(name).into_owned()),
             reason: "not a valid directory entry name (empty, '.', '..', or containing '/' or NUL)"

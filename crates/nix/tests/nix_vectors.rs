@@ -32,6 +32,11 @@ fn write(path: &Path, contents: &[u8], executable: bool) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
+fn write_mode(path: &Path, contents: &[u8], mode: u32) {
+    fs::write(path, contents).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
 /// Makes one case's tree at the given path.
 type MakeTree = Box<dyn Fn(&Path)>;
 
@@ -47,6 +52,23 @@ fn make_trees(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
             Box::new(|p: &Path| write(p, b"#!/bin/sh\necho hi\n", true)),
         ),
         ("empty-file", Box::new(|p: &Path| write(p, b"", false))),
+        // Nix's exec rule is the owner's x bit alone: 0710 is executable, 0654 is not.
+        (
+            "owner-exec-only",
+            Box::new(|p: &Path| write_mode(p, b"x\n", 0o710)),
+        ),
+        (
+            "group-exec-only",
+            Box::new(|p: &Path| write_mode(p, b"x\n", 0o654)),
+        ),
+        (
+            "non-utf8-name",
+            Box::new(|p: &Path| {
+                use std::os::unix::ffi::OsStrExt;
+                let name = std::ffi::OsStr::from_bytes(b"caf\xe9-latin1");
+                write(&p.join(name), b"bytes, not text\n", false);
+            }),
+        ),
         (
             "seven-bytes",
             Box::new(|p: &Path| write(p, b"1234567", false)),

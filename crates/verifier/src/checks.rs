@@ -65,6 +65,13 @@ impl Runner {
             }
             None => {
                 let roots = closure.roots();
+                if roots.is_empty() && !closure.is_empty() {
+                    return Err(VerifyError::Input(
+                        "the runner closure has no root: every path in it is referenced by \
+                         another (a reference cycle?); name the runner with --runner"
+                            .to_owned(),
+                    ));
+                }
                 if roots.len() != 1 {
                     return Err(VerifyError::Input(format!(
                         "the runner closure has {} roots ({}); name the runner with --runner",

@@ -151,12 +151,7 @@ impl TreeBuilder {
                 self.limits.max_entries
             )));
         }
-        let bad_name = name.is_empty()
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0);
-        if bad_name {
+        if !storedisk_nix::nar::is_valid_entry_name(name) {
             let shown = String::from_utf8_lossy(name);
             let dir = if parent == Tree::ROOT {
                 "the image root".to_owned()

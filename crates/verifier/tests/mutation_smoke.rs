@@ -53,7 +53,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
         if data.is_empty() {
             break;
         }
-        // Keep most mutations in the metadata-rich first 2 KiB and the image's last block.
+        // Keep most mutations in the metadata-rich first 2 KiB (superblocks, inode tables).
         let at = if rng.below(3) == 0 {
             rng.below(data.len())
         } else {
