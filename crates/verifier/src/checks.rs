@@ -358,12 +358,16 @@ pub fn check_runner_overlap(
     };
     let runner_dir = physical_store.map(|d| store_dir.physical(d, &runner.path));
     let mut paths = Vec::new();
+    let mut located = std::collections::BTreeMap::new();
     for leaked in all.difference(&kept) {
         let chain = chains.get(leaked).cloned().unwrap_or_default();
+        // Most chains share their first hop (the toplevel, the closure-info): search the
+        // runner's files once per hop.
         let location = match (&runner_dir, chain.get(1)) {
-            (Some(dir), Some(next)) if dir.exists() || dir.is_symlink() => {
-                locate_reference(dir, next.hash_part()).ok().flatten()
-            }
+            (Some(dir), Some(next)) if dir.exists() || dir.is_symlink() => located
+                .entry(next.clone())
+                .or_insert_with(|| locate_reference(dir, next.hash_part()).ok().flatten())
+                .clone(),
             _ => None,
         };
         paths.push(Leak {
