@@ -72,7 +72,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let mut bytes = whole * factor;
     let mut scale = factor;
     for digit in frac.chars() {
-        let d = digit.to_digit(10).ok_or(format!("{text:?} is not a size"))? as u64;
+        let d = digit
+            .to_digit(10)
+            .ok_or(format!("{text:?} is not a size"))? as u64;
         scale /= 10;
         bytes += d * scale;
     }
@@ -154,7 +156,12 @@ enum ToolKind {
 
 impl ImageTool {
     /// The command line (program first) that packs `closure` into `out`.
-    fn argv(&self, bench: &Bench, closure: &closure_gen::GeneratedClosure, out: &Path) -> Vec<OsString> {
+    fn argv(
+        &self,
+        bench: &Bench,
+        closure: &closure_gen::GeneratedClosure,
+        out: &Path,
+    ) -> Vec<OsString> {
         let jobs = bench.cores.to_string();
         let store = closure.store_dir.as_os_str();
         let out = out.as_os_str();
@@ -176,11 +183,23 @@ impl ImageTool {
                 push(&[s("--all-root"), s("-q"), s("-D"), store, out]);
             }
             ToolKind::Mksquashfs => {
-                push(&[store, out, s("-comp"), s("zstd"), s("-all-root"), s("-noappend")]);
+                push(&[
+                    store,
+                    out,
+                    s("-comp"),
+                    s("zstd"),
+                    s("-all-root"),
+                    s("-noappend"),
+                ]);
                 push(&[s("-no-progress"), s("-processors"), OsStr::new(&jobs)]);
             }
             ToolKind::MkfsErofs => {
-                push(&[s("-zlz4hc"), s("-Eztailpacking"), s("-Efragments"), s("-T0")]);
+                push(&[
+                    s("-zlz4hc"),
+                    s("-Eztailpacking"),
+                    s("-Efragments"),
+                    s("-T0"),
+                ]);
                 push(&[s("--all-root"), s("--quiet"), out, store]);
             }
         }
@@ -224,7 +243,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let storedisk = tools::target_dir().join("release/storedisk");
     if !storedisk.is_file() {
-        bail!("{} is missing (run without --no-build)", storedisk.display());
+        bail!(
+            "{} is missing (run without --no-build)",
+            storedisk.display()
+        );
     }
     let mkfs_erofs = locate_mkfs_erofs()?;
     let need = |name: &str, package: &str| {
@@ -287,7 +309,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut results = report::Report::new(bench.cores, runs, args.seed, load, &mkfs_erofs);
     for &size in &sizes {
-        eprintln!("bench: generating a {} closure (seed {})", human_bytes(size), args.seed);
+        eprintln!(
+            "bench: generating a {} closure (seed {})",
+            human_bytes(size),
+            args.seed
+        );
         let closure = closure_gen::generate_cached(size, args.seed, &bench_dir)?;
         eprintln!(
             "bench: {} store paths, {} files, {} symlinks, {} of file data, {} of NAR",
@@ -362,7 +388,7 @@ fn verify_images(
     for tool in image_tools {
         let image = image_path(bench, tool, size);
         let mut stats = Vec::new();
-        for _ in 0..runs {
+        'runs: for _ in 0..runs {
             let argv: Vec<OsString> = vec![
                 bench.storedisk.clone().into(),
                 "verify".into(),
@@ -378,10 +404,15 @@ fn verify_images(
                         "bench: skipping verify throughput on {} {}: {reason}",
                         tool.name, tool.format
                     );
-                    results.verify_skipped(reason);
-                    return Ok(());
+                    results
+                        .verify_skipped(format!("{} {} image: {reason}", tool.name, tool.format));
+                    stats.clear();
+                    break 'runs;
                 }
             }
+        }
+        if stats.is_empty() {
+            continue;
         }
         let median = RunStats::median(&stats);
         let mb_per_s = closure.nar_bytes as f64 / 1e6 / median.wall_s.max(1e-9);
@@ -389,7 +420,14 @@ fn verify_images(
             "bench: verify {} {} image: {:.2} s, {mb_per_s:.0} MB/s of NAR, {:.0} MB RSS",
             tool.name, tool.format, median.wall_s, median.max_rss_mb
         );
-        results.add_verify(size, tool.name, tool.format, closure.nar_bytes, median, mb_per_s);
+        results.add_verify(
+            size,
+            tool.name,
+            tool.format,
+            closure.nar_bytes,
+            median,
+            mb_per_s,
+        );
     }
     Ok(())
 }
@@ -511,8 +549,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("t");
-        std::fs::write(&file, "Command exited with non-zero status 1\n1.50 2.25 0.25 20480\n")
-            .unwrap();
+        std::fs::write(
+            &file,
+            "Command exited with non-zero status 1\n1.50 2.25 0.25 20480\n",
+        )
+        .unwrap();
         let s = parse_time_file(&file, Duration::from_millis(1500)).unwrap();
         assert_eq!((s.cpu_s, s.max_rss_mb), (2.5, 20.0));
         std::fs::write(&file, "garbage\n").unwrap();

@@ -80,8 +80,8 @@ pub fn generate(target_bytes: u64, seed: u64, dir: &Path) -> Result<GeneratedClo
     let mut nar_bytes = 0;
     for package in &g.packages {
         let physical = store_dir.join(&package.base_name);
-        let (hash, size) = nar::hash_path(&physical)
-            .with_context(|| format!("hashing {}", physical.display()))?;
+        let (hash, size) =
+            nar::hash_path(&physical).with_context(|| format!("hashing {}", physical.display()))?;
         nar_bytes += size;
         let references: Vec<String> = package
             .references
@@ -156,7 +156,7 @@ impl Rng {
 
     /// Skewed towards small indices (a Zipf-like pick among `n`).
     fn skewed(&mut self, n: usize) -> usize {
-        let a = self.below(n as u64 + 1);
+        let a = self.below(n as u64);
         self.below(a + 1) as usize
     }
 
@@ -188,27 +188,140 @@ const WORDS: &[&str] = &[
 ];
 
 const LIB_NAMES: &[&str] = &[
-    "glib", "gtk", "cairo", "pango", "harfbuzz", "freetype", "fontconfig", "expat", "zlib",
-    "bzip2", "xz", "zstd", "openssl", "curl", "nghttp2", "libssh", "sqlite", "readline",
-    "ncurses", "pcre2", "libffi", "gmp", "mpfr", "icu", "libxml2", "libxslt", "dbus", "systemd",
-    "util-linux", "acl", "attr", "libcap", "audit", "pam", "kmod", "lvm2", "cryptsetup", "json-c",
-    "libuv", "libevent", "nettle", "gnutls", "p11-kit", "libtasn1", "libidn2", "libunistring",
-    "libpng", "libjpeg", "libtiff", "libwebp", "giflib", "pixman", "libdrm", "mesa", "libglvnd",
-    "wayland", "libxkbcommon", "libX11", "libxcb", "alsa-lib", "pipewire", "libsndfile", "flac",
+    "glib",
+    "gtk",
+    "cairo",
+    "pango",
+    "harfbuzz",
+    "freetype",
+    "fontconfig",
+    "expat",
+    "zlib",
+    "bzip2",
+    "xz",
+    "zstd",
+    "openssl",
+    "curl",
+    "nghttp2",
+    "libssh",
+    "sqlite",
+    "readline",
+    "ncurses",
+    "pcre2",
+    "libffi",
+    "gmp",
+    "mpfr",
+    "icu",
+    "libxml2",
+    "libxslt",
+    "dbus",
+    "systemd",
+    "util-linux",
+    "acl",
+    "attr",
+    "libcap",
+    "audit",
+    "pam",
+    "kmod",
+    "lvm2",
+    "cryptsetup",
+    "json-c",
+    "libuv",
+    "libevent",
+    "nettle",
+    "gnutls",
+    "p11-kit",
+    "libtasn1",
+    "libidn2",
+    "libunistring",
+    "libpng",
+    "libjpeg",
+    "libtiff",
+    "libwebp",
+    "giflib",
+    "pixman",
+    "libdrm",
+    "mesa",
+    "libglvnd",
+    "wayland",
+    "libxkbcommon",
+    "libX11",
+    "libxcb",
+    "alsa-lib",
+    "pipewire",
+    "libsndfile",
+    "flac",
 ];
 
 const PROGRAM_NAMES: &[&str] = &[
-    "coreutils", "bash", "findutils", "gnugrep", "gnused", "gawk", "diffutils", "gnutar", "gzip",
-    "less", "procps", "iproute2", "iptables", "nettools", "openssh", "shadow", "sudo", "which",
-    "file", "man-db", "nano", "vim", "git", "rsync", "wget", "htop", "strace", "lsof", "e2fsprogs",
-    "dosfstools", "btrfs-progs", "xfsprogs", "nix", "perl", "python3", "lua", "tmux", "zsh",
-    "fish", "jq", "ripgrep", "fd", "bat", "tree", "unzip", "zip", "patch", "gnumake", "pciutils",
+    "coreutils",
+    "bash",
+    "findutils",
+    "gnugrep",
+    "gnused",
+    "gawk",
+    "diffutils",
+    "gnutar",
+    "gzip",
+    "less",
+    "procps",
+    "iproute2",
+    "iptables",
+    "nettools",
+    "openssh",
+    "shadow",
+    "sudo",
+    "which",
+    "file",
+    "man-db",
+    "nano",
+    "vim",
+    "git",
+    "rsync",
+    "wget",
+    "htop",
+    "strace",
+    "lsof",
+    "e2fsprogs",
+    "dosfstools",
+    "btrfs-progs",
+    "xfsprogs",
+    "nix",
+    "perl",
+    "python3",
+    "lua",
+    "tmux",
+    "zsh",
+    "fish",
+    "jq",
+    "ripgrep",
+    "fd",
+    "bat",
+    "tree",
+    "unzip",
+    "zip",
+    "patch",
+    "gnumake",
+    "pciutils",
 ];
 
 const DATA_NAMES: &[&str] = &[
-    "tzdata", "hicolor-icon-theme", "adwaita-icon-theme", "shared-mime-info", "mailcap",
-    "iana-etc", "cacert", "terminfo", "xkeyboard-config", "dejavu-fonts", "man-pages",
-    "linux-firmware", "glibc-locales", "publicsuffix-list", "hwdata", "gsettings-schemas",
+    "tzdata",
+    "hicolor-icon-theme",
+    "adwaita-icon-theme",
+    "shared-mime-info",
+    "mailcap",
+    "iana-etc",
+    "cacert",
+    "terminfo",
+    "xkeyboard-config",
+    "dejavu-fonts",
+    "man-pages",
+    "linux-firmware",
+    "glibc-locales",
+    "publicsuffix-list",
+    "hwdata",
+    "gsettings-schemas",
 ];
 
 /// One store path being generated.
@@ -248,7 +361,12 @@ impl Generator {
         let blob_len = (target / 40) as usize;
         let mut blob = Vec::with_capacity(blob_len);
         self.rng.fill(&mut blob, blob_len);
-        self.write_file(firmware, "lib/firmware/iwlwifi-ty-a0-gf-a0-89.ucode", &blob, false)?;
+        self.write_file(
+            firmware,
+            "lib/firmware/iwlwifi-ty-a0-gf-a0-89.ucode",
+            &blob,
+            false,
+        )?;
         let locales = self.new_package("glibc-locales", "2.40");
         let archive = self.text((target / 33) as usize, &[]);
         self.write_file(locales, "lib/locale/locale-archive", &archive, false)?;
@@ -386,7 +504,9 @@ impl Generator {
     }
 
     fn physical(&self, package: usize, rel: &str) -> PathBuf {
-        self.store_dir.join(&self.packages[package].base_name).join(rel)
+        self.store_dir
+            .join(&self.packages[package].base_name)
+            .join(rel)
     }
 
     fn write_file(&mut self, package: usize, rel: &str, data: &[u8], exec: bool) -> Result<()> {
@@ -416,9 +536,19 @@ impl Generator {
     fn library_files(&mut self, p: usize, soname: &str, size: u64) -> Result<()> {
         let deps = self.dependencies(p);
         let own = self.store_path_of(p, p);
-        let rpath = format!("{own}/lib:{}", deps.iter().map(|d| format!("{d}/lib")).collect::<Vec<_>>().join(":"));
+        let rpath = format!(
+            "{own}/lib:{}",
+            deps.iter()
+                .map(|d| format!("{d}/lib"))
+                .collect::<Vec<_>>()
+                .join(":")
+        );
         let major = self.rng.below(10);
-        let file = format!("lib{soname}.so.{major}.{}.{}", self.rng.below(40), self.rng.below(9));
+        let file = format!(
+            "lib{soname}.so.{major}.{}.{}",
+            self.rng.below(40),
+            self.rng.below(9)
+        );
         let elf = self.elf(size as usize, &rpath, soname);
         self.write_file(p, &format!("lib/{file}"), &elf, true)?;
         self.write_symlink(p, &format!("lib/lib{soname}.so.{major}"), &file)?;
@@ -438,13 +568,22 @@ impl Generator {
             "prefix={own}\nlibdir={own}/lib\nincludedir={own}/include\n\nName: {soname}\nRequires: {}\nLibs: -L${{libdir}} -l{soname}\nCflags: -I${{includedir}}\n",
             deps.join(" ")
         );
-        self.write_file(p, &format!("lib/pkgconfig/{soname}.pc"), pc.as_bytes(), false)?;
+        self.write_file(
+            p,
+            &format!("lib/pkgconfig/{soname}.pc"),
+            pc.as_bytes(),
+            false,
+        )?;
         self.common_files(p)
     }
 
     fn program_files(&mut self, p: usize, bins: &[&str]) -> Result<()> {
         let deps = self.dependencies(p);
-        let rpath = deps.iter().map(|d| format!("{d}/lib")).collect::<Vec<_>>().join(":");
+        let rpath = deps
+            .iter()
+            .map(|d| format!("{d}/lib"))
+            .collect::<Vec<_>>()
+            .join(":");
         for bin in bins {
             if self.rng.percent(20) && p > 1 {
                 // A wrapper script, as makeWrapper writes.
@@ -501,7 +640,11 @@ impl Generator {
         let share = format!("share/{}", self.rng.pick(WORDS));
         for i in 0..self.rng.range(20, 400) {
             let kind = self.rng.below(3);
-            let name = format!("{share}/{}/{}-{i}", self.rng.pick(WORDS), self.rng.pick(WORDS));
+            let name = format!(
+                "{share}/{}/{}-{i}",
+                self.rng.pick(WORDS),
+                self.rng.pick(WORDS)
+            );
             match kind {
                 0 => {
                     // An icon: a real PNG signature, then compressed (incompressible) data.
@@ -537,9 +680,17 @@ impl Generator {
             for _ in 0..self.rng.range(2, 12) {
                 let other = self.rng.below(known as u64) as usize;
                 let path = self.store_path_of(p, other);
-                unit.push_str(&format!("Environment=\"PATH={path}/bin\"\nExecStart={path}/bin/run --{}\n", self.rng.pick(WORDS)));
+                unit.push_str(&format!(
+                    "Environment=\"PATH={path}/bin\"\nExecStart={path}/bin/run --{}\n",
+                    self.rng.pick(WORDS)
+                ));
             }
-            self.write_file(p, &format!("etc/systemd/system/unit-{i}.service"), unit.as_bytes(), false)?;
+            self.write_file(
+                p,
+                &format!("etc/systemd/system/unit-{i}.service"),
+                unit.as_bytes(),
+                false,
+            )?;
         }
         Ok(())
     }
@@ -587,7 +738,9 @@ impl Generator {
         let body = self.text(len, &[]);
         for (i, para) in body.split(|&b| b == b'\n').enumerate() {
             if i % 4 == 0 {
-                page.extend_from_slice(format!(".SH {}\n", self.rng.pick(WORDS).to_uppercase()).as_bytes());
+                page.extend_from_slice(
+                    format!(".SH {}\n", self.rng.pick(WORDS).to_uppercase()).as_bytes(),
+                );
             }
             page.extend_from_slice(b".PP\n");
             page.extend_from_slice(para);
@@ -607,14 +760,22 @@ impl Generator {
             let a = self.rng.pick(WORDS);
             let b = self.rng.pick(WORDS);
             out.extend_from_slice(format!("def {f}({a}, {b}=None):\n    \"\"\"").as_bytes());
-            let doc = self.text(self.rng.range(20, 120) as usize, &[]);
+            let doc_len = self.rng.range(20, 120) as usize;
+            let doc = self.text(doc_len, &[]);
             out.extend_from_slice(&doc);
             out.extend_from_slice(b"\"\"\"\n");
             for _ in 0..self.rng.range(1, 8) {
                 let line = match self.rng.below(4) {
                     0 => format!("    if {a} is None:\n        raise ValueError(\"{f}: {b}\")\n"),
-                    1 => format!("    {b} = {a}.get(\"{}\", {})\n", self.rng.pick(WORDS), self.rng.below(100)),
-                    2 => format!("    for {} in {a}:\n        yield {b}\n", self.rng.pick(WORDS)),
+                    1 => format!(
+                        "    {b} = {a}.get(\"{}\", {})\n",
+                        self.rng.pick(WORDS),
+                        self.rng.below(100)
+                    ),
+                    2 => format!(
+                        "    for {} in {a}:\n        yield {b}\n",
+                        self.rng.pick(WORDS)
+                    ),
                     _ => format!("    return {a}.{}({b})\n", self.rng.pick(WORDS)),
                 };
                 out.extend_from_slice(line.as_bytes());
@@ -645,10 +806,25 @@ impl Generator {
             out.extend_from_slice(&v.to_le_bytes());
         }
         // Program headers.
-        for (i, kind) in [6u32, 3, 1, 1, 1, 1, 2, 4, 0x6474_e550, 0x6474_e551, 0x6474_e552].iter().enumerate() {
+        for (i, kind) in [
+            6u32,
+            3,
+            1,
+            1,
+            1,
+            1,
+            2,
+            4,
+            0x6474_e550,
+            0x6474_e551,
+            0x6474_e552,
+        ]
+        .iter()
+        .enumerate()
+        {
             out.extend_from_slice(&kind.to_le_bytes());
             out.extend_from_slice(&[4 | (i as u8 & 1), 0, 0, 0]);
-            let off = (i as u64) * (len as u64 / 12) & !0xfff;
+            let off = ((i as u64) * (len as u64 / 12)) & !0xfff;
             for v in [off, off, off, (len as u64 / 12), (len as u64 / 12), 0x1000] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
@@ -662,10 +838,20 @@ impl Generator {
         let mut symbols = 0usize;
         while out.len() - dynstr_start < dynstr_len {
             let name = match self.rng.below(3) {
-                0 => format!("{}_{}_{}", stem.replace('-', "_"), self.rng.pick(WORDS), self.rng.pick(WORDS)),
+                0 => format!(
+                    "{}_{}_{}",
+                    stem.replace('-', "_"),
+                    self.rng.pick(WORDS),
+                    self.rng.pick(WORDS)
+                ),
                 1 => {
                     let (a, b) = (self.rng.pick(WORDS), self.rng.pick(WORDS));
-                    format!("_ZN{}{a}{}{b}17h{:016x}E", a.len(), b.len(), self.rng.next())
+                    format!(
+                        "_ZN{}{a}{}{b}17h{:016x}E",
+                        a.len(),
+                        b.len(),
+                        self.rng.next()
+                    )
                 }
                 _ => format!("{}@GLIBC_2.{}", self.rng.pick(WORDS), self.rng.below(35)),
             };
@@ -682,7 +868,7 @@ impl Generator {
             out.extend_from_slice(&address.to_le_bytes());
             out.extend_from_slice(&(self.rng.below(2048)).to_le_bytes());
             name_offset += 8 + self.rng.below(30) as u32;
-            address += 16 + self.rng.below(4096) & !15;
+            address += (16 + self.rng.below(4096)) & !15;
         }
         // .text: functions made of common x86-64 instruction shapes.
         let text_end = out.len() + len * 55 / 100;
@@ -693,7 +879,12 @@ impl Generator {
         // .rodata: messages and format strings, then constant tables.
         let rodata_end = (out.len() + len * 12 / 100).min(len);
         while out.len() < rodata_end {
-            let msg = format!("{}: {} %s: %d ({})\0", stem, self.rng.pick(WORDS), self.rng.pick(WORDS));
+            let msg = format!(
+                "{}: {} %s: %d ({})\0",
+                stem,
+                self.rng.pick(WORDS),
+                self.rng.pick(WORDS)
+            );
             out.extend_from_slice(msg.as_bytes());
             if self.rng.percent(20) {
                 for _ in 0..self.rng.range(4, 32) {
@@ -714,7 +905,16 @@ impl Generator {
         }
         out.resize(headers_at, 0);
         for i in 0..shnum as u64 {
-            for v in [i * 17, 1, 0x1000 * i, (len as u64 / 28) * i, len as u64 / 28, 0, 16, 0] {
+            for v in [
+                i * 17,
+                1,
+                0x1000 * i,
+                (len as u64 / 28) * i,
+                len as u64 / 28,
+                0,
+                16,
+                0,
+            ] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -750,14 +950,30 @@ impl Generator {
                 5 => out.extend_from_slice(&[0x31, 0xc0]),
                 6 => out.extend_from_slice(&[0xb8, self.rng.below(64) as u8, 0, 0, 0]),
                 7 => out.extend_from_slice(&[0x48, 0x8b, 0x47, small]),
-                8 => out.extend_from_slice(&[0x48, 0x83, 0xf8, small, 0x75, self.rng.below(100) as u8]),
+                8 => out.extend_from_slice(&[
+                    0x48,
+                    0x83,
+                    0xf8,
+                    small,
+                    0x75,
+                    self.rng.below(100) as u8,
+                ]),
                 9 => out.extend_from_slice(&[0x4c, 0x89, 0xe7]),
                 10 => out.extend_from_slice(&[0xf3, 0x0f, 0x10, 0x45, small]),
-                _ => out.extend_from_slice(&[0x0f, 0x84, self.rng.below(256) as u8, self.rng.below(4) as u8, 0, 0]),
+                _ => out.extend_from_slice(&[
+                    0x0f,
+                    0x84,
+                    self.rng.below(256) as u8,
+                    self.rng.below(4) as u8,
+                    0,
+                    0,
+                ]),
             }
         }
-        out.extend_from_slice(&[0x48, 0x83, 0xc4, 0x08, 0x5b, 0x41, 0x5e, 0x41, 0x5f, 0x5d, 0xc3]);
-        while out.len() % 16 != 0 {
+        out.extend_from_slice(&[
+            0x48, 0x83, 0xc4, 0x08, 0x5b, 0x41, 0x5e, 0x41, 0x5f, 0x5d, 0xc3,
+        ]);
+        while !out.len().is_multiple_of(16) {
             out.push(0xcc);
         }
     }
@@ -781,8 +997,8 @@ mod tests {
         assert!(first.files > 50 && first.symlinks > 5, "{first:?}");
         let closure = storedisk_nix::Closure::from_json(
             &fs::read_to_string(&first.closure_json).unwrap(),
-            &storedisk_nix::StoreDir::default(),
             None,
+            &storedisk_nix::StoreDir::default(),
         )
         .unwrap();
         assert_eq!(closure.len(), first.store_paths);
@@ -798,10 +1014,8 @@ mod tests {
     }
 
     fn tempfile_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "xtask-closure-gen-{}-{name}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("xtask-closure-gen-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
