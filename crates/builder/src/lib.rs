@@ -161,6 +161,8 @@ pub struct BuildOptions {
     /// Pass `-Efragments` to mkfs.erofs, as microvm.nix does. Off by default: together with
     /// `-Eztailpacking` it corrupts file data with erofs-utils 1.8.6 and 1.9.4 on some inputs.
     pub erofs_fragments: bool,
+    /// Compression workers for squashfs (`None`: one per core). The image does not depend on it.
+    pub threads: Option<usize>,
 }
 
 impl BuildOptions {
@@ -172,6 +174,7 @@ impl BuildOptions {
             store_dir: PathBuf::from(storedisk_nix::store_path::DEFAULT_STORE_DIR),
             mkfs_erofs: PathBuf::from("mkfs.erofs"),
             erofs_fragments: false,
+            threads: None,
         }
     }
 

@@ -50,8 +50,10 @@ pub(crate) fn write(
     out: &File,
     progress: &dyn ProgressSink,
 ) -> Result<Option<u32>, BuildError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
-    write_with_threads(tree, options, out, progress, threads)
+    let threads = options.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
+    });
+    write_with_threads(tree, options, out, progress, threads.max(1))
 }
 
 /// [`write`] with `threads` compression workers (the image does not depend on it).

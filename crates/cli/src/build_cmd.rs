@@ -72,6 +72,11 @@ pub struct BuildArgs {
     #[arg(long)]
     erofs_fragments: bool,
 
+    /// Compression threads for squashfs (default: one per core); the image is the same for any
+    /// number.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Skip reading the finished image back (NAR hash of every store path compared with the
     /// closure) before it replaces FILE.
     #[arg(long)]
@@ -114,6 +119,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     options.compression_level = args.compression_level;
     options.store_dir = args.store_dir.clone();
     options.erofs_fragments = args.erofs_fragments;
+    options.threads = args.threads;
     if let Some(mkfs) = &args.mkfs_erofs {
         options.mkfs_erofs = mkfs.clone();
     }

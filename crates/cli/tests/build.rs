@@ -369,8 +369,14 @@ fn images_are_byte_identical_whatever_the_root_order_directory_threads_or_listin
             |roots: Vec<String>, store_dir: &Path, cwd: &Path, threads: &str, output: &Path| {
                 let out = storedisk()
                     .current_dir(cwd)
-                    .env("RAYON_NUM_THREADS", threads)
-                    .args(["build", "--format", format, "--mkfs-erofs"])
+                    .args([
+                        "build",
+                        "--threads",
+                        threads,
+                        "--format",
+                        format,
+                        "--mkfs-erofs",
+                    ])
                     .arg(&mkfs)
                     .arg("--closure")
                     .arg(store.closure_json())
