@@ -14,6 +14,8 @@
 let
   host = /. + hostDir;
   busybox = builtins.path { path = host + "/busybox"; name = "busybox"; };
+  # Debian's static arm64 busybox: the userland of the aarch64 guest (it never runs here).
+  busyboxAarch64 = builtins.path { path = host + "/busybox-arm64"; name = "busybox-aarch64"; };
   storedisk = builtins.path { path = host + "/storedisk"; name = "storedisk"; };
   kernel = builtins.path { path = host + "/kernel"; name = "linux-kernel-host"; };
   kernelModules = builtins.path { path = host + "/modules"; name = "linux-modules-host"; };
@@ -90,6 +92,34 @@ let
       ) variants;
     }) formats);
 
+  # An aarch64 guest, built on this machine: its init and programs are the arm64 busybox, every
+  # derivation is built by the host's busybox. Its store disk is architecture-independent, so it
+  # is built and verified here like the others; booting it would need qemu-system-aarch64 and an
+  # arm64 kernel.
+  aarch64 =
+    let
+      g = (import ./guest.nix { inherit lib; busybox = busyboxAarch64; }) {
+        name = "aarch64";
+        scenario = "aarch64";
+        packages = [ busyboxAarch64 ];
+        program = "${busyboxAarch64}/bin/uname -m";
+        expected = "aarch64";
+      };
+      regInfo = lib.closureInfo { rootPaths = [ g.toplevel ]; };
+    in
+    {
+      inherit (g) toplevel;
+      inherit regInfo;
+      disks = builtins.listToAttrs (map (format: {
+        name = format;
+        value = lib.storeDisk {
+          inherit (g) toplevel;
+          inherit regInfo format;
+          discardReferences = true;
+        };
+      }) formats);
+    };
+
   runs = {
     minimal = runsOf "minimal" "minimal";
     nix-db = runsOf "nix-db" "nix-db";
@@ -111,7 +141,7 @@ let
       }) byVariant)) byFormat))) set));
 in
 {
-  inherit runs updates initrd kernel busybox variants;
+  inherit runs updates initrd kernel busybox variants aarch64;
   # What the harness reads (`nix-instantiate --eval --strict --json -A plan`) and builds (-A plan).
   plan = planOf "run" runs ++ planOf "update" updates;
   hostPaths = { inherit busybox kernel kernelModules initrd storedisk; };

@@ -93,6 +93,7 @@ fn peers_present() -> bool {
     .iter()
     .all(|p| tools::which(p).is_some())
         && tools::mkfs_erofs_with_fragments().is_some()
+        && tools::arm64_busybox().is_some()
 }
 
 fn tools_dir_program(name: &str) -> Option<PathBuf> {
@@ -193,10 +194,58 @@ fn install() -> Result<()> {
             tools::tools_dir().join("bin").display()
         );
     }
+    if tools::arm64_busybox().is_none() {
+        install_arm64_busybox()?;
+    } else {
+        eprintln!("setup: found the aarch64 guest's busybox");
+    }
     write_env_file()?;
     if sources_changed {
         remove_hand_made_apt_files();
     }
+    Ok(())
+}
+
+/// Debian's static arm64 busybox, unpacked (never installed: it cannot run here) under
+/// target/tools/arm64: the userland of the harness's aarch64 guest, whose store disk is built and
+/// verified on this machine. Needs the arm64 architecture in dpkg to download it.
+fn install_arm64_busybox() -> Result<()> {
+    let sh = shell()?;
+    let foreign = Cmd::from(cmd!(sh, "dpkg --print-foreign-architectures"))
+        .quiet()
+        .read()?;
+    if !foreign.lines().any(|a| a.trim() == "arm64") {
+        eprintln!("setup: adding the arm64 architecture to dpkg (to download an arm64 busybox)");
+        Cmd::from(cmd!(sh, "dpkg --add-architecture arm64")).run()?;
+        apt(&["update"])?;
+    }
+    let debs = tools::tools_dir().join("debs-arm64");
+    let prefix = tools::tools_dir().join("arm64-prefix");
+    for dir in [&debs, &prefix] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+    }
+    eprintln!("setup: downloading busybox-static:arm64");
+    Cmd::from(cmd!(sh, "apt-get download busybox-static:arm64"))
+        .current_dir(&debs)
+        .timeout(Duration::from_secs(600))
+        .run()?;
+    let deb = std::fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    Cmd::from(cmd!(sh, "dpkg-deb -x {deb} {prefix}")).run()?;
+    let target = tools::arm64_busybox_path();
+    std::fs::create_dir_all(target.parent().context("no parent")?)?;
+    std::fs::copy(prefix.join("bin/busybox"), &target)
+        .context("the busybox-static:arm64 package has no bin/busybox")?;
+    anyhow::ensure!(
+        tools::elf_machine(&target)? == tools::ELF_MACHINE_AARCH64,
+        "{} is not an aarch64 ELF",
+        target.display()
+    );
     Ok(())
 }
 

@@ -214,6 +214,35 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     key(a).cmp(&key(b))
 }
 
+/// ELF `e_machine` of AArch64.
+pub const ELF_MACHINE_AARCH64: u16 = 183;
+
+/// Where `setup` puts the aarch64 guest's static busybox.
+pub fn arm64_busybox_path() -> PathBuf {
+    tools_dir().join("arm64/busybox")
+}
+
+/// The aarch64 guest's busybox, once `setup` has unpacked it.
+pub fn arm64_busybox() -> Option<PathBuf> {
+    let path = arm64_busybox_path();
+    path.is_file().then_some(path)
+}
+
+/// The `e_machine` field of an ELF file (little-endian ELF only, as Debian's are).
+pub fn elf_machine(path: &Path) -> Result<u16> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .with_context(|| format!("reading the ELF header of {}", path.display()))?;
+    anyhow::ensure!(
+        header[..4] == *b"\x7fELF" && header[5] == 1,
+        "{} is not a little-endian ELF file",
+        path.display()
+    );
+    Ok(u16::from_le_bytes([header[18], header[19]]))
+}
+
 /// An mkfs.erofs new enough for microvm.nix's `-Efragments` (erofs-utils 1.6+): the private
 /// prefix's (Debian 12 ships 1.5), else one on `PATH` (a Nix dev shell's).
 pub fn mkfs_erofs_with_fragments() -> Option<PathBuf> {

@@ -5,6 +5,7 @@
 //! each runner transfers, and compares the result with the reviewed snapshots in golden/.
 
 mod boot;
+mod cross;
 mod host;
 mod report;
 mod transfer;
@@ -196,6 +197,10 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         verify_all(&mut runs, &toolchain, &storedisk, &work)
     })?;
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
+    let cross = phases.time("aarch64 guest", || {
+        let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &logs);
+        cross::check(&toolchain, nix_build, &storedisk, &work)
+    })?;
 
     let total = started.elapsed().as_secs_f64();
     eprintln!("\nphases:");
@@ -203,7 +208,15 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         eprintln!("  {name:<16} {secs:>7.1}s");
     }
     eprintln!("  {:<16} {total:>7.1}s", "total");
-    report::finish(&runs, &phases, total, accel, &work, &root.join("golden"))
+    report::finish(
+        &runs,
+        &cross,
+        &phases,
+        total,
+        accel,
+        &work,
+        &root.join("golden"),
+    )
 }
 
 /// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`).
@@ -373,6 +386,30 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
         );
     }
     Ok(())
+}
+
+/// `nix-build` of `attrs` of vm-tests/default.nix; their out paths, in order.
+fn nix_build_attrs(
+    toolchain: &Toolchain,
+    nix_args: &NixArgs,
+    attrs: &[&str],
+    logs: &Path,
+) -> Result<Vec<String>> {
+    let mut cmd = nix_args.apply(toolchain.nix.cmd("nix-build").arg("--no-out-link"));
+    for attr in attrs {
+        cmd = cmd.arg("-A").arg(attr);
+    }
+    let finished = cmd.timeout(Duration::from_secs(1800)).run_unchecked()?;
+    std::fs::write(logs.join("nix-build-aarch64.log"), &finished.stderr)?;
+    if !finished.success() {
+        bail!(
+            "`{}` {}\n{}",
+            finished.display,
+            finished.outcome(),
+            finished.tail()
+        );
+    }
+    Ok(finished.stdout.lines().map(str::to_owned).collect())
 }
 
 /// Identifies what a boot exercises: the runner script's text with the store disk's path

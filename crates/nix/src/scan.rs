@@ -3,6 +3,7 @@
 //! writes, so it predicts exactly what Nix records as an output's references.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Write};
 
 use crate::base32::is_base32_char;
@@ -12,7 +13,8 @@ use crate::store_path::{StorePath, HASH_PART_LEN};
 /// written to it.
 #[derive(Debug, Clone)]
 pub struct ReferenceScanner {
-    candidates: HashMap<[u8; HASH_PART_LEN], StorePath>,
+    candidates: HashMap<[u8; HASH_PART_LEN], StorePath, BuildHasherDefault<WindowHasher>>,
+    prefilter: Prefilter,
     found: BTreeSet<StorePath>,
     /// The last bytes of the previous write (fewer than `HASH_PART_LEN`).
     tail: Vec<u8>,
@@ -20,7 +22,7 @@ pub struct ReferenceScanner {
 
 impl ReferenceScanner {
     pub fn new(candidates: impl IntoIterator<Item = StorePath>) -> Self {
-        let candidates = candidates
+        let candidates: HashMap<_, _, _> = candidates
             .into_iter()
             .map(|p| {
                 let mut key = [0u8; HASH_PART_LEN];
@@ -29,6 +31,7 @@ impl ReferenceScanner {
             })
             .collect();
         ReferenceScanner {
+            prefilter: Prefilter::new(candidates.keys()),
             candidates,
             found: BTreeSet::new(),
             tail: Vec::with_capacity(2 * HASH_PART_LEN),
@@ -67,22 +70,60 @@ impl ReferenceScanner {
         if self.candidates.is_empty() {
             return;
         }
+        // Every window of 32 nix-base32 characters is looked up, as in Nix; `good` remembers
+        // how far the characters are known to be base32, so a long run is checked once rather
+        // than 32 times.
         let mut i = 0;
+        let mut good = 0;
         'outer: while i + HASH_PART_LEN <= s.len() {
-            // Check from the end of the window so a bad byte skips the whole window behind it.
-            for j in (0..HASH_PART_LEN).rev() {
-                if !is_base32_char(s[i + j]) {
-                    i += j + 1;
+            good = good.max(i);
+            while good < i + HASH_PART_LEN {
+                if !is_base32_char(s[good]) {
+                    i = good + 1;
                     continue 'outer;
                 }
+                good += 1;
             }
-            let mut key = [0u8; HASH_PART_LEN];
-            key.copy_from_slice(&s[i..i + HASH_PART_LEN]);
-            if let Some(path) = self.candidates.remove(&key) {
-                self.found.insert(path);
+            let window = &s[i..i + HASH_PART_LEN];
+            if self.prefilter.may_contain(window) {
+                let mut key = [0u8; HASH_PART_LEN];
+                key.copy_from_slice(window);
+                if let Some(path) = self.candidates.remove(&key) {
+                    self.found.insert(path);
+                }
             }
             i += 1;
         }
+    }
+}
+
+/// A 65,536-bit set of the candidates' first 8 bytes, hashed: almost every window that is not a
+/// candidate is rejected without touching the hash map.
+#[derive(Debug, Clone)]
+struct Prefilter(Vec<u64>);
+
+impl Prefilter {
+    const BITS: u32 = 16;
+
+    fn new<'a>(keys: impl Iterator<Item = &'a [u8; HASH_PART_LEN]>) -> Self {
+        let mut bits = vec![0u64; (1 << Self::BITS) / 64];
+        for key in keys {
+            let bit = Self::bit(key);
+            bits[bit / 64] |= 1 << (bit % 64);
+        }
+        Prefilter(bits)
+    }
+
+    fn bit(window: &[u8]) -> usize {
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&window[..8]);
+        let mixed = u64::from_le_bytes(prefix).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> (64 - Self::BITS)) as usize
+    }
+
+    fn may_contain(&self, window: &[u8]) -> bool {
+        let bit = Self::bit(window);
+        self.0[bit / 64] & (1 << (bit % 64)) != 0
     }
 }
 
@@ -94,6 +135,32 @@ impl Write for ReferenceScanner {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A multiply-rotate hasher for the 32-byte windows the scanner looks up: text with long runs of
+/// base32 characters (hex digests, say) makes a lookup per byte, and SipHash there costs more
+/// than all the rest of verifying. Keys are not attacker-chosen in a way that matters: a
+/// collision only costs a comparison.
+#[derive(Debug, Default, Clone, Copy)]
+struct WindowHasher(u64);
+
+impl Hasher for WindowHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn write_usize(&mut self, _len: usize) {
+        // Every key is 32 bytes long: the length adds nothing.
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -141,5 +208,58 @@ mod tests {
         assert!(scan_in_chunks(broken.as_bytes(), 5).is_empty());
         assert!(scan_in_chunks(&A.as_bytes()[..31], 7).is_empty());
         assert!(scan_in_chunks(A.to_uppercase().as_bytes(), 7).is_empty());
+    }
+
+    /// The definition the optimized search must agree with: every window of 32 base32
+    /// characters, looked up.
+    fn naive(data: &[u8], candidates: &[StorePath]) -> BTreeSet<StorePath> {
+        let mut found = BTreeSet::new();
+        for window in data.windows(HASH_PART_LEN) {
+            if window.iter().all(|&c| is_base32_char(c)) {
+                for c in candidates {
+                    if c.hash_part().as_bytes() == window {
+                        found.insert(c.clone());
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn agrees_with_the_naive_definition_on_base32_heavy_data() {
+        let alphabet = b"0123456789abcdefghijklmnopqrstuvwxyz-";
+        let candidates: Vec<StorePath> = (0..40u64)
+            .map(|n| {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(n.to_le_bytes());
+                path(&crate::base32::encode(&digest[..20]), &format!("p{n}"))
+            })
+            .collect();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..200 {
+            let mut data = Vec::new();
+            while data.len() < 4096 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if state.is_multiple_of(50) {
+                    let c = &candidates[(state % 40) as usize];
+                    data.extend_from_slice(c.hash_part().as_bytes());
+                } else {
+                    data.push(alphabet[(state % alphabet.len() as u64) as usize]);
+                }
+            }
+            let chunk = 1 + round * 37 % 300;
+            let mut scanner = ReferenceScanner::new(candidates.iter().cloned());
+            for piece in data.chunks(chunk) {
+                scanner.scan(piece);
+            }
+            assert_eq!(
+                scanner.into_found(),
+                naive(&data, &candidates),
+                "round {round}"
+            );
+        }
     }
 }

@@ -12,22 +12,13 @@ use crate::tools::Toolchain;
 
 /// Fills `dir` (idempotently: unchanged files are not rewritten) and returns it.
 pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Result<PathBuf> {
-    let busybox_dir = dir.join("busybox/bin");
-    std::fs::create_dir_all(&busybox_dir)?;
-    copy_if_changed(&toolchain.busybox, &busybox_dir.join("busybox"), 0o555)?;
+    // The aarch64 guest's busybox cannot run here to list its applets: it gets this one's list
+    // (the same Debian release, the same configuration).
     let applets = Cmd::new(&toolchain.busybox).arg("--list").quiet().read()?;
-    for applet in applets
-        .lines()
-        .map(str::trim)
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        let link = busybox_dir.join(applet);
-        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new("busybox")) {
-            continue;
-        }
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink("busybox", &link)?;
-    }
+    busybox_dir(&toolchain.busybox, &applets, &dir.join("busybox/bin"))?;
+    let arm64 = crate::tools::arm64_busybox()
+        .context("the aarch64 guest's busybox is missing: run `cargo xtask setup`")?;
+    busybox_dir(&arm64, &applets, &dir.join("busybox-arm64/bin"))?;
 
     let storedisk_dir = dir.join("storedisk/bin");
     std::fs::create_dir_all(&storedisk_dir)?;
@@ -93,6 +84,25 @@ fn decompress(module: &Path) -> Result<Vec<u8>> {
             Ok(out.stdout)
         }
     }
+}
+
+/// `bin_dir` with `busybox` and a symlink to it for every applet.
+fn busybox_dir(busybox: &Path, applets: &str, bin_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(bin_dir)?;
+    copy_if_changed(busybox, &bin_dir.join("busybox"), 0o555)?;
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        let link = bin_dir.join(applet);
+        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new("busybox")) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("busybox", &link)?;
+    }
+    Ok(())
 }
 
 fn copy_if_changed(from: &Path, to: &Path, mode: u32) -> Result<()> {

@@ -2,6 +2,7 @@
 //! snapshot per scenario x store disk format in golden/ (readable tables, hashes redacted,
 //! host-provided sizes left out), and the hard assertions a careless re-accept cannot hide.
 
+use super::cross::CrossRun;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,6 +16,7 @@ use crate::setup::write_atomically;
 
 pub fn finish(
     runs: &[Run],
+    cross: &[CrossRun],
     phases: &Phases,
     total_seconds: f64,
     accel: Accel,
@@ -25,6 +27,7 @@ pub fn finish(
         "accel": accel,
         "total_seconds": (total_seconds * 10.0).round() / 10.0,
         "phases": phases.0.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
+        "cross": cross,
         "runs": runs.iter().map(|r| json!({
             "kind": r.plan.kind,
             "scenario": r.plan.scenario,
@@ -42,7 +45,8 @@ pub fn finish(
         &work.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    let markdown = markdown_summary(runs, phases, total_seconds, accel);
+    let mut markdown = markdown_summary(runs, phases, total_seconds, accel);
+    markdown.push_str(&cross_summary(cross));
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
     eprintln!(
@@ -52,7 +56,16 @@ pub fn finish(
     );
 
     let failed_snapshots = check_snapshots(runs, golden);
-    let failed_assertions = hard_assertions(runs);
+    let mut failed_assertions = hard_assertions(runs);
+    failed_assertions.extend(cross.iter().filter(|c| !c.ok()).map(|c| {
+        format!(
+            "the aarch64 guest's {} store disk: verify {}, busybox ELF machine {} (want {})",
+            c.disk,
+            c.verify.summary(),
+            c.elf_machine,
+            crate::tools::ELF_MACHINE_AARCH64
+        )
+    }));
     for failure in &failed_assertions {
         eprintln!("ASSERTION FAILED: {failure}");
     }
@@ -73,8 +86,9 @@ pub fn finish(
         })
         .count();
     let snapshots_compared = compared_snapshot_groups(runs);
+    let cross_ok = cross.iter().filter(|c| c.ok()).count();
     let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
-    let passed = runs_ok + snapshots_compared.saturating_sub(failed_snapshots.len());
+    let passed = runs_ok + cross_ok + snapshots_compared.saturating_sub(failed_snapshots.len());
     if failed == 0 {
         eprintln!("vm-test: all assertions hold and every snapshot matches");
     }
@@ -489,6 +503,25 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
         }
     }
     failures
+}
+
+/// The aarch64 guest's lines of the Markdown summary.
+fn cross_summary(cross: &[CrossRun]) -> String {
+    let mut out = String::from(
+        "\n| cross-arch guest | disk | packed paths | busybox ELF machine | verify |\n|---|---|---|---|---|\n",
+    );
+    for c in cross {
+        let _ = writeln!(
+            out,
+            "| {} (built and verified, not booted) | {} | {} | {} | {} |",
+            c.arch,
+            c.disk,
+            c.packed_paths,
+            c.elf_machine,
+            c.verify.summary()
+        );
+    }
+    out
 }
 
 fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> String {
