@@ -19,7 +19,7 @@ pub struct PackedPath {
     pub nar_size: u64,
     /// The packed paths (itself included) whose hash part occurs in its NAR: the references Nix
     /// records for it, as far as they are packed. What the graph checks use when no closure
-    /// says.
+    /// says; empty unless the inventory was taken with `scan_references`.
     pub references: BTreeSet<StorePath>,
 }
 
@@ -128,13 +128,19 @@ pub fn hash_node(
     )
 }
 
-/// Hashes every store path at the image root.
+/// Hashes every store path at the image root; with `scan_references`, also finds which packed
+/// paths each one references (costly on text full of hashes: only when no closure says).
 pub fn take_inventory(
     reader: &dyn ImageReader,
+    scan_references: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Inventory, VerifyError> {
     let (valid, invalid) = root_store_paths(reader);
-    let candidates: Vec<StorePath> = valid.iter().map(|(p, _)| p.clone()).collect();
+    let candidates: Vec<StorePath> = if scan_references {
+        valid.iter().map(|(p, _)| p.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let mut paths = Vec::with_capacity(valid.len());
     for (path, id) in valid {
         let (nar_hash, nar_size, references) = hash_node(reader, id, &candidates, progress)?;

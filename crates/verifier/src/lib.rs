@@ -107,7 +107,8 @@ pub fn verify(
     }
     let (inventory, would_reference) = std::thread::scope(|scope| {
         let scan = scope.spawn(|| checks::predict_references(image, candidates, progress));
-        let inventory = take_inventory(reader, progress);
+        // Packed paths' own references are needed only when no guest closure records them.
+        let inventory = take_inventory(reader, inputs.guest.is_none(), progress);
         let would = scan
             .join()
             .map_err(|_| VerifyError::Input("the reference scanner thread panicked".to_owned()));
@@ -182,7 +183,7 @@ pub fn read_back(
     let store_dir = &closure.store_dir;
     let bytes = ImageBytes::open(image).map_err(|e| e.to_string())?;
     let reader = open_image(bytes.as_slice(), &Limits::default()).map_err(|e| e.to_string())?;
-    let inventory = take_inventory(reader.as_ref(), progress).map_err(|e| e.to_string())?;
+    let inventory = take_inventory(reader.as_ref(), false, progress).map_err(|e| e.to_string())?;
     let mut expected = closure.clone();
     for info in closure.iter().filter(|i| i.nar_hash.is_none()) {
         let physical = physical_store.join(info.path.base_name());
@@ -234,5 +235,5 @@ pub fn read_back(
 /// Opens `bytes` and computes the inventory only: what the fuzz targets exercise.
 pub fn inventory_of(bytes: &[u8], limits: &Limits) -> Result<Inventory, VerifyError> {
     let reader = open_image(bytes, limits)?;
-    take_inventory(reader.as_ref(), &|_| {})
+    take_inventory(reader.as_ref(), true, &|_| {})
 }
