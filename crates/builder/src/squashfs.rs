@@ -123,6 +123,24 @@ fn write_once(
     })
 }
 
+/// backhand's writer with the image's fixed settings: block size, times, root:root, the root
+/// directory's mode, the compressor.
+fn configured_writer<'a>(
+    compressor: FilesystemCompressor,
+    deduplicate: bool,
+) -> FilesystemWriter<'a, 'a, 'a> {
+    let mut fs = FilesystemWriter::default();
+    fs.set_block_size(BLOCK_SIZE);
+    fs.set_time(MTIME);
+    fs.set_only_root_id();
+    fs.set_root_mode(0o555);
+    fs.set_root_uid(0);
+    fs.set_root_gid(0);
+    fs.set_compressor(compressor);
+    fs.set_no_duplicate_files(deduplicate);
+    fs
+}
+
 /// Hands the tree to backhand's writer, with the pipeline's readers and compressor.
 fn write_with_backhand(
     tree: &Tree,
@@ -133,16 +151,8 @@ fn write_with_backhand(
     pipeline: &Pipeline,
 ) -> Result<(), BuildError> {
     let out_err = |e: io::Error| BuildError::Squashfs(format!("writing the image: {e}"));
-    let mut fs = FilesystemWriter::default();
+    let mut fs = configured_writer(compressor, deduplicate);
     fs.set_kind(block_pipeline::kind());
-    fs.set_block_size(BLOCK_SIZE);
-    fs.set_time(MTIME);
-    fs.set_only_root_id();
-    fs.set_root_mode(0o555);
-    fs.set_root_uid(0);
-    fs.set_root_gid(0);
-    fs.set_compressor(compressor);
-    fs.set_no_duplicate_files(deduplicate);
 
     let node_err = |path: &std::path::Path, e: backhand::BackhandError| {
         BuildError::Squashfs(format!("adding {}: {e}", path.display()))
@@ -485,15 +495,7 @@ mod tests {
     fn image_without_pipeline(tree: &Tree) -> Vec<u8> {
         let (compressor, _) =
             filesystem_compressor(Compression::Zstd, None).unwrap_or_else(|e| panic!("{e}"));
-        let mut fs = FilesystemWriter::default();
-        fs.set_block_size(BLOCK_SIZE);
-        fs.set_time(MTIME);
-        fs.set_only_root_id();
-        fs.set_root_mode(0o555);
-        fs.set_root_uid(0);
-        fs.set_root_gid(0);
-        fs.set_compressor(compressor);
-        fs.set_no_duplicate_files(true);
+        let mut fs = configured_writer(compressor, true);
         for entry in tree.entries() {
             let header = NodeHeader::new(entry.mode(), 0, 0, MTIME);
             match &entry.kind {

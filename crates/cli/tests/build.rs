@@ -79,34 +79,32 @@ fn store_for(utils: &ErofsUtils) -> SyntheticStore {
     builder.finish(&[toplevel])
 }
 
-fn extract_squashfs(image: &Path, into: &Path) {
-    let out = std::process::Command::new(tool("unsquashfs"))
-        .arg("-no-progress")
-        .arg("-d")
-        .arg(into)
-        .arg(image)
-        .output()
-        .unwrap();
+/// Runs an oracle tool; its failure fails the test with what it printed.
+fn run_oracle(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "unsquashfs failed: {}{}",
+        "{cmd:?} failed: {}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
 }
 
+fn extract_squashfs(image: &Path, into: &Path) {
+    run_oracle(
+        std::process::Command::new(tool("unsquashfs"))
+            .arg("-no-progress")
+            .arg("-d")
+            .arg(into)
+            .arg(image),
+    );
+}
+
 fn extract_erofs(fsck: &Path, image: &Path, into: &Path) {
-    let out = std::process::Command::new(fsck)
-        .arg(format!("--extract={}", into.display()))
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} --extract failed: {}{}",
-        fsck.display(),
-        text(&out.stdout),
-        text(&out.stderr)
+    run_oracle(
+        std::process::Command::new(fsck)
+            .arg(format!("--extract={}", into.display()))
+            .arg(image),
     );
 }
 
