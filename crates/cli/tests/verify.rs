@@ -13,7 +13,7 @@ use std::time::Duration;
 use assert_cmd::Command as Cmd;
 use serde_json::Value;
 use storedisk_nix::StorePath;
-use storedisk_testkit::{tool, StorePathSpec, SyntheticStore};
+use storedisk_testkit::{tool, StorePathSpec, SyntheticStore, SyntheticStoreBuilder};
 
 /// Runs `storedisk verify ARGS --json`; returns the exit code, the parsed report (when there
 /// is one) and stderr.
@@ -415,37 +415,33 @@ fn one_flipped_byte_of_file_data_is_an_integrity_mismatch_naming_the_path() {
 }
 
 /// The tricky store plus runner paths; returns the store and the runners by name.
+/// A runner store path named `name` whose `bin/microvm-run` is a busybox script ending in
+/// `body`: like microvm.nix's, its shell is a path the guest packs too.
+fn add_runner(b: &mut SyntheticStoreBuilder, name: &str, body: &str) -> StorePath {
+    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
+    let runner = b.path(name, StorePathSpec::Directory);
+    let script = format!("#!{}/bin/sh\n{body}", b.logical(&busybox));
+    b.file(&runner, "bin/microvm-run", script.as_bytes(), true);
+    runner
+}
+
 fn store_with_runners() -> (SyntheticStore, Vec<StorePath>) {
     let (mut b, toplevel) = SyntheticStore::tricky_builder();
-    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
     let top = b.logical(&toplevel);
-    let sh = format!("#!{}/bin/sh\n", b.logical(&busybox));
 
     // Leak 2: the `system` symlink.
-    let symlink_runner = b.path("microvm-run-symlink", StorePathSpec::Directory);
-    b.file(
-        &symlink_runner,
-        "bin/microvm-run",
-        format!("{sh}exec qemu -kernel bzImage\n").as_bytes(),
-        true,
-    );
+    let symlink_runner = add_runner(&mut b, "microvm-run-symlink", "exec qemu -kernel bzImage\n");
     b.symlink(&symlink_runner, "share/microvm/system", &top);
 
     // Leak 3: `init=` on the kernel command line.
-    let text_runner = b.path("microvm-run-text", StorePathSpec::Directory);
-    let script = format!(
-        "{sh}# microvm runner\nexec qemu \\\n  -append \"console=ttyS0 init={top}/init\"\n"
+    let text_runner = add_runner(
+        &mut b,
+        "microvm-run-text",
+        &format!("# microvm runner\nexec qemu \\\n  -append \"console=ttyS0 init={top}/init\"\n"),
     );
-    b.file(&text_runner, "bin/microvm-run", script.as_bytes(), true);
 
     // No leak: only busybox (and through it glibc), which the guest packs too.
-    let clean_runner = b.path("microvm-run-clean", StorePathSpec::Directory);
-    b.file(
-        &clean_runner,
-        "bin/microvm-run",
-        format!("{sh}exec qemu -kernel bzImage\n").as_bytes(),
-        true,
-    );
+    let clean_runner = add_runner(&mut b, "microvm-run-clean", "exec qemu -kernel bzImage\n");
 
     // Policy: a runner that drags a kernel-dev path, which the image does not hold.
     let kernel_dev = b.path("linux-6.12-dev", StorePathSpec::Directory);
@@ -455,9 +451,8 @@ fn store_with_runners() -> (SyntheticStore, Vec<StorePath>) {
         b"#define CONFIG_X 1\n",
         false,
     );
-    let polluted_runner = b.path("microvm-run-polluted", StorePathSpec::Directory);
-    let script = format!("{sh}# headers: {}\nexec qemu\n", b.logical(&kernel_dev));
-    b.file(&polluted_runner, "bin/microvm-run", script.as_bytes(), true);
+    let headers = format!("# headers: {}\nexec qemu\n", b.logical(&kernel_dev));
+    let polluted_runner = add_runner(&mut b, "microvm-run-polluted", &headers);
 
     let store = b.finish(&[toplevel]);
     (
@@ -614,14 +609,7 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
 #[test]
 fn a_reginfo_leak_through_the_closure_info_reports_the_whole_guest() {
     let (mut b, toplevel) = SyntheticStore::tricky_builder();
-    let guest_names = [
-        "glibc-2.40",
-        "busybox-1.36.1",
-        "hello-2.12.1",
-        "config.json",
-        "current-hello",
-        "nixos-system-guest",
-    ];
+    let guest_names = SyntheticStore::TRICKY_CLOSURE;
     // Registration text with paths only (no hashes or references): enough for the verifier to
     // recognise the closure-info, and for Nix's scanner to record every path as a reference.
     let registration: String = guest_names
@@ -640,14 +628,11 @@ fn a_reginfo_leak_through_the_closure_info_reports_the_whole_guest() {
         registration.as_bytes(),
         false,
     );
-    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
-    let runner = b.path("microvm-run-reginfo", StorePathSpec::Directory);
-    let script = format!(
-        "#!{}/bin/sh\nexec qemu -append \"regInfo={}/registration\"\n",
-        b.logical(&busybox),
+    let body = format!(
+        "exec qemu -append \"regInfo={}/registration\"\n",
         b.logical(&closure_info)
     );
-    b.file(&runner, "bin/microvm-run", script.as_bytes(), true);
+    let runner = add_runner(&mut b, "microvm-run-reginfo", &body);
     let store = b.finish(&[toplevel, closure_info.clone()]);
     let image = guest_image(&store);
 
@@ -688,17 +673,10 @@ fn a_reginfo_leak_through_the_closure_info_reports_the_whole_guest() {
 #[test]
 fn an_image_reference_leak_without_a_guest_closure_spares_what_the_runner_needs() {
     let (mut b, toplevel) = SyntheticStore::tricky_builder();
-    let guest: Vec<StorePath> = [
-        "glibc-2.40",
-        "busybox-1.36.1",
-        "hello-2.12.1",
-        "config.json",
-        "current-hello",
-        "nixos-system-guest",
-    ]
-    .iter()
-    .map(|n| storedisk_testkit::store_path_for(n))
-    .collect();
+    let guest: Vec<StorePath> = SyntheticStore::TRICKY_CLOSURE
+        .iter()
+        .map(|n| storedisk_testkit::store_path_for(n))
+        .collect();
     // An image whose metadata is uncompressed, so every packed name is in its bytes and Nix's
     // scanner (the testkit's) records the whole guest as its references.
     let scratch = tempfile::tempdir().unwrap();
@@ -719,19 +697,11 @@ fn an_image_reference_leak_without_a_guest_closure_spares_what_the_runner_needs(
     run(&mut mksquashfs);
     let image = b.path("microvm-store-disk.squashfs", StorePathSpec::File);
     b.file(&image, "", &std::fs::read(&image_file).unwrap(), false);
-    let busybox = storedisk_testkit::store_path_for("busybox-1.36.1");
-    let runner = b.path("microvm-run-image", StorePathSpec::Directory);
-    let script = format!(
-        "#!{}/bin/sh\nexec qemu -drive file={},if=none\n",
-        b.logical(&busybox),
-        b.logical(&image)
-    );
-    b.file(&runner, "bin/microvm-run", script.as_bytes(), true);
+    let body = format!("exec qemu -drive file={},if=none\n", b.logical(&image));
+    let runner = add_runner(&mut b, "microvm-run-image", &body);
     // A runner that needs only busybox: without any closure of the guest, the packed paths'
     // references must come from the image, or busybox would look like a guest root.
-    let clean = b.path("microvm-run-busybox-only", StorePathSpec::Directory);
-    let script = format!("#!{}/bin/sh\nexec qemu\n", b.logical(&busybox));
-    b.file(&clean, "bin/microvm-run", script.as_bytes(), true);
+    let clean = add_runner(&mut b, "microvm-run-busybox-only", "exec qemu\n");
     let store = b.finish(&[toplevel, runner.clone(), clean.clone()]);
     let clean_closure = store.scratch().join("clean.json");
     store.write_closure_json(std::slice::from_ref(&clean), &clean_closure);

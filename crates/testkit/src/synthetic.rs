@@ -189,6 +189,16 @@ impl Drop for SyntheticStore {
 }
 
 impl SyntheticStore {
+    /// The names of the paths in the tricky store's closure (`toplevel` and everything it needs).
+    pub const TRICKY_CLOSURE: [&'static str; 6] = [
+        "glibc-2.40",
+        "busybox-1.36.1",
+        "hello-2.12.1",
+        "config.json",
+        "current-hello",
+        "nixos-system-guest",
+    ];
+
     /// A store with every case a store disk must get right. Roots: the `toplevel` path. The
     /// path named `outside-1.0` is on disk but in no closure.
     pub fn tricky() -> Self {
