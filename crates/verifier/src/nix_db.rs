@@ -2,7 +2,9 @@
 //! process; the checks take its answers as data.
 
 use std::collections::BTreeSet;
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use storedisk_nix::{Closure, StoreDir, StorePath};
@@ -10,6 +12,54 @@ use storedisk_nix::{Closure, StoreDir, StorePath};
 use crate::error::VerifyError;
 
 /// Runs `nix path-info --json [--recursive] PATHS...` and returns its standard output.
+/// How long `nix path-info` may take: a stuck Nix (a locked database, a hung daemon) must not
+/// hang a CI gate.
+const NIX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` to completion like `Command::output`, killing it past `timeout`.
+fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let stdout = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(pipe) = out.as_mut() {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(pipe) = err.as_mut() {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer after {} s", timeout.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String, VerifyError> {
     let mut cmd = Command::new(nix);
     cmd.args([
@@ -22,7 +72,7 @@ fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String
         cmd.arg("--recursive");
     }
     cmd.arg("--").args(paths);
-    let output = cmd.output().map_err(|e| {
+    let output = output_within(cmd, NIX_TIMEOUT).map_err(|e| {
         VerifyError::Nix(format!(
             "cannot run {nix}: {e} (is Nix installed and on PATH?)"
         ))
