@@ -90,6 +90,17 @@ fn run_oracle(cmd: &mut std::process::Command) {
     );
 }
 
+/// The superblock as unsquashfs describes it (`unsquashfs -s`).
+fn squashfs_superblock(image: &Path) -> String {
+    let out = std::process::Command::new(tool("unsquashfs"))
+        .arg("-s")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "unsquashfs -s: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 fn extract_squashfs(image: &Path, into: &Path) {
     run_oracle(
         std::process::Command::new(tool("unsquashfs"))
@@ -218,12 +229,7 @@ fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
         let owner = line.split_whitespace().nth(1).unwrap();
         assert_eq!(owner, "0/0", "{line}");
     }
-    let stat = std::process::Command::new(tool("unsquashfs"))
-        .arg("-s")
-        .arg(&image)
-        .output()
-        .unwrap();
-    let stat = text(&stat.stdout);
+    let stat = squashfs_superblock(&image);
     assert!(stat.contains("Compression zstd"), "{stat}");
     assert!(stat.contains("compression-level 15"), "{stat}");
     assert!(stat.contains("Block size 131072"), "{stat}");
@@ -792,12 +798,7 @@ fn every_squashfs_compression_gives_the_same_content() {
             extra.extend(["--compression-level", level]);
         }
         assert_success(&build(&store, "squashfs", &image, &extra));
-        let stat = std::process::Command::new(tool("unsquashfs"))
-            .arg("-s")
-            .arg(&image)
-            .output()
-            .unwrap();
-        let stat = text(&stat.stdout);
+        let stat = squashfs_superblock(&image);
         assert!(stat.contains(&format!("Compression {shown}")), "{stat}");
         let extracted = work.path().join(compression);
         extract_squashfs(&image, &extracted);

@@ -135,15 +135,7 @@ fn refuses_a_non_empty_output_directory_and_leaves_nothing() {
         "{stderr}"
     );
     assert_eq!(fs::read_to_string(output.join("keep-me")).unwrap(), "mine");
-    let names: Vec<_> = fs::read_dir(work.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        names,
-        vec![std::ffi::OsString::from("info")],
-        "temp files left behind"
-    );
+    assert_only_entry(work.path(), "info");
 
     // An existing empty directory is fine: it is replaced by the complete one.
     fs::remove_file(output.join("keep-me")).unwrap();
@@ -168,13 +160,18 @@ fn a_missing_or_bad_closure_file_fails_naming_it() {
         assert!(stderr.contains(&closure.display().to_string()), "{stderr}");
         assert!(!output.exists());
     }
-    let names: Vec<_> = fs::read_dir(work.path())
+    assert_only_entry(work.path(), "bad.json");
+}
+
+/// `dir` holds `name` and nothing else: no temp file was left behind.
+fn assert_only_entry(dir: &Path, name: &str) {
+    let names: Vec<_> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(
         names,
-        vec![std::ffi::OsString::from("bad.json")],
+        vec![std::ffi::OsString::from(name)],
         "temp files left behind"
     );
 }

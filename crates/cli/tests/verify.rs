@@ -33,6 +33,18 @@ fn verify(args: &[&str]) -> (i32, Option<Value>, String) {
     (out.status.code().unwrap_or(-1), json, stderr)
 }
 
+/// Runs `storedisk verify ARGS` (the readable report) and returns its stdout.
+fn verify_text(args: &[&str]) -> String {
+    let out = Cmd::cargo_bin("storedisk")
+        .unwrap()
+        .arg("verify")
+        .args(args)
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
@@ -348,17 +360,11 @@ fn a_path_removed_from_the_image_is_reported_missing_with_who_needs_it() {
     );
     assert_eq!(report["findings"], 1);
     // The readable report says so on its first line.
-    let text = Cmd::cargo_bin("storedisk")
-        .unwrap()
-        .args([
-            "verify",
-            image.to_str().unwrap(),
-            "--closure",
-            store.closure_json().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&text.stdout);
+    let stdout = verify_text(&[
+        image.to_str().unwrap(),
+        "--closure",
+        store.closure_json().to_str().unwrap(),
+    ]);
     assert_eq!(stdout.lines().next(), Some("1 finding"));
     assert!(stdout.contains(&store.logical(&busybox)));
 }
@@ -583,21 +589,15 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
         .contains("init=/nix/store/"));
     // The readable report shows the chain and the line.
     let runner_closure = store.scratch().join(format!("{}.json", runners[1].name()));
-    let out = Cmd::cargo_bin("storedisk")
-        .unwrap()
-        .args([
-            "verify",
-            image.to_str().unwrap(),
-            "--closure",
-            store.closure_json().to_str().unwrap(),
-        ])
-        .arg("--runner-closure")
-        .arg(&runner_closure)
-        .arg("--store-dir")
-        .arg(store.store_dir())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = verify_text(&[
+        image.to_str().unwrap(),
+        "--closure",
+        store.closure_json().to_str().unwrap(),
+        "--runner-closure",
+        runner_closure.to_str().unwrap(),
+        "--store-dir",
+        store.store_dir().to_str().unwrap(),
+    ]);
     assert_eq!(text.lines().next(), Some("4 findings"));
     assert!(text.contains("where: bin/microvm-run line 4"), "{text}");
     assert!(text.contains(" -> "), "{text}");
