@@ -1,13 +1,16 @@
 # The harness's matrix: every scenario x store disk format x variant, as runners that
 # `cargo xtask vm-test` builds, boots and copies. Host-provided inputs come from `hostDir`, which
 # the harness fills (target/vm-test/host): busybox/ (static busybox + applet links), storedisk/
-# (bin/storedisk), kernel/bzImage, modules/ (uncompressed .ko files + load-order). QEMU is used by
-# its host path: it is the deployment target's hypervisor, not part of what is copied.
+# (bin/storedisk), kernel/ (the kernel package: bzImage and lib/modules/<release>/ with the
+# uncompressed modules a store-disk guest loads and their load-order). QEMU is wrapped in a store
+# path (lib.hypervisor) that execs the host's binary, so the runner references a hypervisor with
+# a closure of its own, as microvm.nix's does.
 #
 # Sharing: per scenario one toplevel and one closure info; per scenario and format two store disks
 # (references kept / discarded, same bytes); the runners alone differ per variant.
 { hostDir ? builtins.getEnv "STOREDISK_VM_HOST_DIR"
 , qemu ? "/usr/bin/qemu-system-x86_64"
+, socat ? "/usr/bin/socat"
 , mkfsErofs ? null
 }:
 
@@ -17,45 +20,58 @@ let
   # Debian's static arm64 busybox: the userland of the aarch64 guest (it never runs here).
   busyboxAarch64 = builtins.path { path = host + "/busybox-arm64"; name = "busybox-aarch64"; };
   storedisk = builtins.path { path = host + "/storedisk"; name = "storedisk"; };
-  kernel = builtins.path { path = host + "/kernel"; name = "linux-kernel-host"; };
-  kernelModules = builtins.path { path = host + "/modules"; name = "linux-modules-host"; };
+  # The kernel package, shaped like nixpkgs' kernel.out: the image and lib/modules. The guest
+  # toplevel references it (NixOS's `kernel` and `kernel-modules` links), so the store disk packs
+  # it, modules included; upstream's runner boots "${kernel.out}/${linuxTarget}"
+  # (microvm.nix lib/runners/qemu.nix:116,183), which copies the package a second time.
+  kernel = builtins.path { path = host + "/kernel"; name = "linux-host"; };
+  hypervisor = lib.hypervisor { qemuBinary = qemu; };
+  socatHost = lib.hostProgram { name = "socat-host"; program = "socat"; binary = socat; };
 
   lib = import ./lib.nix { inherit busybox storedisk mkfsErofs; };
   guest = import ./guest.nix { inherit lib busybox; };
   scenarios = import ./scenarios.nix { inherit lib busybox; };
-  initrd = lib.initrd { inherit kernelModules; };
+  initrd = lib.initrd { inherit kernel; };
 
-  # The four fixes, one switch each. upstream = what microvm.nix's store-disk.nix does today
-  # according to DESIGN.md section 1: leaks 1-3 fixed, regInfo= keeps its context.
-  noFix = { image = false; symlink = false; init = false; regInfo = false; };
+  # The five fixes, one switch each. upstream = what microvm.nix main does (commit 71beea0, see
+  # DESIGN.md section 1): leaks 1-3 fixed (store-disk.nix:79-80, options.nix:1061-1063,
+  # system.nix:35-43), regInfo= keeps its context (store-disk.nix:98-100, the fd7e14d regression)
+  # and the runner boots from the kernel package (qemu.nix:116).
+  noFix = { image = false; symlink = false; init = false; regInfo = false; kernel = false; };
   variants = {
     unfixed = noFix;
-    upstream = { image = true; symlink = true; init = true; regInfo = false; };
+    upstream = noFix // { image = true; symlink = true; init = true; };
     fixed = allFixed;
     fix-image = noFix // { image = true; };
     fix-symlink = noFix // { symlink = true; };
     fix-init = noFix // { init = true; };
     fix-reginfo = noFix // { regInfo = true; };
+    fix-kernel = noFix // { kernel = true; };
     # The leaks overlap (each alone drags the whole closure in), so a single fix on top of
     # `unfixed` saves almost nothing; the leave-one-out variants show what each leak costs alone.
-    # (leak-reginfo would be `upstream`.)
     leak-image = allFixed // { image = false; };
     leak-symlink = allFixed // { symlink = false; };
     leak-init = allFixed // { init = false; };
+    leak-reginfo = allFixed // { regInfo = false; };
+    leak-kernel = allFixed // { kernel = false; };
   };
-  allFixed = { image = true; symlink = true; init = true; regInfo = true; };
+  allFixed = { image = true; symlink = true; init = true; regInfo = true; kernel = true; };
   formats = [ "squashfs" "erofs" ];
 
   system = scenarioName: guestName:
     let
       s = scenarios.${guestName};
+      # microvm.nix passes regInfo= only with registerClosure && nix.enable (store-disk.nix:98)
+      # and packs the closure info only with nix.enable (store-disk.nix:36-40).
+      registerClosure = s.registerClosure or true;
       g = guest {
         name = guestName;
         scenario = scenarioName;
         inherit (s) packages program expected;
+        inherit kernel initrd registerClosure;
         checkDb = s.checkDb or false;
       };
-      regInfo = lib.closureInfo { rootPaths = [ g.toplevel ]; };
+      regInfo = if registerClosure then lib.closureInfo { rootPaths = [ g.toplevel ]; } else null;
       disk = format: discard: lib.storeDisk {
         inherit (g) toplevel;
         inherit regInfo format;
@@ -79,13 +95,15 @@ let
             # The same name for every variant and version, as a deployed MicroVM keeps its name.
             hostName = scenarioName;
             inherit (sys) toplevel regInfo;
-            inherit storeDisk kernel initrd qemu;
+            inherit storeDisk kernel initrd hypervisor;
+            socat = socatHost;
             # Under TCG on a loaded host the kernel's PIT calibration of the TSC can fail, and
             # the boot then hangs; a given TSC rate skips that calibration (guest-side only).
             extraKernelParams = "tsc_early_khz=2000000";
             systemSymlink = !fixes.symlink;
             discardInitContext = fixes.init;
             discardRegInfoContext = fixes.regInfo;
+            bootFromKernelImage = fixes.kernel;
           };
         in
         { inherit runner storeDisk fixes; inherit (sys) toplevel regInfo; }
@@ -123,6 +141,7 @@ let
   runs = {
     minimal = runsOf "minimal" "minimal";
     nix-db = runsOf "nix-db" "nix-db";
+    no-reginfo = runsOf "no-reginfo" "no-reginfo";
     large = runsOf "large" "large";
   };
   updates = {
@@ -137,12 +156,13 @@ let
         runner = r.runner.outPath;
         storeDisk = r.storeDisk.outPath;
         toplevel = r.toplevel.outPath;
-        regInfo = r.regInfo.outPath;
+        regInfo = if r.regInfo == null then null else r.regInfo.outPath;
+        kernel = "${kernel}";
       }) byVariant)) byFormat))) set));
 in
 {
-  inherit runs updates initrd kernel busybox variants aarch64;
+  inherit runs updates initrd kernel hypervisor busybox variants aarch64;
   # What the harness reads (`nix-instantiate --eval --strict --json -A plan`) and builds (-A plan).
   plan = planOf "run" runs ++ planOf "update" updates;
-  hostPaths = { inherit busybox kernel kernelModules initrd storedisk; };
+  hostPaths = { inherit busybox kernel initrd hypervisor socatHost storedisk; };
 }

@@ -77,19 +77,32 @@ rec {
       '';
     in disk // { guestRoots = roots; };
 
+  # A script as its own store path, like nixpkgs' writeShellScript (lib/runner.nix turns every
+  # `bin/` entry of the runner into one: `binScriptPkgs`, with vmHostPackages.writeShellScript).
+  writeScript = name: text: runCommand name { inherit text; } ''
+    { echo "#!${busybox}/bin/sh"; printf '%s\n' "$text"; } > $out
+    chmod 0555 $out
+  '';
+
   # Stage 1: a busybox initramfs that loads the store-disk modules, mounts the disk read-only at
   # /nix/.ro-store and onto /nix/store in a tmpfs root, and switches to init= from the kernel
-  # command line. kernelModules: a store directory with uncompressed .ko files and `load-order`.
-  initrd = { kernelModules }: runCommand "microvm-initrd" { } ''
+  # command line. Like NixOS's initrd (makeModulesClosure) it holds *copies* of the modules it
+  # loads, taken from the kernel package's lib/modules/<release>/ in the order of its
+  # `load-order` file, so the initrd does not reference the kernel package.
+  # initrdBusybox: the guest's busybox (it runs inside the guest, so it is the guest's arch).
+  initrd = { kernel, initrdBusybox ? busybox }: runCommand "microvm-initrd" { } ''
     mkdir -p root/bin root/lib/modules root/dev root/proc root/sys root/mnt-root
-    cp ${busybox}/bin/busybox root/bin/busybox
+    cp ${initrdBusybox}/bin/busybox root/bin/busybox
     for applet in sh mount mkdir insmod switch_root cat sleep poweroff reboot; do
       ln -s busybox root/bin/$applet
     done
-    for module in $(cat ${kernelModules}/load-order); do
-      cp ${kernelModules}/$module root/lib/modules/$module
+    moddir=$(echo ${kernel}/lib/modules/*)
+    : > root/lib/modules/load-order
+    for module in $(cat $moddir/load-order); do
+      name=$(basename $module)
+      cp $moddir/$module root/lib/modules/$name
+      echo $name >> root/lib/modules/load-order
     done
-    cp ${kernelModules}/load-order root/lib/modules/load-order
     cp ${./stage-1-init.sh} root/init
     chmod 0755 root/init
     find root -exec touch -h -d '1970-01-01 00:00:01' {} +
@@ -98,41 +111,104 @@ rec {
     find . | sort | cpio -o -H newc --quiet | gzip -9n > $out/initrd
   '';
 
-  # The runner, as microvm.nix's qemu runner: bin/microvm-run starts `qemu-system-x86_64 -M
-  # microvm` with the store disk as virtio-blk and init=/regInfo= on the kernel command line;
-  # share/microvm/system links the toplevel when systemSymlink is on. The discard switches drop
-  # the string context of init= and regInfo= (the text stays the same, the reference goes).
+  # Fix 5: a store path holding only the kernel image, copied out of the kernel package. The
+  # kernel package (nixpkgs' kernel.out) also holds lib/modules, which the guest toplevel
+  # references and the store disk therefore packs; a runner booting
+  # "${kernel.out}/${linuxTarget}" (microvm.nix lib/runners/qemu.nix:116,183) copies those
+  # modules a second time on every deployment.
+  kernelImage = { kernel, target }: runCommand "microvm-kernel-image" { } ''
+    mkdir -p $out
+    cp ${kernel}/${target} $out/${target}
+  '';
+
+  # A host program as a store path with a closure of its own: `bin/<name>` execs `binary` (a host
+  # path, its string context discarded). The hypervisor is one, like microvm.nix's
+  # `microvm.qemu.package` (qemu_kvm from the guest's pkgs, lib/runners/qemu.nix:35,174), and so
+  # is socat, which upstream's microvm-shutdown speaks QMP with (qemu.nix:419).
+  hostProgram = { name, program, binary }: runCommand name { } ''
+    mkdir -p $out/bin
+    printf '#!%s\nexec %s "$@"\n' ${busybox}/bin/sh ${builtins.unsafeDiscardStringContext (toString binary)} \
+      > $out/bin/${program}
+    chmod 0555 $out/bin/${program}
+  '';
+  hypervisor = { qemuBinary, arch ? "x86_64" }:
+    hostProgram { name = "qemu-host"; program = "qemu-system-${arch}"; binary = qemuBinary; };
+
+  # The runner, as microvm.nix's (lib/runner.nix + lib/runners/qemu.nix): every bin/ entry is
+  # its own script derivation, linked from the runner (lib/runner.nix:219-225); microvm-run
+  # execs `${hypervisor}/bin/qemu-system-<arch>` (qemu.nix:174) with the store disk as
+  # virtio-blk (qemu.nix:235-236) and `init=`/`regInfo=` on the kernel command line;
+  # a control socket (qemu.nix:267, default "<hostName>.sock", options.nix:77-82) and so a
+  # microvm-shutdown script (qemu.nix:372-421, lib/runner.nix:190-193); share/microvm/system links
+  # the toplevel when systemSymlink is on (lib/runner.nix:230-232).
+  # The fixes, one switch each: systemSymlink (leak 2), discardInitContext (leak 3),
+  # discardRegInfoContext (leak 4: the text stays the same, the reference goes) and
+  # bootFromKernelImage (fix 5: boot `kernelImage` instead of "${kernel}/${target}").
   # KVM as upstream by default; MICROVM_ACCEL/MICROVM_CPU override it (the harness's TCG runs).
-  runner = { hostName, toplevel, regInfo ? null, storeDisk, kernel, initrd
-           , qemu ? "/usr/bin/qemu-system-x86_64", mem ? 256
+  # `arch` picks the machine: x86_64 `-M microvm` (console ttyS0), aarch64 `-M virt` (ttyAMA0,
+  # qemu.nix:95-98,147-154); `cpu` set means an emulated guest: TCG with that CPU model.
+  runner = { hostName, toplevel, regInfo ? null, storeDisk, kernel, initrd, hypervisor, socat ? null
+           , arch ? "x86_64", kernelTarget ? (if arch == "aarch64" then "Image" else "bzImage")
+           , cpu ? null, mem ? 256, socket ? "${hostName}.sock"
            , systemSymlink ? true, discardInitContext ? false, discardRegInfoContext ? false
-           , extraKernelParams ? "" }:
+           , bootFromKernelImage ? false, extraKernelParams ? "" }:
     let
       keepContextUnless = discard: s: if discard then builtins.unsafeDiscardStringContext s else s;
       initParam = keepContextUnless discardInitContext "init=${toplevel}/init";
       regInfoParam = optionalString (regInfo != null)
         (keepContextUnless discardRegInfoContext "regInfo=${regInfo}/registration");
-      script = ''
-        #!${busybox}/bin/sh
+      kernelPath =
+        if bootFromKernelImage
+        then "${kernelImage { inherit kernel; target = kernelTarget; }}/${kernelTarget}"
+        else "${kernel}/${kernelTarget}";
+      machine = {
+        x86_64 = { args = "-M microvm,pit=off,pic=off,rtc=on"; console = "ttyS0"; };
+        aarch64 = { args = "-M virt,gic-version=max"; console = "ttyAMA0"; };
+      }.${arch};
+      accelArgs =
+        if cpu == null
+        then ''-accel "''${MICROVM_ACCEL:-kvm}" -cpu "''${MICROVM_CPU:-host}"''
+        else "-accel tcg -cpu ${cpu}";
+      socketArgs = optionalString (socket != null) "-qmp unix:${socket},server=on,wait=off";
+      # qemu.nix:226-227: x86_64 gets an i8042, through which microvm-shutdown's
+      # ctrl-alt-del reaches the guest kernel.
+      deviceArgs = optionalString (arch == "x86_64") "-device i8042";
+      qmpKey = key: ''{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"${key}"}}}'';
+      run = writeScript "microvm-${hostName}-microvm-run" ''
         # Starts the MicroVM ${hostName}. Generated by storedisk's vm-tests/lib.nix.
         set -eu
-        exec ${qemu} -name ${hostName} -M microvm -m ${toString mem} -smp 1 \
+        exec ${hypervisor}/bin/qemu-system-${arch} -name ${hostName} ${machine.args} -m ${toString mem} -smp 1 \
           -nodefaults -no-user-config -no-reboot -display none \
-          -accel "''${MICROVM_ACCEL:-kvm}" -cpu "''${MICROVM_CPU:-host}" \
-          -kernel ${kernel}/bzImage -initrd ${initrd}/initrd \
-          -chardev stdio,id=stdio,signal=off -serial chardev:stdio \
-          -append "console=ttyS0 reboot=t panic=-1 ${extraKernelParams} ${initParam} ${regInfoParam}" \
+          ${accelArgs} \
+          -kernel ${kernelPath} -initrd ${initrd}/initrd \
+          -chardev stdio,id=stdio,signal=off -serial chardev:stdio ${socketArgs} ${deviceArgs} \
+          -append "console=${machine.console} reboot=t panic=-1 ${extraKernelParams} ${initParam} ${regInfoParam}" \
           -drive id=store,format=raw,read-only=on,file=${storeDisk},if=none \
           -device virtio-blk-device,drive=store
       '';
+      # As upstream's shutdownCommand (qemu.nix:374-420): ctrl-alt-del as QMP key events through
+      # the control socket, with socat, then wait until QEMU closes the socket.
+      shutdown = writeScript "microvm-${hostName}-microvm-shutdown" ''
+        # Stops the MicroVM ${hostName} through its control socket ${socket}.
+        [ -S ${socket} ] || exit 0
+        (
+          echo '{"execute":"qmp_capabilities"}'
+          echo '{"execute":"input-send-event","arguments":{"events":[${qmpKey "ctrl"},${qmpKey "alt"},${qmpKey "delete"}]}}'
+          cat
+        ) | ${socat}/bin/socat STDIO UNIX:${socket},shut-none
+      '';
+      canShutdown = socket != null && socat != null;
+      scripts = { microvm-run = run; } // (if canShutdown then { microvm-shutdown = shutdown; } else { });
     in
-    runCommand "microvm-qemu-${hostName}" { inherit script; } ''
+    runCommand "microvm-qemu-${hostName}" { } (''
       mkdir -p $out/bin $out/share/microvm
-      printf '%s' "$script" > $out/bin/microvm-run
-      chmod 0555 $out/bin/microvm-run
+    '' + builtins.concatStringsSep "" (map (name: ''
+      ln -s ${scripts.${name}} $out/bin/${name}
+    '') (builtins.attrNames scripts)) + ''
       ${optionalString systemSymlink "ln -s ${toplevel} $out/share/microvm/system"}
       echo vnet_hdr > $out/share/microvm/tap-flags
-    '';
+      echo qemu > $out/share/microvm/hypervisor
+    '');
 
   # The closure of rootPaths as exportReferencesGraph JSON (the structured-attrs file, whose one
   # list of path infos is what `storedisk verify --closure/--runner-closure` reads). It only

@@ -3,6 +3,8 @@
 #   minimal    a few small packages
 #   minimal-v2 the same with one package (greeting) changed: the update measurement
 #   nix-db     a 24-library reference graph; the guest checks its registration as a Nix DB
+#   no-reginfo minimal, built with microvm.registerClosure (or nix.enable) off: no closure info
+#              on the disk, no regInfo= on the kernel command line
 #   large      150 payload paths (>= 100 MiB) plus a bundle referencing them
 { lib, busybox }:
 
@@ -91,6 +93,8 @@ in
 {
   minimal = minimal "v1";
   minimal-v2 = minimal "v2";
+
+  no-reginfo = minimal "v1" // { registerClosure = false; };
 
   nix-db = {
     packages = [ app (hello "v1") ];

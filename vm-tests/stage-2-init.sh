@@ -19,45 +19,52 @@ fail() {
 }
 
 echo "stage 2: $toplevel/init running from the store disk"
-reginfo=
-for word in $(cat /proc/cmdline); do
-    case "$word" in
-        regInfo=*) reginfo="${word#regInfo=}" ;;
-    esac
-done
-[ -n "$reginfo" ] || fail "no regInfo= on the kernel command line"
-[ -f "$reginfo" ] || fail "registration $reginfo is not on the store disk"
-
-# The registration: per path, its name, narHash, narSize, deriver, reference count, references.
-awk '
-    state == 0 { path = $0; state = 1; next }
-    state == 1 { hash = $0; state = 2; next }
-    state == 2 { size = $0; state = 3; next }
-    state == 3 { state = 4; next }
-    state == 4 { n = $0 + 0; print "P " path " " size; state = (n == 0) ? 0 : 5; next }
-    state == 5 { print "R " path " " $0; n--; if (n == 0) state = 0; next }
-    END { if (state != 0) print "E truncated" }
-' "$reginfo" > /tmp/registration || fail "cannot parse $reginfo"
-grep -q '^E ' /tmp/registration && fail "registration $reginfo is truncated"
-
 registered=0
-while read -r kind path rest; do
-    if [ "$kind" = P ]; then
-        [ -e "$path" ] || fail "registered path $path is missing"
-        registered=$((registered + 1))
-    fi
-done < /tmp/registration
-unregistered=$(awk '$1 == "P" { p[$2] = 1 } $1 == "R" { r[$3] = $2 } END { for (x in r) if (!(x in p)) { print r[x] " references " x; exit } }' /tmp/registration)
-[ -z "$unregistered" ] || fail "$unregistered, which is not registered"
-[ "$registered" -gt 0 ] || fail "the registration lists no path"
-grep -q "^P $toplevel " /tmp/registration || fail "the toplevel $toplevel is not registered"
+if [ "@registerClosure@" = 1 ]; then
+    reginfo=
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            regInfo=*) reginfo="${word#regInfo=}" ;;
+        esac
+    done
+    [ -n "$reginfo" ] || fail "no regInfo= on the kernel command line"
+    [ -f "$reginfo" ] || fail "registration $reginfo is not on the store disk"
+
+    # The registration: per path, its name, narHash, narSize, deriver, reference count, references.
+    awk '
+        state == 0 { path = $0; state = 1; next }
+        state == 1 { hash = $0; state = 2; next }
+        state == 2 { size = $0; state = 3; next }
+        state == 3 { state = 4; next }
+        state == 4 { n = $0 + 0; print "P " path " " size; state = (n == 0) ? 0 : 5; next }
+        state == 5 { print "R " path " " $0; n--; if (n == 0) state = 0; next }
+        END { if (state != 0) print "E truncated" }
+    ' "$reginfo" > /tmp/registration || fail "cannot parse $reginfo"
+    grep -q '^E ' /tmp/registration && fail "registration $reginfo is truncated"
+
+    while read -r kind path rest; do
+        if [ "$kind" = P ]; then
+            [ -e "$path" ] || fail "registered path $path is missing"
+            registered=$((registered + 1))
+        fi
+    done < /tmp/registration
+    unregistered=$(awk '$1 == "P" { p[$2] = 1 } $1 == "R" { r[$3] = $2 } END { for (x in r) if (!(x in p)) { print r[x] " references " x; exit } }' /tmp/registration)
+    [ -z "$unregistered" ] || fail "$unregistered, which is not registered"
+    [ "$registered" -gt 0 ] || fail "the registration lists no path"
+    grep -q "^P $toplevel " /tmp/registration || fail "the toplevel $toplevel is not registered"
+else
+    # microvm.registerClosure or nix.enable off: no regInfo=, no closure info on the disk.
+    grep -q 'regInfo=' /proc/cmdline && fail "regInfo= given to a guest that registers no closure"
+fi
 
 # Every file of every package, byte for byte.
 manifest=@manifest@
 files=$(wc -l < "$manifest/sha256sums")
 sha256sum -c -s "$manifest/sha256sums" || fail "a file differs from its build-time sha256"
-stray=$(awk 'NR == FNR { if ($1 == "P") p[$2] = 1; next } !($1 in p) { print; exit }' /tmp/registration "$manifest/paths")
-[ -z "$stray" ] || fail "package path $stray is not registered"
+if [ "@registerClosure@" = 1 ]; then
+    stray=$(awk 'NR == FNR { if ($1 == "P") p[$2] = 1; next } !($1 in p) { print; exit }' /tmp/registration "$manifest/paths")
+    [ -z "$stray" ] || fail "package path $stray is not registered"
+fi
 
 if [ "@checkDb@" = 1 ]; then
     # nix-db: the registration is what `nix-store --load-db` would load: closed under references,

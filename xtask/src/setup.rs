@@ -31,6 +31,7 @@ const BASE_PACKAGES: &[&str] = &[
     "zstd",
     "cpio",
     "time",
+    "socat",
 ];
 /// apt packages that come from bookworm-backports on bookworm (qemu 10 matches the preinstalled
 /// qemu-utils there; bookworm's own 7.2 conflicts with it).
@@ -525,6 +526,7 @@ fn report(toolchain: &Toolchain) -> Result<()> {
         eprintln!("found:   module {}", module.display());
     }
     eprintln!("found: busybox {}", toolchain.busybox.display());
+    eprintln!("found: socat {}", toolchain.socat.display());
     for program in [
         "mksquashfs",
         "unsquashfs",

@@ -82,6 +82,8 @@ pub fn path_with(dir: &Path) -> String {
 pub struct Kernel {
     pub release: String,
     pub vmlinuz: PathBuf,
+    /// The release's modules directory (`/lib/modules/<release>`): `modules` lie below it.
+    pub moddir: PathBuf,
     /// Module files in load order; `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz`.
     pub modules: Vec<PathBuf>,
 }
@@ -91,6 +93,8 @@ pub struct Kernel {
 pub struct Toolchain {
     pub nix: Nix,
     pub qemu: PathBuf,
+    /// socat, which microvm-shutdown (like microvm.nix's) speaks QMP with.
+    pub socat: PathBuf,
     pub kernel: Kernel,
     pub busybox: PathBuf,
 }
@@ -311,6 +315,7 @@ fn kernel_with_modules(release: String, vmlinuz: PathBuf, moddir: PathBuf) -> Re
         release,
         vmlinuz,
         modules: modules.into_iter().map(|m| moddir.join(m)).collect(),
+        moddir,
     })
 }
 
@@ -377,16 +382,21 @@ impl Toolchain {
         let qemu = locate_qemu()
             .map_err(|e| missing.push(format!("{e:#}")))
             .ok();
+        let socat = which("socat");
+        if socat.is_none() {
+            missing.push("socat is not installed (apt package socat)".to_owned());
+        }
         let kernel = locate_kernel()
             .map_err(|e| missing.push(format!("{e:#}")))
             .ok();
         let busybox = locate_busybox()
             .map_err(|e| missing.push(format!("{e:#}")))
             .ok();
-        match (nix, qemu, kernel, busybox) {
-            (Some(nix), Some(qemu), Some(kernel), Some(busybox)) => Ok(Toolchain {
+        match (nix, qemu, socat, kernel, busybox) {
+            (Some(nix), Some(qemu), Some(socat), Some(kernel), Some(busybox)) => Ok(Toolchain {
                 nix,
                 qemu,
+                socat,
                 kernel,
                 busybox,
             }),

@@ -5,36 +5,41 @@
 //! each runner transfers, and compares the result with the reviewed snapshots in golden/.
 
 mod boot;
+mod classify;
 mod cross;
 mod host;
+mod plan;
 mod report;
 mod transfer;
 mod verify;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cmd::Cmd;
 use crate::tools::{self, Toolchain};
+use classify::PathClass;
+use plan::{PlanEntry, RunKind, Selection};
 
 /// `cargo xtask vm-test`
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
-    /// Only this scenario (minimal, nix-db, large); repeatable. Default: all.
+    /// Only this scenario (minimal, nix-db, no-reginfo, large); repeatable. Default: all.
     #[arg(long, value_name = "S")]
     pub scenario: Vec<String>,
     /// Only this store disk format (squashfs, erofs); repeatable. Default: both.
     #[arg(long, value_name = "D")]
     pub disk: Vec<String>,
     /// Only this variant (unfixed, upstream, fixed, fix-image, fix-symlink, fix-init,
-    /// fix-reginfo, leak-image, leak-symlink, leak-init); repeatable. Default: all.
+    /// fix-reginfo, fix-kernel, leak-image, leak-symlink, leak-init, leak-reginfo, leak-kernel);
+    /// repeatable. Default: all. Snapshots cover every variant, so they are not compared then.
     #[arg(long, value_name = "V")]
     pub variant: Vec<String>,
     /// Hardware acceleration for the boots.
@@ -49,30 +54,6 @@ pub struct VmTestArgs {
     /// How many boots run at once (default: the number of CPUs).
     #[arg(long)]
     pub jobs: Option<usize>,
-}
-
-/// One entry of vm-tests/default.nix's `plan`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PlanEntry {
-    pub kind: String,
-    pub scenario: String,
-    pub format: String,
-    pub variant: String,
-    pub fixes: Fixes,
-    pub runner: String,
-    pub store_disk: String,
-    pub toplevel: String,
-    pub reg_info: String,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Fixes {
-    pub image: bool,
-    pub symlink: bool,
-    pub init: bool,
-    pub reg_info: bool,
 }
 
 /// A boot as recorded for a run: its own, or shared with a byte-identical machine.
@@ -91,20 +72,38 @@ pub struct CopiedPath {
     pub name: String,
     pub nar_size: u64,
     pub compressed_size: u64,
-    /// Provided by the host (busybox, kernel, initrd with host modules, the image holding
-    /// them): its size differs between machines, so snapshots leave it out.
+    /// Provided by the host (busybox, kernel, initrd with host modules, the QEMU wrapper, the
+    /// image holding them): its size differs between machines, so snapshots leave it out.
     pub host_provided: bool,
+    /// The same store path is packed in the store disk: its bytes are copied twice.
+    pub in_image: bool,
+    /// The verifier's class (`leaked`, `shared`, `runner`); absent where no verifier ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<PathClass>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Transfer {
     pub paths: usize,
     pub nar_bytes: u64,
+    /// NAR bytes of the copied paths the store disk also holds (host-provided ones included):
+    /// what this deployment copies twice.
+    pub in_image_bytes: u64,
     pub compressed_bytes: u64,
-    /// From the verifier's runner_overlap; absent while `storedisk verify` cannot say.
+    /// Copied paths the verifier calls leaked; absent where no verifier ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leaked_paths: Option<usize>,
     pub copied: Vec<CopiedPath>,
+}
+
+/// What the harness learns about a runner from Nix itself, before and independent of the
+/// verifier: its closure, the part it reaches without the guest, and the guest's closure.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerFacts {
+    /// The guest's closure (toplevel and closure info): what the store disk packs.
+    pub guest_closure: BTreeSet<String>,
+    /// The runner's closure paths it reaches by itself (see [`classify::runner_own_paths`]).
+    pub runner_own: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,24 +113,31 @@ pub struct Run {
     pub boot: Option<BootRecord>,
     pub transfer: Option<Transfer>,
     pub verify: Option<verify::Verdict>,
+    /// Runner closure paths with a `lib/modules` directory, hash-redacted.
+    pub runner_kernel_modules: Vec<String>,
+    /// Where the verifier's leaked/shared sets differ from what `nix copy` copied.
+    pub verify_disagreements: Vec<String>,
+    #[serde(skip)]
+    pub facts: Option<RunnerFacts>,
 }
 
 impl Run {
     pub fn label(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.plan.scenario, self.plan.format, self.plan.variant
-        )
+        self.plan.label()
     }
 }
 
-/// Store path names whose bytes come from the host.
+/// Store path names whose bytes come from the host (or embed a host path).
 pub fn is_host_provided(name: &str) -> bool {
-    name == "busybox"
-        || name.starts_with("linux-kernel-host")
-        || name.starts_with("linux-modules-host")
-        || name == "microvm-initrd"
-        || name.starts_with("microvm-store-disk.")
+    matches!(
+        name,
+        "busybox"
+            | "linux-host"
+            | "microvm-initrd"
+            | "microvm-kernel-image"
+            | "qemu-host"
+            | "socat-host"
+    ) || name.starts_with("microvm-store-disk.")
 }
 
 /// Wall-clock time per phase, printed at the end and kept in report.json.
@@ -169,11 +175,17 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         file: root.join("vm-tests/default.nix"),
         host_dir,
         qemu: toolchain.qemu.clone(),
+        socat: toolchain.socat.clone(),
         mkfs_erofs,
     };
 
     let plan = phases.time("evaluate", || evaluate(&toolchain, &nix_args))?;
-    let plan = select(plan, &args)?;
+    let selection = Selection {
+        scenarios: &args.scenario,
+        disks: &args.disk,
+        variants: &args.variant,
+    };
+    let plan = plan::select(plan, &selection)?;
     eprintln!("{} runs selected", plan.len());
     phases.time("nix build", || build(&toolchain, &nix_args, &plan, &logs))?;
 
@@ -184,6 +196,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             boot: None,
             transfer: None,
             verify: None,
+            runner_kernel_modules: Vec::new(),
+            verify_disagreements: Vec::new(),
+            facts: None,
         })
         .collect();
     let accel = boot::choose_accel(
@@ -193,9 +208,10 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         &logs,
     )?;
     phases.time("boot", || boot_all(&mut runs, accel, &args, &logs))?;
-    phases.time("verify", || {
-        verify_all(&mut runs, &toolchain, &storedisk, &work)
+    phases.time("runner closures", || {
+        runner_facts_all(&mut runs, &toolchain, &work)
     })?;
+    phases.time("verify", || verify_all(&mut runs, &toolchain, &storedisk, &work))?;
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
     let cross = phases.time("aarch64 guest", || {
         let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &logs);
@@ -216,6 +232,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         accel,
         &work,
         &root.join("golden"),
+        &selection,
     )
 }
 
@@ -240,6 +257,7 @@ struct NixArgs {
     file: PathBuf,
     host_dir: PathBuf,
     qemu: PathBuf,
+    socat: PathBuf,
     mkfs_erofs: PathBuf,
 }
 
@@ -252,7 +270,10 @@ impl NixArgs {
             .arg(&self.host_dir)
             .arg("--argstr")
             .arg("qemu")
-            .arg(&self.qemu);
+            .arg(&self.qemu)
+            .arg("--argstr")
+            .arg("socat")
+            .arg(&self.socat);
         if self.mkfs_erofs.exists() {
             cmd = cmd.arg("--argstr").arg("mkfsErofs").arg(&self.mkfs_erofs);
         }
@@ -271,92 +292,6 @@ fn evaluate(toolchain: &Toolchain, nix_args: &NixArgs) -> Result<Vec<PlanEntry>>
     serde_json::from_str(&json).context("vm-tests/default.nix's plan is not the expected JSON")
 }
 
-/// Applies --scenario/--disk/--variant; an unknown name is an error, not an empty run.
-fn select(plan: Vec<PlanEntry>, args: &VmTestArgs) -> Result<Vec<PlanEntry>> {
-    let check = |wanted: &[String], known: Vec<&str>, what: &str| -> Result<()> {
-        for w in wanted {
-            if !known.contains(&w.as_str()) {
-                let mut known = known.clone();
-                known.sort();
-                known.dedup();
-                bail!("unknown {what} {w:?}; known: {}", known.join(", "));
-            }
-        }
-        Ok(())
-    };
-    check(
-        &args.scenario,
-        plan.iter().map(|p| p.scenario.as_str()).collect(),
-        "scenario",
-    )?;
-    check(
-        &args.disk,
-        plan.iter().map(|p| p.format.as_str()).collect(),
-        "disk",
-    )?;
-    check(
-        &args.variant,
-        plan.iter().map(|p| p.variant.as_str()).collect(),
-        "variant",
-    )?;
-    let keep = |wanted: &[String], v: &str| wanted.is_empty() || wanted.iter().any(|w| w == v);
-    let mut selected: Vec<PlanEntry> = plan
-        .into_iter()
-        .filter(|p| {
-            keep(&args.scenario, &p.scenario)
-                && keep(&args.disk, &p.format)
-                && keep(&args.variant, &p.variant)
-        })
-        .collect();
-    let order = |p: &PlanEntry| {
-        (
-            p.kind.clone(),
-            scenario_rank(&p.scenario),
-            p.format.clone(),
-            variant_rank(&p.variant),
-        )
-    };
-    selected.sort_by_key(order);
-    Ok(selected)
-}
-
-fn scenario_rank(s: &str) -> usize {
-    ["minimal", "nix-db", "large"]
-        .iter()
-        .position(|x| *x == s)
-        .unwrap_or(usize::MAX)
-}
-
-/// Variants in the order tables show them.
-pub const VARIANT_ORDER: &[&str] = &[
-    "unfixed",
-    "upstream",
-    "fixed",
-    "fix-image",
-    "fix-symlink",
-    "fix-init",
-    "fix-reginfo",
-    "leak-image",
-    "leak-symlink",
-    "leak-init",
-];
-
-pub fn variant_rank(v: &str) -> usize {
-    VARIANT_ORDER
-        .iter()
-        .position(|x| *x == v)
-        .unwrap_or(usize::MAX)
-}
-
-fn attr_path(p: &PlanEntry) -> String {
-    let set = if p.kind == "update" {
-        "updates"
-    } else {
-        "runs"
-    };
-    format!("{set}.{}.{}.{}.runner", p.scenario, p.format, p.variant)
-}
-
 fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &Path) -> Result<()> {
     let mut cmd = nix_args.apply(
         toolchain
@@ -365,12 +300,14 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
             .args(["--no-out-link", "--keep-going"]),
     );
     for p in plan {
-        cmd = cmd.arg("-A").arg(attr_path(p));
         // The runner of a variant that discards the context of init= does not depend on the
         // toplevel; build the guest side explicitly so the verifier and the image have it.
-        cmd = cmd
-            .arg("-A")
-            .arg(attr_path(p).replace(".runner", ".storeDisk"));
+        for attr in ["runner", "storeDisk", "toplevel"] {
+            cmd = cmd.arg("-A").arg(p.attr_path(attr));
+        }
+        if p.reg_info.is_some() {
+            cmd = cmd.arg("-A").arg(p.attr_path("regInfo"));
+        }
     }
     let log = logs.join("nix-build.log");
     let finished = cmd
@@ -446,7 +383,7 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut disk_hash_cache: BTreeMap<String, String> = BTreeMap::new();
     for (i, run) in runs.iter().enumerate() {
-        if run.plan.kind != "run" && !args.boot_all {
+        if run.plan.kind != RunKind::Run && !args.boot_all {
             continue; // updates are booted as their own scenario only with --boot-all
         }
         let key = if args.boot_all {
@@ -483,8 +420,11 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
                 let Some((n, (first, _))) = next else { break };
                 let label = &labels[*first];
                 eprintln!("[boot {}/{total}] {label}", n + 1);
-                let log = logs.join(format!("boot-{}.log", label.replace('/', "-")));
-                let outcome = boot::boot(Path::new(&runners[*first]), accel, &log, timeout)
+                let name = label.replace('/', "-");
+                let log = logs.join(format!("boot-{name}.log"));
+                let state_dir = logs.join("state").join(&name);
+                let outcome =
+                    boot::boot(Path::new(&runners[*first]), accel, &log, &state_dir, timeout)
                     .unwrap_or_else(|e| boot::BootOutcome {
                         ok: false,
                         seconds: 0.0,
@@ -517,9 +457,73 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
         for &member in members {
             runs[member].boot = Some(BootRecord {
                 outcome: outcome.clone(),
-                shared_with: (member != first).then(|| runs[first].plan.variant.clone()),
+                shared_with: (member != first).then(|| runs[first].plan.variant.to_string()),
             });
         }
+    }
+    Ok(())
+}
+
+/// `nix path-info --json --recursive PATHS`, the closure as JSON.
+fn closure_json(toolchain: &Toolchain, paths: &[&str]) -> Result<String> {
+    toolchain
+        .nix
+        .cmd("nix")
+        .args(["path-info", "--json", "--recursive"])
+        .args(paths)
+        .quiet()
+        .read()
+}
+
+/// The store paths of a `nix path-info --json` closure.
+fn closure_paths(json: &str) -> Result<BTreeSet<String>> {
+    let closure = storedisk_nix::Closure::from_json(json, None, &Default::default())?;
+    Ok(closure.iter().map(|i| closure.display(&i.path)).collect())
+}
+
+/// Where each guest's closure JSON is written (one file per toplevel), for `--closure`.
+fn guest_closure_file(work: &Path, plan: &PlanEntry) -> PathBuf {
+    work.join("closures")
+        .join(format!("{}.json", transfer::redact(&plan.toplevel)))
+}
+
+/// Asks Nix, for every run, what the guest's closure is (written for the verifier) and what
+/// the runner reaches by itself, and which runner closure paths hold kernel modules
+/// (`lib/modules`).
+fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<()> {
+    std::fs::create_dir_all(work.join("closures"))?;
+    let mut guest_closures: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let count = runs.len();
+    for (n, run) in runs.iter_mut().enumerate() {
+        let roots = run.plan.guest_roots();
+        let guest_closure = match guest_closures.get(&run.plan.toplevel) {
+            Some(c) => c.clone(),
+            None => {
+                let json = closure_json(toolchain, &roots)?;
+                let file = guest_closure_file(work, &run.plan);
+                crate::setup::write_atomically(&file, json.as_bytes())?;
+                let paths = closure_paths(&json)?;
+                guest_closures.insert(run.plan.toplevel.clone(), paths.clone());
+                paths
+            }
+        };
+        let runner_json = closure_json(toolchain, &[&run.plan.runner])?;
+        let runner_own = classify::runner_own_paths(&runner_json, &run.plan)?;
+        let with_kernel_modules: Vec<String> = closure_paths(&runner_json)?
+            .into_iter()
+            .filter(|p| Path::new(p).join("lib/modules").is_dir())
+            .collect();
+        if n == 0 || (n + 1) % 20 == 0 || n + 1 == count {
+            eprintln!("[closures {}/{count}] {}", n + 1, run.label());
+        }
+        run.runner_kernel_modules = with_kernel_modules
+            .iter()
+            .map(|p| transfer::redact(p))
+            .collect();
+        run.facts = Some(RunnerFacts {
+            guest_closure,
+            runner_own,
+        });
     }
     Ok(())
 }
@@ -530,46 +534,19 @@ fn verify_all(
     storedisk: &Path,
     work: &Path,
 ) -> Result<()> {
-    let closures = work.join("closures");
-    std::fs::create_dir_all(&closures)?;
-    let mut closure_files: BTreeMap<(String, String), PathBuf> = BTreeMap::new();
-    let count = runs.iter().filter(|r| r.plan.kind == "run").count();
+    let count = runs.iter().filter(|r| r.plan.kind == RunKind::Run).count();
     let mut done = 0;
-    for run in runs.iter_mut().filter(|r| r.plan.kind == "run") {
-        let key = (run.plan.toplevel.clone(), run.plan.reg_info.clone());
-        let closure_file = match closure_files.get(&key) {
-            Some(f) => f.clone(),
-            None => {
-                let json = toolchain
-                    .nix
-                    .cmd("nix")
-                    .args([
-                        "path-info",
-                        "--json",
-                        "--recursive",
-                        &run.plan.toplevel,
-                        &run.plan.reg_info,
-                    ])
-                    .quiet()
-                    .read()?;
-                let file = closures.join(format!("{}.json", transfer::redact(&run.plan.toplevel)));
-                crate::setup::write_atomically(&file, json.as_bytes())?;
-                closure_files.insert(key, file.clone());
-                file
-            }
-        };
+    for run in runs.iter_mut().filter(|r| r.plan.kind == RunKind::Run) {
         done += 1;
         eprintln!("[verify {done}/{count}] {}", run.label());
+        let closure_file = guest_closure_file(work, &run.plan);
         let verdict = verify::verify(&verify::VerifyInputs {
             storedisk,
             nix: &toolchain.nix,
             image: &run.plan.store_disk,
             closure_file: &closure_file,
-            runner: &run.plan.runner,
+            runner: Some(&run.plan.runner),
         })?;
-        if verdict.not_implemented() && done == 1 {
-            eprintln!("verify: `storedisk verify` is not implemented yet; leaked_paths stays out of the report");
-        }
         run.verify = Some(verdict);
     }
     Ok(())
@@ -583,56 +560,45 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
     }
     let count = runs.len();
     // Version 1 of each (format, variant), for the update measurement.
-    let v1_runner: BTreeMap<(String, String), String> = runs
+    let v1_runner: BTreeMap<_, String> = runs
         .iter()
-        .filter(|r| r.plan.kind == "run" && r.plan.scenario == "minimal")
-        .map(|r| {
-            (
-                (r.plan.format.clone(), r.plan.variant.clone()),
-                r.plan.runner.clone(),
-            )
-        })
+        .filter(|r| r.plan.kind == RunKind::Run && r.plan.scenario == "minimal")
+        .map(|r| ((r.plan.format, r.plan.variant), r.plan.runner.clone()))
         .collect();
     for (n, run) in runs.iter_mut().enumerate() {
-        eprintln!("[copy {}/{count}] {} {}", n + 1, run.plan.kind, run.label());
+        let kind = match run.plan.kind {
+            RunKind::Run => "run",
+            RunKind::Update => "update",
+        };
+        eprintln!("[copy {}/{count}] {kind} {}", n + 1, run.label());
         let name = format!(
-            "{}-{}-{}-{}",
-            run.plan.kind, run.plan.scenario, run.plan.format, run.plan.variant
+            "{kind}-{}-{}-{}",
+            run.plan.scenario, run.plan.format, run.plan.variant
         );
-        let (none_copied, zstd_copied) = if run.plan.kind == "update" {
-            let Some(v1) = v1_runner.get(&(run.plan.format.clone(), run.plan.variant.clone()))
-            else {
+        let none_dir = caches.join(format!("{name}-none"));
+        let zstd_dir = caches.join(format!("{name}-zstd"));
+        if run.plan.kind == RunKind::Update {
+            let Some(v1) = v1_runner.get(&(run.plan.format, run.plan.variant)) else {
                 eprintln!("  skipped: minimal version 1 of this variant is not selected");
                 continue;
             };
-            let none_dir = caches.join(format!("{name}-none"));
-            let zstd_dir = caches.join(format!("{name}-zstd"));
             transfer::copy(&toolchain.nix, &[v1], &none_dir, "none")?;
             transfer::copy(&toolchain.nix, &[v1], &zstd_dir, "zstd")?;
-            (
-                transfer::copy(&toolchain.nix, &[&run.plan.runner], &none_dir, "none")?,
-                transfer::copy(&toolchain.nix, &[&run.plan.runner], &zstd_dir, "zstd")?,
-            )
-        } else {
-            (
-                transfer::copy(
-                    &toolchain.nix,
-                    &[&run.plan.runner],
-                    &caches.join(format!("{name}-none")),
-                    "none",
-                )?,
-                transfer::copy(
-                    &toolchain.nix,
-                    &[&run.plan.runner],
-                    &caches.join(format!("{name}-zstd")),
-                    "zstd",
-                )?,
-            )
-        };
+        }
+        let none_copied = transfer::copy(&toolchain.nix, &[&run.plan.runner], &none_dir, "none")?;
+        let zstd_copied = transfer::copy(&toolchain.nix, &[&run.plan.runner], &zstd_dir, "zstd")?;
         let zstd: BTreeMap<&str, &transfer::CachedPath> = zstd_copied
             .iter()
             .map(|c| (c.store_path.as_str(), c))
             .collect();
+        anyhow::ensure!(
+            zstd.len() == none_copied.len(),
+            "{}: the zstd and uncompressed copies differ in paths",
+            run.label()
+        );
+        let empty = BTreeSet::new();
+        let guest_closure = run.facts.as_ref().map_or(&empty, |f| &f.guest_closure);
+        let verdict = run.verify.as_ref();
         let mut copied = Vec::new();
         for c in &none_copied {
             anyhow::ensure!(
@@ -646,41 +612,55 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
                 format!("{} was copied uncompressed but not with zstd", c.store_path)
             })?;
             let name = transfer::redact(&c.store_path);
+            let classified = classify::classify(&c.store_path, guest_closure, verdict);
             copied.push(CopiedPath {
                 host_provided: is_host_provided(&name),
                 name,
                 nar_size: c.nar_size,
                 compressed_size: z.file_size,
+                in_image: classified.in_image,
+                class: classified.class,
             });
         }
-        anyhow::ensure!(
-            zstd.len() == none_copied.len(),
-            "{}: the zstd and uncompressed copies differ in paths",
-            run.label()
-        );
         copied.sort_by(|a, b| a.name.cmp(&b.name));
-        let leaked_paths = run
-            .verify
-            .as_ref()
-            .and_then(|v| v.leaked.as_ref())
-            .map(Vec::len);
+        // A first deployment copies the runner's whole closure: the verifier must agree with
+        // it on every path.
+        if let (RunKind::Run, Some(facts), Some(verdict)) = (run.plan.kind, &run.facts, verdict) {
+            if verdict.unavailable.is_none() {
+                let copied_paths: BTreeSet<String> =
+                    none_copied.iter().map(|c| c.store_path.clone()).collect();
+                let found = classify::disagreements(
+                    &run.plan.label(),
+                    &copied_paths,
+                    &facts.guest_closure,
+                    &facts.runner_own,
+                    verdict,
+                );
+                run.verify_disagreements = found;
+            }
+        }
         run.transfer = Some(Transfer {
             paths: copied.len(),
             nar_bytes: copied.iter().map(|c| c.nar_size).sum(),
+            in_image_bytes: copied
+                .iter()
+                .filter(|c| c.in_image)
+                .map(|c| c.nar_size)
+                .sum(),
             compressed_bytes: copied.iter().map(|c| c.compressed_size).sum(),
-            leaked_paths: if run.plan.kind == "run" {
-                leaked_paths
-            } else {
-                None
-            },
+            leaked_paths: verdict
+                .filter(|v| v.unavailable.is_none() && run.plan.kind == RunKind::Run)
+                .map(|_| {
+                    copied
+                        .iter()
+                        .filter(|c| c.class == Some(PathClass::Leaked))
+                        .count()
+                }),
             copied,
         });
         // The caches are large (the leaking variants of `large` hold the closure twice); only
         // their numbers matter once read.
-        for dir in [
-            caches.join(format!("{name}-none")),
-            caches.join(format!("{name}-zstd")),
-        ] {
+        for dir in [none_dir, zstd_dir] {
             let _ = std::fs::remove_dir_all(dir);
         }
     }

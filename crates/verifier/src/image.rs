@@ -15,7 +15,9 @@ const EROFS_MAGIC_OFFSET: usize = 1024;
 const EROFS_MAGIC: [u8; 4] = 0xE0F5_E1E2u32.to_le_bytes();
 
 /// The on-disk format of a store disk image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Squashfs,

@@ -4,13 +4,13 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::image::ImageFormat;
 use crate::locate::Location;
 
 /// Top level of `storedisk verify --json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// True when no check is `false` (checks that could not run are `null` and do not count).
     pub ok: bool,
@@ -27,7 +27,7 @@ pub struct Report {
 }
 
 /// One store path packed in the image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathEntry {
     pub path: String,
     /// NAR size of the path's contents as read from the image.
@@ -38,7 +38,7 @@ pub struct PathEntry {
 
 /// The five checks. Each has `ok`: `true`, `false`, or `null` with `why` when its inputs were
 /// not given. The other fields are always present (empty when the check did not run).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checks {
     pub complete: Complete,
     pub integrity: Integrity,
@@ -48,7 +48,7 @@ pub struct Checks {
 }
 
 /// Every path of the closure is in the image.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Complete {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -66,7 +66,7 @@ pub struct Complete {
 }
 
 /// A closure path absent from the image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Missing {
     pub path: String,
     /// A closure path that references it (the first by base name), `null` for a root.
@@ -74,7 +74,7 @@ pub struct Missing {
 }
 
 /// Each packed path's NAR hash equals the closure's recorded narHash ("nothing lost").
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Integrity {
     /// `false` on any mismatch or invalid root entry; `null` when no closure was given and
     /// every root entry is a valid store path.
@@ -91,7 +91,7 @@ pub struct Integrity {
 }
 
 /// A packed path whose contents differ from what Nix recorded.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {
     pub path: String,
     /// Recorded narHash (`sha256:<nix32>`).
@@ -104,14 +104,14 @@ pub struct Mismatch {
 }
 
 /// A root entry that cannot be a store path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InvalidEntryReport {
     pub name: String,
     pub why: String,
 }
 
 /// The image's own store path has no Nix references.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SelfContained {
     /// `false` when the Nix database records references from the image's store path to other
     /// paths; `null` when the image is not a store path (give `--image-path`) or Nix could not
@@ -131,7 +131,7 @@ pub struct SelfContained {
 }
 
 /// The runner does not drag guest paths into its closure.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct RunnerOverlap {
     /// `false` when any path is leaked; `null` without `--runner`/`--runner-closure`.
     pub ok: Option<bool>,
@@ -155,7 +155,7 @@ pub struct RunnerOverlap {
 }
 
 /// A leaked path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Leak {
     pub path: String,
     pub nar_size: u64,
@@ -168,7 +168,7 @@ pub struct Leak {
 }
 
 /// Paths in the runner closure must match an `--allow` pattern or be in the image.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Policy {
     /// `false` on any violation; `null` without `--allow` or without a runner closure.
     pub ok: Option<bool>,
@@ -181,7 +181,7 @@ pub struct Policy {
 }
 
 /// A runner closure path outside the image that no pattern allows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Violation {
     pub path: String,
     pub nar_size: Option<u64>,

@@ -119,9 +119,19 @@ pub struct BootOutcome {
 
 /// Runs `runner/bin/microvm-run` and judges the boot. A boot that hangs before the guest says
 /// anything (seen under TCG: the kernel stalls calibrating its clock) is tried once more; the
-/// first log is kept next to the second and the attempt count recorded.
-pub fn boot(runner: &Path, accel: Accel, log: &Path, timeout: Duration) -> Result<BootOutcome> {
-    let mut outcome = boot_once(runner, accel, log, timeout)?;
+/// first log is kept next to the second and the attempt count recorded. The runner runs in
+/// `state_dir` (created), where it puts its control socket, as microvm@.service runs it in the
+/// VM's state directory.
+pub fn boot(
+    runner: &Path,
+    accel: Accel,
+    log: &Path,
+    state_dir: &Path,
+    timeout: Duration,
+) -> Result<BootOutcome> {
+    std::fs::create_dir_all(state_dir)?;
+    let boot_once = |log: &Path| boot_once(runner, accel, log, state_dir, timeout);
+    let mut outcome = boot_once(log)?;
     if !outcome.ok && outcome.result.is_none() {
         let first = log.with_extension("attempt1.log");
         let _ = std::fs::rename(log, &first);
@@ -130,15 +140,22 @@ pub fn boot(runner: &Path, accel: Accel, log: &Path, timeout: Duration) -> Resul
             runner.display(),
             first.display()
         );
-        outcome = boot_once(runner, accel, log, timeout)?;
+        outcome = boot_once(log)?;
         outcome.attempts = 2;
     }
     Ok(outcome)
 }
 
-fn boot_once(runner: &Path, accel: Accel, log: &Path, timeout: Duration) -> Result<BootOutcome> {
+fn boot_once(
+    runner: &Path,
+    accel: Accel,
+    log: &Path,
+    state_dir: &Path,
+    timeout: Duration,
+) -> Result<BootOutcome> {
     let finished = Cmd::new(runner.join("bin/microvm-run"))
         .envs(accel.env())
+        .current_dir(state_dir)
         .log_file(log)
         .timeout(timeout)
         .run_unchecked()?;

@@ -4,14 +4,12 @@
 //! qemu-system-aarch64 (`-M virt`) and an arm64 kernel, which this harness does not provision.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::verify::{verdict_from_report, Verdict};
-use crate::cmd::Cmd;
-use crate::tools::{self, Toolchain, ELF_MACHINE_AARCH64, NIX_CONFIG};
+use super::verify::Verdict;
+use crate::tools::{self, Toolchain, ELF_MACHINE_AARCH64};
 
 /// One store disk of the aarch64 guest, and what the harness found.
 #[derive(Debug, Serialize)]
@@ -69,30 +67,19 @@ pub fn check(
     let mut runs = Vec::new();
     for (format, disk) in formats.iter().zip(disks) {
         eprintln!("[verify aarch64] {format}");
-        let finished = Cmd::new(storedisk)
-            .arg("verify")
-            .arg(disk)
-            .arg("--closure")
-            .arg(&closure_file)
-            .args(["--image-path", disk.as_str(), "--json"])
-            .env("PATH", tools::path_with(&toolchain.nix.bin_dir))
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .timeout(Duration::from_secs(600))
-            .run_unchecked()?;
-        let report: serde_json::Value =
-            serde_json::from_str(&finished.stdout).with_context(|| {
-                format!(
-                    "`{}` printed no JSON report: {}",
-                    finished.display,
-                    finished.stderr.trim()
-                )
-            })?;
+        let verdict = super::verify::verify(&super::verify::VerifyInputs {
+            storedisk,
+            nix: &toolchain.nix,
+            image: disk,
+            closure_file: &closure_file,
+            runner: None,
+        })?;
         runs.push(CrossRun {
             arch: "aarch64",
             disk: (*format).to_owned(),
-            packed_paths: report["paths"].as_array().map_or(0, Vec::len),
+            packed_paths: verdict.packed.len(),
             elf_machine,
-            verify: verdict_from_report(&report),
+            verify: verdict,
         });
     }
     Ok(runs)

@@ -1,6 +1,8 @@
 //! The host-provided inputs of the fixtures, gathered into `target/vm-test/host/` for
 //! vm-tests/default.nix to import: static busybox with its applet links, the `storedisk` binary
-//! just built, the kernel, and the guest's modules decompressed (busybox insmod reads plain .ko).
+//! just built, and the kernel package shaped like nixpkgs' `kernel.out`: `bzImage` and
+//! `lib/modules/<release>/` with the modules a store-disk guest loads, decompressed (busybox
+//! insmod reads plain .ko), at their paths from modules.dep, and their `load-order`.
 
 use std::path::{Path, PathBuf};
 
@@ -31,28 +33,43 @@ pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Resul
         &kernel_dir.join("bzImage"),
         0o444,
     )?;
-
-    let modules_dir = dir.join("modules");
-    std::fs::create_dir_all(&modules_dir)?;
+    let kernel = &toolchain.kernel;
+    let modules_dir = kernel_dir.join("lib/modules").join(&kernel.release);
+    // A kernel package from an earlier run with another release would hold two module trees.
+    for entry in std::fs::read_dir(kernel_dir.join("lib/modules")).into_iter().flatten() {
+        let path = entry?.path();
+        if path != modules_dir {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the stale {}", path.display()))?;
+        }
+    }
     let mut order = String::new();
-    for module in &toolchain.kernel.modules {
-        let name = module_file_name(module)?;
-        let bytes = decompress(module)?;
-        write_if_changed(&modules_dir.join(&name), &bytes, 0o444)?;
-        order.push_str(&name);
+    for module in &kernel.modules {
+        let relative = module_relative_path(&kernel.moddir, module)?;
+        let target = modules_dir.join(&relative);
+        std::fs::create_dir_all(target.parent().context("module path has no parent")?)?;
+        write_if_changed(&target, &decompress(module)?, 0o444)?;
+        order.push_str(&relative);
         order.push('\n');
     }
     write_if_changed(&modules_dir.join("load-order"), order.as_bytes(), 0o444)?;
     Ok(dir.to_owned())
 }
 
-/// "erofs.ko.xz" -> "erofs.ko".
-fn module_file_name(path: &Path) -> Result<String> {
-    let file = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("module path has no file name")?;
-    let stem = file.split(".ko").next().unwrap_or(file);
+/// "/lib/modules/R/kernel/fs/erofs/erofs.ko.xz" -> "kernel/fs/erofs/erofs.ko".
+fn module_relative_path(moddir: &Path, module: &Path) -> Result<String> {
+    let relative = module
+        .strip_prefix(moddir)
+        .ok()
+        .and_then(|p| p.to_str())
+        .with_context(|| {
+            format!(
+                "module {} is not a UTF-8 path below {}",
+                module.display(),
+                moddir.display()
+            )
+        })?;
+    let stem = relative.split(".ko").next().unwrap_or(relative);
     Ok(format!("{stem}.ko"))
 }
 

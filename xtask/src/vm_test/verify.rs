@@ -1,13 +1,14 @@
 //! The verifier's verdict on one run: `storedisk verify IMAGE --closure ... --image-path ...
-//! --runner RUNNER --json`, of which the harness keeps the checks' results and the leaked set
-//! (`runner_overlap`: paths the runner copies only because of a guest reference).
+//! --runner RUNNER --json`, read back into the verifier's own report types, of which the harness
+//! keeps each check's result and the leaked and shared sets of `runner_overlap`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 use serde::Serialize;
-use serde_json::Value;
+use storedisk_verifier::Report;
 
 use crate::cmd::Cmd;
 use crate::tools::{path_with, Nix, NIX_CONFIG};
@@ -17,46 +18,53 @@ use crate::tools::{path_with, Nix, NIX_CONFIG};
 pub struct Verdict {
     /// `true`/`false`: the verifier's overall verdict; `None`: it could not give one.
     pub ok: Option<bool>,
-    /// Each check's `ok` (true, false or null).
-    pub checks: serde_json::Map<String, Value>,
-    /// Leaked paths (hash-redacted), from `checks.runner_overlap.paths`.
-    pub leaked: Option<Vec<String>>,
-    pub duplicated_bytes: Option<u64>,
-    /// Why there is no verdict (verifier missing or failing to run).
+    /// Each check's `ok` (true, false or null), by check name.
+    pub checks: BTreeMap<&'static str, Option<bool>>,
+    /// Leaked store paths (`runner_overlap.paths`), sorted.
+    pub leaked: Vec<String>,
+    /// Packed store paths the runner needs by itself (`runner_overlap.shared`), sorted.
+    pub shared: Vec<String>,
+    /// Store paths packed in the image (the inventory), sorted.
+    #[serde(skip)]
+    pub packed: Vec<String>,
+    pub duplicated_bytes: u64,
+    /// Why there is no verdict (the verifier failed to run or printed no report).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
 }
 
 impl Verdict {
+    fn unavailable(why: String) -> Verdict {
+        Verdict {
+            ok: None,
+            checks: BTreeMap::new(),
+            leaked: Vec::new(),
+            shared: Vec::new(),
+            packed: Vec::new(),
+            duplicated_bytes: 0,
+            unavailable: Some(why),
+        }
+    }
+
     /// The names of the checks that reported `false`, comma-separated.
     fn failing_checks(&self) -> String {
         self.checks
             .iter()
-            .filter(|(_, v)| v.as_bool() == Some(false))
-            .map(|(k, _)| k.as_str())
+            .filter(|(_, ok)| **ok == Some(false))
+            .map(|(name, _)| *name)
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    /// The verifier said it cannot run because its subcommand is still a placeholder.
-    pub fn not_implemented(&self) -> bool {
-        self.unavailable
-            .as_deref()
-            .is_some_and(|u| u.contains("not implemented"))
-    }
-
     /// A short text for tables.
     pub fn summary(&self) -> String {
-        match (&self.unavailable, self.ok, &self.leaked) {
-            (Some(_), _, _) if self.not_implemented() => {
-                "n/a (verify not implemented yet)".to_owned()
+        match (&self.unavailable, self.ok) {
+            (Some(why), _) => format!("could not run: {}", why.lines().next().unwrap_or("")),
+            (None, Some(true)) => "ok".to_owned(),
+            (None, _) if !self.leaked.is_empty() => {
+                format!("{} leaked ({})", self.leaked.len(), self.failing_checks())
             }
-            (Some(why), _, _) => format!("could not run: {}", why.lines().next().unwrap_or("")),
-            (None, Some(true), _) => "ok".to_owned(),
-            (None, _, Some(leaked)) if !leaked.is_empty() => {
-                format!("{} leaked ({})", leaked.len(), self.failing_checks())
-            }
-            (None, _, _) => format!("fails: {}", self.failing_checks()),
+            (None, _) => format!("fails: {}", self.failing_checks()),
         }
     }
 }
@@ -66,82 +74,65 @@ pub struct VerifyInputs<'a> {
     pub nix: &'a Nix,
     pub image: &'a str,
     pub closure_file: &'a Path,
-    pub runner: &'a str,
+    /// The runner to check for overlap; `None` checks the image alone.
+    pub runner: Option<&'a str>,
 }
 
 pub fn verify(inputs: &VerifyInputs<'_>) -> Result<Verdict> {
-    let finished = Cmd::new(inputs.storedisk)
+    let mut cmd = Cmd::new(inputs.storedisk)
         .arg("verify")
         .arg(inputs.image)
         .arg("--closure")
         .arg(inputs.closure_file)
-        .args([
-            "--image-path",
-            inputs.image,
-            "--runner",
-            inputs.runner,
-            "--json",
-        ])
+        .args(["--image-path", inputs.image, "--json"]);
+    if let Some(runner) = inputs.runner {
+        cmd = cmd.args(["--runner", runner]);
+    }
+    let finished = cmd
         .env("PATH", path_with(&inputs.nix.bin_dir))
         .env("NIX_CONFIG", NIX_CONFIG)
         .timeout(Duration::from_secs(900))
         .run_unchecked()?;
     let code = finished.status.and_then(|s| s.code());
     if !matches!(code, Some(0 | 1)) {
-        return Ok(Verdict {
-            ok: None,
-            checks: Default::default(),
-            leaked: None,
-            duplicated_bytes: None,
-            unavailable: Some(format!(
-                "`{}` {}: {}",
-                finished.display,
-                finished.outcome(),
-                finished.stderr.trim()
-            )),
-        });
+        return Ok(Verdict::unavailable(format!(
+            "`{}` {}: {}",
+            finished.display,
+            finished.outcome(),
+            finished.stderr.trim()
+        )));
     }
-    let report: Value = serde_json::from_str(&finished.stdout).map_err(|e| {
-        anyhow::anyhow!(
-            "`{}` printed no JSON report ({e}): {}",
+    match serde_json::from_str::<Report>(&finished.stdout) {
+        Ok(report) => Ok(verdict_from_report(&report)),
+        Err(e) => Ok(Verdict::unavailable(format!(
+            "`{}` printed no report of the verifier's schema ({e}): {}",
             finished.display,
             crate::cmd::tail_lines(&finished.stdout, 5)
-        )
-    })?;
-    Ok(verdict_from_report(&report))
+        ))),
+    }
 }
 
-/// Reads the parts of a `storedisk verify --json` report the harness keeps.
-pub fn verdict_from_report(report: &Value) -> Verdict {
-    let checks_value = report
-        .get("checks")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let checks = checks_value
-        .iter()
-        .map(|(k, v)| (k.clone(), v.get("ok").cloned().unwrap_or(Value::Null)))
-        .collect();
-    let overlap = checks_value.get("runner_overlap");
-    let leaked = overlap
-        .and_then(|o| o.get("paths"))
-        .and_then(Value::as_array)
-        .map(|paths| {
-            let mut names: Vec<String> = paths
-                .iter()
-                .filter_map(|p| p.get("path").and_then(Value::as_str))
-                .map(super::transfer::redact)
-                .collect();
-            names.sort();
-            names
-        });
+/// The parts of a `storedisk verify --json` report the harness keeps.
+pub fn verdict_from_report(report: &Report) -> Verdict {
+    let c = &report.checks;
+    let checks = BTreeMap::from([
+        ("complete", c.complete.ok),
+        ("integrity", c.integrity.ok),
+        ("self_contained", c.self_contained.ok),
+        ("runner_overlap", c.runner_overlap.ok),
+        ("policy", c.policy.ok),
+    ]);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
     Verdict {
-        ok: report.get("ok").and_then(Value::as_bool),
+        ok: Some(report.ok),
         checks,
-        leaked,
-        duplicated_bytes: overlap
-            .and_then(|o| o.get("duplicated_bytes"))
-            .and_then(Value::as_u64),
+        leaked: sorted(c.runner_overlap.paths.iter().map(|p| p.path.clone()).collect()),
+        shared: sorted(c.runner_overlap.shared.clone()),
+        packed: sorted(report.paths.iter().map(|p| p.path.clone()).collect()),
+        duplicated_bytes: c.runner_overlap.duplicated_bytes,
         unavailable: None,
     }
 }
@@ -151,27 +142,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_leaked_set() {
+    fn reads_the_verifiers_own_schema() {
         let report = serde_json::json!({
-            "ok": false,
+            "ok": false, "findings": 2, "format": "erofs", "image": "/nix/store/i-disk",
+            "paths": [
+                {"path": "/nix/store/b-bb", "nar_size": 1, "nar_hash": "sha256:x"},
+                {"path": "/nix/store/a-aa", "nar_size": 1, "nar_hash": "sha256:y"}
+            ],
             "checks": {
-                "complete": {"ok": true},
-                "self_contained": {"ok": true},
-                "runner_overlap": {"ok": false, "duplicated_bytes": 300, "paths": [
-                    {"path": "/nix/store/l6n4d8r98v80dym5d2hjq5g6x3abax1h-nixos-system-large", "nar_size": 100, "chain": []},
-                    {"path": "/nix/store/6zd6v57skds92hbvv670gd6rnz2wckwg-closure-info", "nar_size": 200, "chain": []}
-                ]},
-                "policy": {"ok": null, "why": "no --allow"}
+                "complete": {"ok": true, "closure_source": "file", "closure_paths": 2, "missing": [], "extra": []},
+                "integrity": {"ok": true, "checked": 2, "mismatched": [], "invalid_entries": [], "unchecked": []},
+                "self_contained": {"ok": true, "image_path": "/nix/store/i-disk", "references": [],
+                                   "would_reference": [], "would_reference_count": 0},
+                "runner_overlap": {"ok": false, "runner": "/nix/store/r-run", "runner_closure_paths": 5,
+                    "guest_roots": [], "duplicated_bytes": 300, "shared_bytes": 7,
+                    "shared": ["/nix/store/s-busybox"],
+                    "paths": [
+                        {"path": "/nix/store/l6-nixos-system-large", "nar_size": 100, "chain": [], "where": null},
+                        {"path": "/nix/store/6z-closure-info", "nar_size": 200, "chain": [],
+                         "where": {"file": "bin/run", "line": 3}}
+                    ]},
+                "policy": {"ok": null, "why": "no allow globs", "allow": [], "violations": []}
             }
         });
+        let report: Report = serde_json::from_value(report).unwrap();
         let v = verdict_from_report(&report);
         assert_eq!(v.ok, Some(false));
         assert_eq!(
-            v.leaked.as_deref().unwrap(),
-            ["closure-info", "nixos-system-large"]
+            v.leaked,
+            ["/nix/store/6z-closure-info", "/nix/store/l6-nixos-system-large"]
         );
-        assert_eq!(v.duplicated_bytes, Some(300));
-        assert_eq!(v.checks["policy"], Value::Null);
+        assert_eq!(v.shared, ["/nix/store/s-busybox"]);
+        assert_eq!(v.packed, ["/nix/store/a-aa", "/nix/store/b-bb"]);
+        assert_eq!(v.duplicated_bytes, 300);
+        assert_eq!(v.checks["policy"], None);
         assert_eq!(v.summary(), "2 leaked (runner_overlap)");
+    }
+
+    #[test]
+    fn a_report_of_another_shape_is_not_a_verdict() {
+        assert!(serde_json::from_str::<Report>(r#"{"ok": true}"#).is_err());
     }
 }

@@ -30,6 +30,7 @@ let
   # The runner is checked, not booted: stand-ins for the kernel and the initrd.
   kernel = lib.runCommand "kernel-stand-in" { } "mkdir -p $out; : > $out/bzImage";
   initrd = lib.runCommand "initrd-stand-in" { } "mkdir -p $out; : > $out/initrd";
+  hypervisor = lib.hypervisor { qemuBinary = "/usr/bin/qemu-system-x86_64"; };
 
   check = { discardReferences ? true, systemSymlink ? false, discardRegInfoContext ? true
           , allowLeaks ? false }:
@@ -38,7 +39,7 @@ let
       inherit storeDisk allowLeaks;
       runner = lib.runner {
         hostName = "check-test";
-        inherit toplevel regInfo storeDisk kernel initrd systemSymlink discardRegInfoContext;
+        inherit toplevel regInfo storeDisk kernel initrd hypervisor systemSymlink discardRegInfoContext;
         discardInitContext = true;
       };
     };
