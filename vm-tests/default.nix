@@ -12,6 +12,9 @@
 , qemu ? "/usr/bin/qemu-system-x86_64"
 , socat ? "/usr/bin/socat"
 , mkfsErofs ? null
+  # Where `cargo xtask vm-test --scenario realistic` generated the realistic closure; "" leaves
+  # that scenario out of the plan.
+, realisticDir ? ""
 }:
 
 let
@@ -29,18 +32,25 @@ let
   socatHost = lib.hostProgram { name = "socat-host"; program = "socat"; binary = socat; };
 
   lib = import ./lib.nix { inherit busybox storedisk mkfsErofs; };
+  optionalString = cond: s: if cond then s else "";
   guest = import ./guest.nix { inherit lib busybox; };
-  scenarios = import ./scenarios.nix { inherit lib busybox; };
+  scenarios = import ./scenarios.nix { inherit lib busybox realisticDir; };
   initrd = lib.initrd { inherit kernel; };
 
   # The five fixes, one switch each. upstream = what microvm.nix main does (commit 71beea0, see
-  # DESIGN.md section 1): leaks 1-3 fixed (store-disk.nix:79-80, options.nix:1061-1063,
-  # system.nix:35-43), regInfo= keeps its context (store-disk.nix:98-100, the fd7e14d regression)
-  # and the runner boots from the kernel package (qemu.nix:116).
-  noFix = { image = false; symlink = false; init = false; regInfo = false; kernel = false; };
+  # DESIGN.md section 1): leaks 1-3 fixed (store-disk.nix:79-80, system.nix:35-43; leak 2 by
+  # dropping the system symlink, options.nix:1061-1063, which breaks `microvm -l`), regInfo=
+  # keeps its context (store-disk.nix:98-100, the fd7e14d regression) and the runner boots from
+  # the kernel package (qemu.nix:116). Our fix for leak 2 keeps the symlink, without context.
+  # `host`: the host system that declares the VM writes its toplevel without context (only the
+  # `host` runs read it; `fixed` has it).
+  noFix = {
+    image = false; symlink = false; dropSymlink = false; init = false; regInfo = false;
+    kernel = false; host = false;
+  };
   variants = {
     unfixed = noFix;
-    upstream = noFix // { image = true; symlink = true; init = true; };
+    upstream = noFix // { image = true; symlink = true; dropSymlink = true; init = true; };
     fixed = allFixed;
     fix-image = noFix // { image = true; };
     fix-symlink = noFix // { symlink = true; };
@@ -55,7 +65,9 @@ let
     leak-reginfo = allFixed // { regInfo = false; };
     leak-kernel = allFixed // { kernel = false; };
   };
-  allFixed = { image = true; symlink = true; init = true; regInfo = true; kernel = true; };
+  allFixed = noFix // { image = true; symlink = true; init = true; regInfo = true; kernel = true; host = true; };
+  # The variants whose host deployment is measured.
+  hostVariants = [ "unfixed" "upstream" "fixed" ];
   formats = [ "squashfs" "erofs" ];
 
   system = scenarioName: guestName:
@@ -84,31 +96,55 @@ let
     in
     { inherit (g) toplevel manifest; inherit regInfo disks; };
 
+  # The runner of one variant; `hold`: the guest stays up after its result line until the host
+  # stops it (the microvm-shutdown test).
+  runnerOf = { scenarioName, sys, format, fixes, hold ? false }:
+    let
+      storeDisk = if fixes.image then sys.disks.${format}.discarding else sys.disks.${format}.keeping;
+    in
+    rec {
+      inherit storeDisk fixes;
+      inherit (sys) toplevel regInfo;
+      hostSystem = lib.hostSystem {
+        name = scenarioName;
+        inherit runner;
+        inherit (sys) toplevel;
+        discardContext = fixes.host;
+      };
+      runner = lib.runner {
+        # The same name for every variant and version, as a deployed MicroVM keeps its name.
+        hostName = scenarioName;
+        inherit (sys) toplevel regInfo;
+        inherit storeDisk kernel initrd hypervisor;
+        socat = socatHost;
+        # Under TCG on a loaded host the kernel's PIT calibration of the TSC can fail, and
+        # the boot then hangs; a given TSC rate skips that calibration (guest-side only).
+        extraKernelParams = "tsc_early_khz=2000000" + optionalString hold " storedisk.hold";
+        systemSymlink = !fixes.dropSymlink;
+        systemSymlinkContext = !fixes.symlink;
+        discardInitContext = fixes.init;
+        discardRegInfoContext = fixes.regInfo;
+        bootFromKernelImage = fixes.kernel;
+      };
+    };
+
   runsOf = scenarioName: guestName:
     let sys = system scenarioName guestName;
     in builtins.listToAttrs (map (format: {
       name = format;
       value = builtins.mapAttrs (variantName: fixes:
-        let
-          storeDisk = if fixes.image then sys.disks.${format}.discarding else sys.disks.${format}.keeping;
-          runner = lib.runner {
-            # The same name for every variant and version, as a deployed MicroVM keeps its name.
-            hostName = scenarioName;
-            inherit (sys) toplevel regInfo;
-            inherit storeDisk kernel initrd hypervisor;
-            socat = socatHost;
-            # Under TCG on a loaded host the kernel's PIT calibration of the TSC can fail, and
-            # the boot then hangs; a given TSC rate skips that calibration (guest-side only).
-            extraKernelParams = "tsc_early_khz=2000000";
-            systemSymlink = !fixes.symlink;
-            discardInitContext = fixes.init;
-            discardRegInfoContext = fixes.regInfo;
-            bootFromKernelImage = fixes.kernel;
-          };
-        in
-        { inherit runner storeDisk fixes; inherit (sys) toplevel regInfo; }
+        runnerOf { inherit scenarioName sys format fixes; }
       ) variants;
     }) formats);
+
+  # microvm-shutdown, tried for real: the fixed minimal erofs machine, held up until it is run.
+  shutdown = (runnerOf {
+    scenarioName = "minimal";
+    sys = system "minimal" "minimal";
+    format = "erofs";
+    fixes = allFixed;
+    hold = true;
+  }).runner;
 
   # An aarch64 guest, built on this machine: its init and programs are the arm64 busybox, every
   # derivation is built by the host's busybox. Its store disk is architecture-independent, so it
@@ -143,9 +179,15 @@ let
     nix-db = runsOf "nix-db" "nix-db";
     no-reginfo = runsOf "no-reginfo" "no-reginfo";
     large = runsOf "large" "large";
-  };
+  } // (if realisticDir == "" then { } else { realistic = runsOf "realistic" "realistic"; });
   updates = {
     minimal = runsOf "minimal" "minimal-v2";
+  };
+  # A NixOS host that declares the minimal guest, deployed with `nix copy` of its system.
+  hosts = {
+    minimal = builtins.mapAttrs (format: byVariant:
+      builtins.listToAttrs (map (v: { name = v; value = byVariant.${v}; }) hostVariants)
+    ) runs.minimal;
   };
 
   planOf = kind: set: builtins.concatLists (builtins.attrValues (builtins.mapAttrs (scenario: byFormat:
@@ -158,11 +200,13 @@ let
         toplevel = r.toplevel.outPath;
         regInfo = if r.regInfo == null then null else r.regInfo.outPath;
         kernel = "${kernel}";
+        hostSystem = r.hostSystem.outPath;
       }) byVariant)) byFormat))) set));
 in
 {
-  inherit runs updates initrd kernel hypervisor busybox variants aarch64;
+  inherit runs updates hosts shutdown initrd kernel hypervisor busybox variants aarch64;
+  microvmList = lib.microvmList;
   # What the harness reads (`nix-instantiate --eval --strict --json -A plan`) and builds (-A plan).
-  plan = planOf "run" runs ++ planOf "update" updates;
+  plan = planOf "run" runs ++ planOf "update" updates ++ planOf "host" hosts;
   hostPaths = { inherit busybox kernel initrd hypervisor socatHost storedisk; };
 }

@@ -140,8 +140,11 @@ rec {
   # virtio-blk (qemu.nix:235-236) and `init=`/`regInfo=` on the kernel command line;
   # a control socket (qemu.nix:267, default "<hostName>.sock", options.nix:77-82) and so a
   # microvm-shutdown script (qemu.nix:372-421, lib/runner.nix:190-193); share/microvm/system links
-  # the toplevel when systemSymlink is on (lib/runner.nix:230-232).
-  # The fixes, one switch each: systemSymlink (leak 2), discardInitContext (leak 3),
+  # the toplevel when systemSymlink is on (lib/runner.nix:230-232), for `microvm -l`.
+  # The fixes, one switch each: systemSymlinkContext = false (leak 2: the symlink stays, so
+  # `microvm -l` keeps working, but without string context; Nix records a reference only to paths
+  # in the build's inputs, and with leaks 1, 3 and 4 closed the toplevel is not among them;
+  # upstream instead drops the symlink, systemSymlink = false), discardInitContext (leak 3),
   # discardRegInfoContext (leak 4: the text stays the same, the reference goes) and
   # bootFromKernelImage (fix 5: boot `kernelImage` instead of "${kernel}/${target}").
   # KVM as upstream by default; MICROVM_ACCEL/MICROVM_CPU override it (the harness's TCG runs).
@@ -150,7 +153,8 @@ rec {
   runner = { hostName, toplevel, regInfo ? null, storeDisk, kernel, initrd, hypervisor, socat ? null
            , arch ? "x86_64", kernelTarget ? (if arch == "aarch64" then "Image" else "bzImage")
            , cpu ? null, mem ? 256, socket ? "${hostName}.sock"
-           , systemSymlink ? true, discardInitContext ? false, discardRegInfoContext ? false
+           , systemSymlink ? true, systemSymlinkContext ? true
+           , discardInitContext ? false, discardRegInfoContext ? false
            , bootFromKernelImage ? false, extraKernelParams ? "" }:
     let
       keepContextUnless = discard: s: if discard then builtins.unsafeDiscardStringContext s else s;
@@ -205,10 +209,61 @@ rec {
     '' + builtins.concatStringsSep "" (map (name: ''
       ln -s ${scripts.${name}} $out/bin/${name}
     '') (builtins.attrNames scripts)) + ''
-      ${optionalString systemSymlink "ln -s ${toplevel} $out/share/microvm/system"}
+      ${optionalString systemSymlink
+        "ln -s ${keepContextUnless (!systemSymlinkContext) "${toplevel}"} $out/share/microvm/system"}
       echo vnet_hdr > $out/share/microvm/tap-flags
       echo qemu > $out/share/microvm/hypervisor
     '');
+
+  # A host system that declares the MicroVM `name`, as microvm.nix's host module makes it
+  # (nixos-modules/host/default.nix): the `install-microvm-<name>` unit, whose script links
+  # `current` to the runner and, for a VM that is not a flake, `toplevel` to the guest toplevel in
+  # the VM's state directory (:127-138), and a `microvm@<name>` drop-in whose restart trigger is the
+  # toplevel (:156). Upstream both carry string context, so deploying the host copies the whole
+  # guest closure whatever the runner does. discardContext: the same strings without context (they
+  # still change when the toplevel does, so the unit still restarts; `toplevel` dangles on a
+  # host that has not copied it, and `microvm -l` only reads it). The state directory is
+  # $MICROVM_STATE_DIR (default /var/lib/microvms, upstream's stateDir).
+  hostSystem = { name, runner, toplevel, discardContext ? false }:
+    let
+      guest = if discardContext then builtins.unsafeDiscardStringContext "${toplevel}" else "${toplevel}";
+      install = writeScript "unit-script-install-microvm-${name}-start" ''
+        set -eu
+        dir="''${MICROVM_STATE_DIR:-/var/lib/microvms}/${name}"
+        mkdir -p "$dir"
+        cd "$dir"
+        ln -sTf ${runner} current
+        ln -sTf ${guest} toplevel
+      '';
+    in
+    runCommand "nixos-system-host" { } ''
+      units=$out/etc/systemd/system
+      mkdir -p "$units/microvm@${name}.service.d" $out/bin
+      printf '[Unit]\nDescription=Install MicroVM ${name}\n[Service]\nType=oneshot\nExecStart=%s\n' \
+        ${install} > "$units/install-microvm-${name}.service"
+      printf '[Unit]\nX-Restart-Triggers=%s\n' ${guest} > "$units/microvm@${name}.service.d/overrides.conf"
+      ln -s ${install} $out/bin/install-microvm-${name}
+    '';
+
+  # `microvm -l` as microvm.nix's microvm command lists (pkgs/microvm-command.nix:170-208), for
+  # VMs that are not flakes: a VM is `current` when `current/share/microvm/system` (the runner's
+  # symlink) names the same toplevel as the `toplevel` link, else `outdated`. The colours and
+  # systemctl's booted/active states are left out.
+  microvmList = writeScript "microvm-list" ''
+    STATE_DIR="''${MICROVM_STATE_DIR:-/var/lib/microvms}"
+    for DIR in "$STATE_DIR"/* ; do
+      NAME=$(basename "$DIR")
+      if [ -d "$DIR" ] && [ -L "$DIR/current" ] ; then
+        CURRENT_SYSTEM=$(readlink "$DIR/current/share/microvm/system")
+        NEW_SYSTEM=$(readlink "$DIR/toplevel")
+        if [ "$CURRENT_SYSTEM" != "$NEW_SYSTEM" ] ; then
+          echo "$NAME: outdated(''${CURRENT_SYSTEM#*-}), rebuild(''${NEW_SYSTEM#*-})"
+        else
+          echo "$NAME: current(''${CURRENT_SYSTEM#*-})"
+        fi
+      fi
+    done
+  '';
 
   # The closure of rootPaths as exportReferencesGraph JSON (the structured-attrs file, whose one
   # list of path infos is what `storedisk verify --closure/--runner-closure` reads). It only

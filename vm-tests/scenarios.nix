@@ -6,7 +6,8 @@
 #   no-reginfo minimal, built with microvm.registerClosure (or nix.enable) off: no closure info
 #              on the disk, no regInfo= on the kernel command line
 #   large      150 payload paths (>= 100 MiB) plus a bundle referencing them
-{ lib, busybox }:
+#   realistic  (opt-in, with `realisticDir`) a generated closure of NixOS size, see realistic.nix
+{ lib, busybox, realisticDir ? "" }:
 
 let
   generate = { seed, bytes, file }: ''
@@ -108,4 +109,8 @@ in
     program = "${bundle}/bin/payload-bundle";
     expected = "150 payload paths";
   };
-}
+} // (if realisticDir == "" then { } else {
+  realistic = minimal "v1" // {
+    packages = [ (import ./realistic.nix { inherit lib; dir = realisticDir; }).root (hello "v1") words ];
+  };
+})

@@ -10,6 +10,12 @@ toplevel=$(dirname "$0")
 result() {
     echo "STOREDISK-RESULT $1"
     sync
+    # storedisk.hold: stay up until the host stops the machine (the harness's microvm-shutdown
+    # test); ctrl-alt-del then restarts the kernel, which ends QEMU (-no-reboot).
+    if grep -qw storedisk.hold /proc/cmdline; then
+        echo "stage 2: holding for microvm-shutdown"
+        while :; do sleep 60; done
+    fi
     poweroff -f
     reboot -f
     sleep 10

@@ -7,7 +7,7 @@
 //! own CPU time and peak RSS from `wait4`. The page cache is warm for every tool alike: the
 //! generator has just written (or a first pass has read) the closure.
 
-mod closure_gen;
+pub mod closure_gen;
 mod report;
 
 use std::ffi::{OsStr, OsString};

@@ -8,8 +8,10 @@ mod boot;
 mod classify;
 mod cross;
 mod host;
+mod microvm_list;
 mod plan;
 mod report;
+mod shutdown;
 mod transfer;
 mod verify;
 
@@ -26,12 +28,15 @@ use sha2::{Digest, Sha256};
 use crate::cmd::Cmd;
 use crate::tools::{self, Toolchain};
 use classify::PathClass;
-use plan::{PlanEntry, RunKind, Selection};
+use plan::{PlanEntry, RunKind, Selection, REALISTIC};
+use storedisk_verifier::ImageFormat;
 
 /// `cargo xtask vm-test`
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
-    /// Only this scenario (minimal, nix-db, no-reginfo, large); repeatable. Default: all.
+    /// Only this scenario (minimal, nix-db, no-reginfo, large); repeatable. Default: all of
+    /// these. `realistic` (a generated closure of NixOS size, about 15 minutes more) runs only
+    /// when named.
     #[arg(long, value_name = "S")]
     pub scenario: Vec<String>,
     /// Only this store disk format (squashfs, erofs); repeatable. Default: both.
@@ -55,6 +60,12 @@ pub struct VmTestArgs {
     #[arg(long)]
     pub jobs: Option<usize>,
 }
+
+/// File bytes of its generated closure (its NAR is a little larger).
+const REALISTIC_FILE_BYTES: u64 = 1_100_000_000;
+const REALISTIC_SEED: u64 = 1;
+/// Boots of the realistic guest check the sha256 of over a gigabyte under emulation.
+const REALISTIC_BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// A boot as recorded for a run: its own, or shared with a byte-identical machine.
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +133,19 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run of `plan`, nothing measured yet.
+    pub fn new(plan: PlanEntry) -> Run {
+        Run {
+            plan,
+            boot: None,
+            transfer: None,
+            verify: None,
+            runner_kernel_modules: Vec::new(),
+            verify_disagreements: Vec::new(),
+            facts: None,
+        }
+    }
+
     pub fn label(&self) -> String {
         self.plan.label()
     }
@@ -171,11 +195,17 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     })?;
     let mkfs_erofs = tools::mkfs_erofs_with_fragments()
         .context("no mkfs.erofs 1.6+ (erofs-utils): run `cargo xtask setup`")?;
+    let realistic_dir = if args.scenario.iter().any(|s| s == REALISTIC) {
+        Some(phases.time("generate realistic closure", || generate_realistic(&work))?)
+    } else {
+        None
+    };
     let nix_args = NixArgs {
         file: root.join("vm-tests/default.nix"),
         host_dir,
         qemu: toolchain.qemu.clone(),
         socat: toolchain.socat.clone(),
+        realistic_dir,
         mkfs_erofs,
     };
 
@@ -189,18 +219,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     eprintln!("{} runs selected", plan.len());
     phases.time("nix build", || build(&toolchain, &nix_args, &plan, &logs))?;
 
-    let mut runs: Vec<Run> = plan
-        .into_iter()
-        .map(|plan| Run {
-            plan,
-            boot: None,
-            transfer: None,
-            verify: None,
-            runner_kernel_modules: Vec::new(),
-            verify_disagreements: Vec::new(),
-            facts: None,
-        })
-        .collect();
+    let mut runs: Vec<Run> = plan.into_iter().map(Run::new).collect();
     let accel = boot::choose_accel(
         args.accel,
         &toolchain.qemu,
@@ -208,13 +227,38 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         &logs,
     )?;
     phases.time("boot", || boot_all(&mut runs, accel, &args, &logs))?;
+    // microvm-shutdown belongs to the minimal guest on erofs: tried when that is selected.
+    let shutdown = if runs
+        .iter()
+        .any(|r| r.plan.scenario == "minimal" && r.plan.format == ImageFormat::Erofs)
+    {
+        Some(phases.time("microvm-shutdown", || {
+            let runner = nix_build_one(&toolchain, &nix_args, "shutdown", &logs)?;
+            let timeout = Duration::from_secs(args.boot_timeout);
+            shutdown::check(Path::new(&runner), accel, &logs, timeout)
+        })?)
+    } else {
+        eprintln!("microvm-shutdown: not tried (the minimal guest on erofs is not selected)");
+        None
+    };
     phases.time("runner closures", || {
         runner_facts_all(&mut runs, &toolchain, &work)
     })?;
-    phases.time("verify", || verify_all(&mut runs, &toolchain, &storedisk, &work))?;
+    phases.time("verify", || {
+        verify_all(&mut runs, &toolchain, &storedisk, &work)
+    })?;
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
+    let list_checks = if runs.iter().any(|r| r.plan.kind == RunKind::Host) {
+        phases.time("microvm -l", || {
+            let script = nix_build_one(&toolchain, &nix_args, "microvmList", &logs)?;
+            microvm_list::check_all(&runs, Path::new(&script), &work)
+        })?
+    } else {
+        Vec::new()
+    };
     let cross = phases.time("aarch64 guest", || {
-        let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &logs);
+        let log = logs.join("nix-build-aarch64.log");
+        let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &log);
         cross::check(&toolchain, nix_build, &storedisk, &work)
     })?;
 
@@ -225,15 +269,41 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     }
     eprintln!("  {:<16} {total:>7.1}s", "total");
     report::finish(
-        &runs,
-        &cross,
-        &phases,
-        total,
-        accel,
+        &report::Outcome {
+            runs: &runs,
+            list_checks: &list_checks,
+            shutdown: shutdown.as_ref(),
+            cross: &cross,
+            phases: &phases,
+            total_seconds: total,
+            accel,
+        },
         &work,
         &root.join("golden"),
         &selection,
     )
+}
+
+/// Generates the `realistic` scenario's closure (once per generator version) and returns the
+/// directory vm-tests/realistic.nix reads.
+fn generate_realistic(work: &Path) -> Result<PathBuf> {
+    let generated = crate::bench::closure_gen::generate_cached(
+        REALISTIC_FILE_BYTES,
+        REALISTIC_SEED,
+        &work.join("realistic"),
+    )?;
+    eprintln!(
+        "realistic closure: {} store paths, {} files, {} symlinks, {} of NAR",
+        generated.store_paths,
+        generated.files,
+        generated.symlinks,
+        crate::bench::human_bytes(generated.nar_bytes)
+    );
+    generated
+        .store_dir
+        .parent()
+        .map(Path::to_owned)
+        .context("the generated store has no parent directory")
 }
 
 /// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`).
@@ -259,6 +329,8 @@ struct NixArgs {
     qemu: PathBuf,
     socat: PathBuf,
     mkfs_erofs: PathBuf,
+    /// The generated closure of the `realistic` scenario, when it is asked for.
+    realistic_dir: Option<PathBuf>,
 }
 
 impl NixArgs {
@@ -276,6 +348,9 @@ impl NixArgs {
             .arg(&self.socat);
         if self.mkfs_erofs.exists() {
             cmd = cmd.arg("--argstr").arg("mkfsErofs").arg(&self.mkfs_erofs);
+        }
+        if let Some(dir) = &self.realistic_dir {
+            cmd = cmd.arg("--argstr").arg("realisticDir").arg(dir);
         }
         cmd
     }
@@ -299,14 +374,33 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
             .cmd("nix-build")
             .args(["--no-out-link", "--keep-going"]),
     );
+    // The runner of a variant that discards the context of init= does not depend on the
+    // toplevel; build the guest side explicitly so the verifier and the image have it. Variants
+    // share their guest side: name each out path once.
+    let mut named = BTreeSet::new();
+    // `microvm -l` installs version 2's host system over version 1's.
+    let hosts: BTreeSet<_> = plan
+        .iter()
+        .filter(|p| p.kind == RunKind::Host)
+        .map(|p| (p.format, p.variant))
+        .collect();
     for p in plan {
-        // The runner of a variant that discards the context of init= does not depend on the
-        // toplevel; build the guest side explicitly so the verifier and the image have it.
-        for attr in ["runner", "storeDisk", "toplevel"] {
-            cmd = cmd.arg("-A").arg(p.attr_path(attr));
-        }
-        if p.reg_info.is_some() {
-            cmd = cmd.arg("-A").arg(p.attr_path("regInfo"));
+        let host_system_needed = p.kind == RunKind::Host
+            || (p.kind == RunKind::Update && hosts.contains(&(p.format, p.variant)));
+        let attrs = [
+            ("runner", Some(&p.runner)),
+            ("storeDisk", Some(&p.store_disk)),
+            ("toplevel", Some(&p.toplevel)),
+            ("regInfo", p.reg_info.as_ref()),
+            (
+                "hostSystem",
+                Some(&p.host_system).filter(|_| host_system_needed),
+            ),
+        ];
+        for (attr, out) in attrs {
+            if out.is_some_and(|out| named.insert(out.clone())) {
+                cmd = cmd.arg("-A").arg(p.attr_path(attr));
+            }
         }
     }
     let log = logs.join("nix-build.log");
@@ -325,19 +419,20 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
     Ok(())
 }
 
-/// `nix-build` of `attrs` of vm-tests/default.nix; their out paths, in order.
+/// `nix-build` of `attrs` of vm-tests/default.nix; their out paths, in order. Nix's build log
+/// goes to `log`.
 fn nix_build_attrs(
     toolchain: &Toolchain,
     nix_args: &NixArgs,
     attrs: &[&str],
-    logs: &Path,
+    log: &Path,
 ) -> Result<Vec<String>> {
     let mut cmd = nix_args.apply(toolchain.nix.cmd("nix-build").arg("--no-out-link"));
     for attr in attrs {
         cmd = cmd.arg("-A").arg(attr);
     }
     let finished = cmd.timeout(Duration::from_secs(1800)).run_unchecked()?;
-    std::fs::write(logs.join("nix-build-aarch64.log"), &finished.stderr)?;
+    std::fs::write(log, &finished.stderr)?;
     if !finished.success() {
         bail!(
             "`{}` {}\n{}",
@@ -347,6 +442,22 @@ fn nix_build_attrs(
         );
     }
     Ok(finished.stdout.lines().map(str::to_owned).collect())
+}
+
+/// `nix-build` of one attribute of vm-tests/default.nix (log: `nix-build-<attr>.log`); its out
+/// path.
+fn nix_build_one(
+    toolchain: &Toolchain,
+    nix_args: &NixArgs,
+    attr: &str,
+    logs: &Path,
+) -> Result<String> {
+    let log = logs.join(format!("nix-build-{attr}.log"));
+    let built = nix_build_attrs(toolchain, nix_args, &[attr], &log)?;
+    built
+        .into_iter()
+        .next()
+        .with_context(|| format!("nix-build printed no path for `{attr}`"))
 }
 
 /// Identifies what a boot exercises: the runner script's text with the store disk's path
@@ -423,16 +534,26 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
                 let name = label.replace('/', "-");
                 let log = logs.join(format!("boot-{name}.log"));
                 let state_dir = logs.join("state").join(&name);
-                let outcome =
-                    boot::boot(Path::new(&runners[*first]), accel, &log, &state_dir, timeout)
-                    .unwrap_or_else(|e| boot::BootOutcome {
-                        ok: false,
-                        seconds: 0.0,
-                        result: None,
-                        error: Some(format!("{e:#}")),
-                        log: log.display().to_string(),
-                        attempts: 1,
-                    });
+                let timeout = if label.starts_with(&format!("{REALISTIC}/")) {
+                    timeout.max(REALISTIC_BOOT_TIMEOUT)
+                } else {
+                    timeout
+                };
+                let outcome = boot::boot(
+                    Path::new(&runners[*first]),
+                    accel,
+                    &log,
+                    &state_dir,
+                    timeout,
+                )
+                .unwrap_or_else(|e| boot::BootOutcome {
+                    ok: false,
+                    seconds: 0.0,
+                    result: None,
+                    error: Some(format!("{e:#}")),
+                    log: log.display().to_string(),
+                    attempts: 1,
+                });
                 eprintln!(
                     "[boot {}/{total}] {label}: {} in {:.1}s",
                     n + 1,
@@ -507,7 +628,7 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
                 paths
             }
         };
-        let runner_json = closure_json(toolchain, &[&run.plan.runner])?;
+        let runner_json = closure_json(toolchain, &[run.plan.deployed()])?;
         let runner_own = classify::runner_own_paths(&runner_json, &run.plan)?;
         let with_kernel_modules: Vec<String> = closure_paths(&runner_json)?
             .into_iter()
@@ -534,9 +655,11 @@ fn verify_all(
     storedisk: &Path,
     work: &Path,
 ) -> Result<()> {
-    let count = runs.iter().filter(|r| r.plan.kind == RunKind::Run).count();
+    // Updates are version 2 of runs verified already; a host system is verified like a runner.
+    let verified = |r: &Run| r.plan.kind != RunKind::Update;
+    let count = runs.iter().filter(|r| verified(r)).count();
     let mut done = 0;
-    for run in runs.iter_mut().filter(|r| r.plan.kind == RunKind::Run) {
+    for run in runs.iter_mut().filter(|r| verified(r)) {
         done += 1;
         eprintln!("[verify {done}/{count}] {}", run.label());
         let closure_file = guest_closure_file(work, &run.plan);
@@ -545,7 +668,7 @@ fn verify_all(
             nix: &toolchain.nix,
             image: &run.plan.store_disk,
             closure_file: &closure_file,
-            runner: Some(&run.plan.runner),
+            runner: Some(run.plan.deployed()),
         })?;
         run.verify = Some(verdict);
     }
@@ -566,10 +689,7 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
         .map(|r| ((r.plan.format, r.plan.variant), r.plan.runner.clone()))
         .collect();
     for (n, run) in runs.iter_mut().enumerate() {
-        let kind = match run.plan.kind {
-            RunKind::Run => "run",
-            RunKind::Update => "update",
-        };
+        let kind = run.plan.kind.name();
         eprintln!("[copy {}/{count}] {kind} {}", n + 1, run.label());
         let name = format!(
             "{kind}-{}-{}-{}",
@@ -585,8 +705,9 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
             transfer::copy(&toolchain.nix, &[v1], &none_dir, "none")?;
             transfer::copy(&toolchain.nix, &[v1], &zstd_dir, "zstd")?;
         }
-        let none_copied = transfer::copy(&toolchain.nix, &[&run.plan.runner], &none_dir, "none")?;
-        let zstd_copied = transfer::copy(&toolchain.nix, &[&run.plan.runner], &zstd_dir, "zstd")?;
+        let deployed = run.plan.deployed();
+        let none_copied = transfer::copy(&toolchain.nix, &[deployed], &none_dir, "none")?;
+        let zstd_copied = transfer::copy(&toolchain.nix, &[deployed], &zstd_dir, "zstd")?;
         let zstd: BTreeMap<&str, &transfer::CachedPath> = zstd_copied
             .iter()
             .map(|c| (c.store_path.as_str(), c))
@@ -623,10 +744,10 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
             });
         }
         copied.sort_by(|a, b| a.name.cmp(&b.name));
-        // A first deployment copies the runner's whole closure: the verifier must agree with
-        // it on every path.
-        if let (RunKind::Run, Some(facts), Some(verdict)) = (run.plan.kind, &run.facts, verdict) {
-            if verdict.unavailable.is_none() {
+        // A first deployment copies the runner's (or host system's) whole closure: the verifier
+        // must agree with it on every path.
+        if let (Some(facts), Some(verdict)) = (&run.facts, verdict) {
+            if run.plan.kind != RunKind::Update && verdict.unavailable.is_none() {
                 let copied_paths: BTreeSet<String> =
                     none_copied.iter().map(|c| c.store_path.clone()).collect();
                 let found = classify::disagreements(
@@ -649,7 +770,7 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
                 .sum(),
             compressed_bytes: copied.iter().map(|c| c.compressed_size).sum(),
             leaked_paths: verdict
-                .filter(|v| v.unavailable.is_none() && run.plan.kind == RunKind::Run)
+                .filter(|v| v.unavailable.is_none() && run.plan.kind != RunKind::Update)
                 .map(|_| {
                     copied
                         .iter()

@@ -27,12 +27,14 @@ pub enum PathClass {
     Runner,
 }
 
-/// The paths a runner reaches by itself: its closure (from `nix path-info --json --recursive
-/// RUNNER`), never entering a guest root and ignoring the store disk's references.
+/// The paths a runner (or the host system of a `host` entry) reaches by itself: its closure
+/// (from `nix path-info --json --recursive`), never entering a guest root and ignoring the store
+/// disk's references.
 pub fn runner_own_paths(runner_closure_json: &str, plan: &PlanEntry) -> Result<BTreeSet<String>> {
     let store_dir = StoreDir::default();
+    let deployed = plan.deployed();
     let mut closure = Closure::from_json(runner_closure_json, None, &store_dir)
-        .with_context(|| format!("reading the closure of {}", plan.runner))?;
+        .with_context(|| format!("reading the closure of {deployed}"))?;
     let parse = |p: &str| -> Result<StorePath> {
         store_dir
             .parse_path(p)
@@ -48,8 +50,8 @@ pub fn runner_own_paths(runner_closure_json: &str, plan: &PlanEntry) -> Result<B
         .map(parse)
         .collect::<Result<BTreeSet<_>>>()?;
     let reached = closure
-        .reachable_avoiding([parse(&plan.runner)?], &cut)
-        .with_context(|| format!("walking the closure of {}", plan.runner))?;
+        .reachable_avoiding([parse(deployed)?], &cut)
+        .with_context(|| format!("walking the closure of {deployed}"))?;
     Ok(reached.iter().map(|p| closure.display(p)).collect())
 }
 
@@ -130,38 +132,22 @@ pub fn disagreements(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm_test::plan::{Fixes, RunKind, Variant};
+    use crate::vm_test::plan::Variant;
     use std::collections::BTreeMap;
     use storedisk_verifier::ImageFormat;
 
+    // The paths of PlanEntry::example("g", ..) and three more.
     const RUNNER: &str = "/nix/store/00000000000000000000000000000001-microvm-qemu-g";
-    const SCRIPT: &str = "/nix/store/00000000000000000000000000000002-microvm-g-microvm-run";
-    const BUSYBOX: &str = "/nix/store/00000000000000000000000000000003-busybox";
-    const TOPLEVEL: &str = "/nix/store/00000000000000000000000000000004-nixos-system-g";
-    const REGINFO: &str = "/nix/store/00000000000000000000000000000005-closure-info";
-    const DISK: &str = "/nix/store/00000000000000000000000000000006-microvm-store-disk.erofs";
-    const KERNEL: &str = "/nix/store/00000000000000000000000000000007-linux-host";
+    const DISK: &str = "/nix/store/00000000000000000000000000000002-microvm-store-disk.erofs";
+    const TOPLEVEL: &str = "/nix/store/00000000000000000000000000000003-nixos-system-g";
+    const REGINFO: &str = "/nix/store/00000000000000000000000000000004-closure-info";
+    const KERNEL: &str = "/nix/store/00000000000000000000000000000005-linux-host";
+    const SCRIPT: &str = "/nix/store/00000000000000000000000000000006-microvm-g-microvm-run";
+    const BUSYBOX: &str = "/nix/store/00000000000000000000000000000007-busybox";
     const APP: &str = "/nix/store/00000000000000000000000000000008-app";
 
     fn plan() -> PlanEntry {
-        PlanEntry {
-            kind: RunKind::Run,
-            scenario: "g".to_owned(),
-            format: ImageFormat::Erofs,
-            variant: Variant::Upstream,
-            fixes: Fixes {
-                image: false,
-                symlink: false,
-                init: false,
-                reg_info: false,
-                kernel: false,
-            },
-            runner: RUNNER.to_owned(),
-            store_disk: DISK.to_owned(),
-            toplevel: TOPLEVEL.to_owned(),
-            reg_info: Some(REGINFO.to_owned()),
-            kernel: KERNEL.to_owned(),
-        }
+        PlanEntry::example("g", ImageFormat::Erofs, Variant::Upstream)
     }
 
     /// A `nix path-info --json` object from `path: [references]`.
@@ -219,7 +205,9 @@ mod tests {
     #[test]
     fn a_verifier_that_agrees_with_nix_copy_passes() {
         let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
-        let copied = set(&[RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK]);
+        let copied = set(&[
+            RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
+        ]);
         let guest = set(&[TOPLEVEL, REGINFO, APP, BUSYBOX, KERNEL]);
         let v = verdict(&[APP, REGINFO, TOPLEVEL], &[BUSYBOX, KERNEL]);
         assert_eq!(
@@ -238,7 +226,9 @@ mod tests {
     #[test]
     fn a_verifier_that_misses_or_invents_a_leak_is_caught() {
         let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
-        let copied = set(&[RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK]);
+        let copied = set(&[
+            RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
+        ]);
         let guest = set(&[TOPLEVEL, REGINFO, APP, BUSYBOX, KERNEL]);
         // Misses APP, calls the kernel (which the runner boots) leaked.
         let v = verdict(&[REGINFO, TOPLEVEL, KERNEL], &[BUSYBOX]);

@@ -8,12 +8,24 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use storedisk_verifier::ImageFormat;
 
-/// A first deployment (`run`) or version 2 copied over version 1 (`update`).
+/// What a plan entry deploys: the runner (`run`), version 2's runner over version 1's
+/// (`update`), or a host system that declares the VM (`host`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunKind {
     Run,
     Update,
+    Host,
+}
+
+impl RunKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunKind::Run => "run",
+            RunKind::Update => "update",
+            RunKind::Host => "host",
+        }
+    }
 }
 
 /// Which store-disk fixes a runner has; vm-tests/default.nix's `variants`. Declared in the
@@ -109,16 +121,20 @@ impl fmt::Display for Variant {
 }
 
 /// The five fixes: `image` (leak 1, the image's references), `symlink` (leak 2,
-/// share/microvm/system), `init` (leak 3, init=), `reg_info` (leak 4, regInfo=), `kernel` (the
-/// runner boots a store path holding only the kernel image, not the kernel package).
+/// share/microvm/system written without string context), `init` (leak 3, init=), `reg_info`
+/// (leak 4, regInfo=), `kernel` (the runner boots a store path holding only the kernel image,
+/// not the kernel package); `drop_symlink`: upstream's way with leak 2, no symlink at all;
+/// `host`: the host system declaring the VM names its toplevel without context.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Fixes {
     pub image: bool,
     pub symlink: bool,
+    pub drop_symlink: bool,
     pub init: bool,
     pub reg_info: bool,
     pub kernel: bool,
+    pub host: bool,
 }
 
 /// One entry of vm-tests/default.nix's `plan`.
@@ -137,12 +153,22 @@ pub struct PlanEntry {
     pub reg_info: Option<String>,
     /// The kernel package the guest toplevel references.
     pub kernel: String,
+    /// A host system declaring this VM (nixos-modules/host), deployed by `host` entries.
+    pub host_system: String,
 }
 
 impl PlanEntry {
     /// `scenario/format/variant`.
     pub fn label(&self) -> String {
         format!("{}/{}/{}", self.scenario, self.format, self.variant)
+    }
+
+    /// What this entry's deployment copies: the host system for `host`, else the runner.
+    pub fn deployed(&self) -> &str {
+        match self.kind {
+            RunKind::Host => &self.host_system,
+            RunKind::Run | RunKind::Update => &self.runner,
+        }
     }
 
     /// The guest's roots: what a runner must not reach (the toplevel and the closure info).
@@ -157,6 +183,7 @@ impl PlanEntry {
         let set = match self.kind {
             RunKind::Run => "runs",
             RunKind::Update => "updates",
+            RunKind::Host => "hosts",
         };
         format!(
             "{set}.{}.{}.{}.{attr}",
@@ -165,8 +192,44 @@ impl PlanEntry {
     }
 }
 
+/// The opt-in scenario with a closure of NixOS size.
+pub const REALISTIC: &str = "realistic";
+/// Scenarios that run only when named with `--scenario` (they take long).
+pub const OPT_IN_SCENARIOS: &[&str] = &[REALISTIC];
+
+impl PlanEntry {
+    /// A first deployment of `scenario` with the store paths the unit tests use:
+    /// `/nix/store/0000…0N-<name>` for the runner (1), the store disk (2), the toplevel (3), the
+    /// closure info (4) and the kernel package (5).
+    #[cfg(test)]
+    pub fn example(scenario: &str, format: ImageFormat, variant: Variant) -> PlanEntry {
+        let path = |n: u32, name: &str| format!("/nix/store/{n:032}-{name}");
+        PlanEntry {
+            kind: RunKind::Run,
+            scenario: scenario.to_owned(),
+            format,
+            variant,
+            fixes: Fixes {
+                image: false,
+                symlink: false,
+                drop_symlink: false,
+                init: false,
+                reg_info: false,
+                kernel: false,
+                host: false,
+            },
+            runner: path(1, &format!("microvm-qemu-{scenario}")),
+            store_disk: path(2, &format!("microvm-store-disk.{format}")),
+            toplevel: path(3, &format!("nixos-system-{scenario}")),
+            reg_info: Some(path(4, "closure-info")),
+            kernel: path(5, "linux-host"),
+            host_system: path(9, "nixos-system-host"),
+        }
+    }
+}
+
 /// The order scenarios are shown in; an unknown one sorts last, by name.
-const SCENARIO_ORDER: &[&str] = &["minimal", "nix-db", "no-reginfo", "large", "realistic"];
+const SCENARIO_ORDER: &[&str] = &["minimal", "nix-db", "no-reginfo", "large", REALISTIC];
 
 fn scenario_rank(s: &str) -> usize {
     SCENARIO_ORDER
@@ -247,30 +310,17 @@ mod tests {
     fn entry(kind: RunKind, scenario: &str, format: ImageFormat, variant: Variant) -> PlanEntry {
         PlanEntry {
             kind,
-            scenario: scenario.to_owned(),
-            format,
-            variant,
-            fixes: Fixes {
-                image: false,
-                symlink: false,
-                init: false,
-                reg_info: false,
-                kernel: false,
-            },
-            runner: String::new(),
-            store_disk: String::new(),
-            toplevel: "/nix/store/t".to_owned(),
-            reg_info: None,
-            kernel: String::new(),
+            ..PlanEntry::example(scenario, format, variant)
         }
     }
 
     #[test]
     fn plan_json_from_nix_deserializes_into_enums() {
         let json = r#"[{"kind":"update","scenario":"minimal","format":"erofs","variant":"leak-reginfo",
-            "fixes":{"image":true,"symlink":true,"init":true,"regInfo":false,"kernel":true},
+            "fixes":{"image":true,"symlink":true,"dropSymlink":false,"init":true,"regInfo":false,
+                     "kernel":true,"host":true},
             "runner":"/nix/store/r","storeDisk":"/nix/store/d","toplevel":"/nix/store/t",
-            "regInfo":null,"kernel":"/nix/store/k"}]"#;
+            "regInfo":null,"kernel":"/nix/store/k","hostSystem":"/nix/store/h"}]"#;
         let plan: Vec<PlanEntry> = serde_json::from_str(json).unwrap();
         assert_eq!(plan[0].kind, RunKind::Update);
         assert_eq!(plan[0].format, ImageFormat::Erofs);
@@ -300,13 +350,31 @@ mod tests {
     #[test]
     fn select_filters_sorts_and_rejects_unknown_names() {
         let plan = vec![
-            entry(RunKind::Update, "minimal", ImageFormat::Erofs, Variant::Fixed),
+            entry(
+                RunKind::Update,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Fixed,
+            ),
             entry(RunKind::Run, "large", ImageFormat::Squashfs, Variant::Fixed),
-            entry(RunKind::Run, "minimal", ImageFormat::Erofs, Variant::Upstream),
-            entry(RunKind::Run, "minimal", ImageFormat::Erofs, Variant::Unfixed),
+            entry(
+                RunKind::Run,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Upstream,
+            ),
+            entry(
+                RunKind::Run,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Unfixed,
+            ),
         ];
         let all = select(plan.clone(), &Selection::default()).unwrap();
-        let labels: Vec<String> = all.iter().map(|p| format!("{:?} {}", p.kind, p.label())).collect();
+        let labels: Vec<String> = all
+            .iter()
+            .map(|p| format!("{:?} {}", p.kind, p.label()))
+            .collect();
         assert_eq!(
             labels,
             [

@@ -13,26 +13,47 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use super::classify::PathClass;
+use super::microvm_list::ListCheck;
 use super::plan::{RunKind, Selection, Variant};
+use super::shutdown::ShutdownOutcome;
 use super::{boot::Accel, Phases, Run};
 use crate::setup::write_atomically;
 
-#[allow(clippy::too_many_arguments)]
+/// Everything a vm-test run measured.
+pub struct Outcome<'a> {
+    pub runs: &'a [Run],
+    pub list_checks: &'a [ListCheck],
+    pub shutdown: Option<&'a ShutdownOutcome>,
+    pub cross: &'a [CrossRun],
+    pub phases: &'a Phases,
+    pub total_seconds: f64,
+    pub accel: Accel,
+}
+
+/// Writes report.json and summary.md, compares the snapshots, checks the hard assertions and
+/// prints the closing line; an error when anything failed.
 pub fn finish(
-    runs: &[Run],
-    cross: &[CrossRun],
-    phases: &Phases,
-    total_seconds: f64,
-    accel: Accel,
+    outcome: &Outcome<'_>,
     work: &Path,
     golden: &Path,
     selection: &Selection<'_>,
 ) -> Result<()> {
+    let &Outcome {
+        runs,
+        list_checks,
+        shutdown,
+        cross,
+        phases,
+        total_seconds,
+        accel,
+    } = outcome;
     let report = json!({
         "accel": accel,
         "total_seconds": (total_seconds * 10.0).round() / 10.0,
         "phases": phases.0.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
         "cross": cross,
+        "shutdown": shutdown,
+        "microvm_list": list_checks,
         "runs": runs.iter().map(|r| json!({
             "kind": r.plan.kind,
             "arch": "x86_64",
@@ -56,6 +77,15 @@ pub fn finish(
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let mut markdown = markdown_summary(runs, phases, total_seconds, accel);
+    if let Some(s) = shutdown {
+        let _ = writeln!(
+            markdown,
+            "\nmicrovm-shutdown (minimal/erofs/fixed, guest held up): {} (result line after {:.1} s, QEMU ended {} after the shutdown)",
+            if s.ok { "ok" } else { "FAILED" },
+            s.boot_seconds,
+            s.stop_seconds.map_or("-".to_owned(), |t| format!("{t:.1} s")),
+        );
+    }
     markdown.push_str(&cross_summary(cross));
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
@@ -65,7 +95,7 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let (compared_snapshots, changed_snapshots) = check_snapshots(runs, golden);
+    let (compared_snapshots, changed_snapshots) = check_snapshots(runs, list_checks, golden);
     let not_compared = uncompared_snapshots(runs, golden, &compared_snapshots, selection);
     for (name, why) in &not_compared {
         eprintln!("snapshot {name}: NOT compared: {why}");
@@ -73,6 +103,10 @@ pub fn finish(
     let mut failed_snapshots = changed_snapshots.clone();
     failed_snapshots.extend(not_compared.into_iter().map(|(name, _)| name));
     let mut failed_assertions = hard_assertions(runs);
+    failed_assertions.extend(list_assertions(list_checks));
+    if let Some(error) = shutdown.and_then(|s| s.error.as_ref()) {
+        failed_assertions.push(format!("microvm-shutdown: {error}"));
+    }
     failed_assertions.extend(cross.iter().filter(|c| !c.ok()).map(|c| {
         format!(
             "the aarch64 guest's {} store disk: verify {}, busybox ELF machine {} (want {})",
@@ -93,7 +127,10 @@ pub fn finish(
     }
     // The closing line CI reads: one count per run (booted and verified) and per snapshot
     // compared, plus each failed cross-variant assertion.
-    let measured: Vec<&Run> = runs.iter().filter(|r| r.plan.kind == RunKind::Run).collect();
+    let measured: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.plan.kind == RunKind::Run)
+        .collect();
     let runs_ok = measured
         .iter()
         .filter(|r| {
@@ -102,7 +139,8 @@ pub fn finish(
                 && r.verify_disagreements.is_empty()
         })
         .count();
-    let cross_ok = cross.iter().filter(|c| c.ok()).count();
+    let cross_ok =
+        cross.iter().filter(|c| c.ok()).count() + usize::from(shutdown.is_some_and(|s| s.ok));
     let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
     let passed = runs_ok + cross_ok + compared_snapshots.len() - changed_snapshots.len();
     if failed == 0 {
@@ -130,7 +168,11 @@ fn boot_text(run: &Run) -> String {
                     .and_then(|v| v.as_u64())
                     .map_or("?".to_owned(), |v| v.to_string())
             };
-            format!("ok: {} reg, {} files", n("registered_paths"), n("files_checked"))
+            format!(
+                "ok: {} reg, {} files",
+                n("registered_paths"),
+                n("files_checked")
+            )
         }
     }
 }
@@ -144,10 +186,16 @@ fn fixes_text(run: &Run) -> String {
             "-".repeat(name.len())
         }
     };
+    // Upstream closes leak 2 by dropping the symlink (and with it `microvm -l`).
+    let symlink = if f.drop_symlink {
+        "nolink ".to_owned()
+    } else {
+        flag(f.symlink, "symlink")
+    };
     format!(
         "{} {} {} {} {}",
         flag(f.image, "image"),
-        flag(f.symlink, "symlink"),
+        symlink,
         flag(f.init, "init"),
         flag(f.reg_info, "regInfo"),
         flag(f.kernel, "kernel")
@@ -197,7 +245,17 @@ fn matrix_cell(run: &Run, name: &str) -> &'static str {
     }
 }
 
-fn snapshot_for(runs: &[&Run], updates: &[&Run]) -> String {
+/// What one snapshot shows: a scenario and disk's first deployments, its updates, its host
+/// deployments and `microvm -l` checks.
+struct SnapshotGroup<'a> {
+    runs: &'a [&'a Run],
+    updates: &'a [&'a Run],
+    hosts: &'a [&'a Run],
+    lists: &'a [&'a ListCheck],
+}
+
+fn snapshot_for(group: &SnapshotGroup<'_>) -> String {
+    let (runs, updates) = (group.runs, group.updates);
     let mut out = String::new();
     let first = runs[0];
     let _ = writeln!(
@@ -207,7 +265,7 @@ fn snapshot_for(runs: &[&Run], updates: &[&Run]) -> String {
     );
     for line in [
         "Sizes are NAR bytes. Host-provided paths (busybox, the kernel package, initrd, kernel image,",
-        "QEMU wrapper, the store disk image) differ between machines: listed, but their sizes are",
+        "QEMU and socat wrappers, the store disk) differ between machines: listed, but their sizes are",
         "left out of every number here. `guest-side` = the other copied paths; `vs unfixed` =",
         "guest-side bytes minus unfixed's; `in image` = copied paths the store disk also holds",
         "(count, guest-side bytes): copied twice; `leaked` = of those, the ones the runner does not",
@@ -268,26 +326,42 @@ fn snapshot_for(runs: &[&Run], updates: &[&Run]) -> String {
             entry.0 = if c.host_provided {
                 None
             } else {
-                entry.0.map(|(lo, hi)| (lo.min(c.nar_size), hi.max(c.nar_size)))
+                entry
+                    .0
+                    .map(|(lo, hi)| (lo.min(c.nar_size), hi.max(c.nar_size)))
             };
             entry.1 |= c.in_image;
         }
     }
-    let _ = write!(out, "{:<38} {:>11} {:>3}", "path", "NAR bytes", "img");
+    let _ = write!(out, "{:<38} {:>14} {:>3}", "path", "NAR bytes", "img");
     for run in runs {
         let _ = write!(out, " {:>2}", run.plan.variant.short());
     }
     let _ = writeln!(out);
-    for (name, (range, in_image)) in &ranges {
-        let size = match range {
+    let rows: Vec<MatrixRow> = ranges
+        .iter()
+        .map(|(name, (range, in_image))| MatrixRow {
+            names: vec![name.clone()],
+            range: *range,
+            in_image: *in_image,
+            cells: runs.iter().map(|run| matrix_cell(run, name)).collect(),
+        })
+        .collect();
+    for row in collapse_numbered_rows(rows) {
+        let name = match row.names.as_slice() {
+            [one] => one.clone(),
+            [first, .., last] => format!("{first} .. {last} ({})", row.names.len()),
+            [] => String::new(),
+        };
+        let size = match row.range {
             None => "host".to_owned(),
             Some((lo, hi)) if lo == hi => lo.to_string(),
             Some((lo, hi)) => format!("{lo}..{hi}"),
         };
-        let img = if *in_image { "yes" } else { "" };
-        let _ = write!(out, "{name:<38} {size:>11} {img:>3}");
-        for run in runs {
-            let _ = write!(out, " {:>2}", matrix_cell(run, name));
+        let img = if row.in_image { "yes" } else { "" };
+        let _ = write!(out, "{name:<38} {size:>14} {img:>3}");
+        for cell in &row.cells {
+            let _ = write!(out, " {cell:>2}");
         }
         let _ = writeln!(out);
     }
@@ -333,6 +407,104 @@ fn snapshot_for(runs: &[&Run], updates: &[&Run]) -> String {
             );
         }
     }
+    if !group.hosts.is_empty() {
+        host_section(&mut out, group.hosts, group.lists);
+    }
+    out
+}
+
+/// The host deployments and what `microvm -l` says through an update.
+fn host_section(out: &mut String, hosts: &[&Run], lists: &[&ListCheck]) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "host: `nix copy` of a NixOS host system declaring the VM (nixos-modules/host: install"
+    );
+    let _ = writeln!(
+        out,
+        "script linking current/toplevel, microvm@ restart trigger); microvm -l after v1 installed /"
+    );
+    let _ = writeln!(out, "v2 built / v2 installed:");
+    let _ = writeln!(
+        out,
+        "{:<13} {:>5} {:>10} {:>16} {:>6}  {:<8}  microvm -l",
+        "variant", "paths", "guest-side", "in image", "leaked", "toplevel"
+    );
+    for run in hosts {
+        let t = run.transfer.as_ref();
+        let toplevel = super::transfer::redact(&run.plan.toplevel);
+        let copies_toplevel = t.is_some_and(|t| t.copied.iter().any(|c| c.name == toplevel));
+        let list = lists
+            .iter()
+            .find(|c| c.variant == run.plan.variant)
+            .map_or("not checked".to_owned(), |c| c.text());
+        let _ = writeln!(
+            out,
+            "{:<13} {:>5} {:>10} {:>16} {:>6}  {:<8}  {}",
+            run.plan.variant.name(),
+            t.map_or("?".to_owned(), |t| t.paths.to_string()),
+            guest_side_bytes(run, |_| true).map_or("?".to_owned(), |b| b.to_string()),
+            duplicated_text(run),
+            t.and_then(|t| t.leaked_paths)
+                .map_or("?".to_owned(), |n| n.to_string()),
+            if copies_toplevel { "copied" } else { "-" },
+            list
+        );
+    }
+}
+
+/// `microvm -l` must work where the runner keeps its system symlink: current, outdated,
+/// current. Upstream's runner has none, so it never says current (shown, not asserted).
+fn list_assertions(checks: &[ListCheck]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| matches!(c.variant, Variant::Fixed | Variant::Unfixed))
+        .filter(|c| !c.works())
+        .map(|c| {
+            format!(
+                "microvm -l on {}/{}/{}: {} (want current / outdated / current)",
+                c.scenario,
+                c.format,
+                c.variant,
+                c.text()
+            )
+        })
+        .collect()
+}
+
+/// One row of the copied-paths matrix: one path, or a run of numbered paths alike.
+#[derive(Debug, Clone, PartialEq)]
+struct MatrixRow {
+    names: Vec<String>,
+    /// NAR size range, `None` for host-provided paths.
+    range: Option<(u64, u64)>,
+    in_image: bool,
+    cells: Vec<&'static str>,
+}
+
+/// Merges consecutive rows whose names differ only in a trailing number (`payload-000`,
+/// `payload-001`, ...) and whose cells are the same, so a hundred alike paths read as one row.
+fn collapse_numbered_rows(rows: Vec<MatrixRow>) -> Vec<MatrixRow> {
+    let stem = |name: &str| {
+        name.trim_end_matches(|c: char| c.is_ascii_digit())
+            .to_owned()
+    };
+    let mut out: Vec<MatrixRow> = Vec::new();
+    for row in rows {
+        let numbered = stem(&row.names[0]) != row.names[0];
+        if let Some(last) = out.last_mut() {
+            let same_stem = stem(&last.names[0]) == stem(&row.names[0]);
+            if numbered && same_stem && last.cells == row.cells && last.in_image == row.in_image {
+                last.range = match (last.range, row.range) {
+                    (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+                    _ => None,
+                };
+                last.names.extend(row.names);
+                continue;
+            }
+        }
+        out.push(row);
+    }
     out
 }
 
@@ -361,7 +533,11 @@ fn has_every_variant(members: &[&Run]) -> bool {
 
 /// Compares every complete (scenario, format) table with golden/; returns the names compared
 /// and, of those, the ones that differ.
-fn check_snapshots(runs: &[Run], golden: &Path) -> (Vec<String>, Vec<String>) {
+fn check_snapshots(
+    runs: &[Run],
+    list_checks: &[ListCheck],
+    golden: &Path,
+) -> (Vec<String>, Vec<String>) {
     let mut compared = Vec::new();
     let mut changed = Vec::new();
     for ((scenario, format), mut members) in snapshot_groups(runs) {
@@ -369,16 +545,26 @@ fn check_snapshots(runs: &[Run], golden: &Path) -> (Vec<String>, Vec<String>) {
             continue;
         }
         members.sort_by_key(|r| r.plan.variant);
-        let mut updates: Vec<&Run> = runs
+        let of_kind = |kind: RunKind| {
+            let mut found: Vec<&Run> = runs
+                .iter()
+                .filter(|r| {
+                    r.plan.kind == kind && r.plan.scenario == scenario && r.plan.format == format
+                })
+                .collect();
+            found.sort_by_key(|r| r.plan.variant);
+            found
+        };
+        let lists: Vec<&ListCheck> = list_checks
             .iter()
-            .filter(|r| {
-                r.plan.kind == RunKind::Update
-                    && r.plan.scenario == scenario
-                    && r.plan.format == format
-            })
+            .filter(|c| c.scenario == scenario && c.format == format)
             .collect();
-        updates.sort_by_key(|r| r.plan.variant);
-        let text = snapshot_for(&members, &updates);
+        let text = snapshot_for(&SnapshotGroup {
+            runs: &members,
+            updates: &of_kind(RunKind::Update),
+            hosts: &of_kind(RunKind::Host),
+            lists: &lists,
+        });
         let name = snapshot_name(&scenario, format);
         // insta reports a mismatch by printing the diff and panicking; keep the diff, drop the
         // panic message and backtrace, and go on comparing the other snapshots.
@@ -414,14 +600,20 @@ fn uncompared_snapshots(
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if selection.filters_variants() {
-        eprintln!("snapshots: not compared (--variant leaves variants out; snapshots show them all)");
+        eprintln!(
+            "snapshots: not compared (--variant leaves variants out; snapshots show them all)"
+        );
         return out;
     }
     for ((scenario, format), members) in snapshot_groups(runs) {
         if !has_every_variant(&members) {
             out.push((
                 snapshot_name(&scenario, format),
-                format!("only {} of {} variants ran", members.len(), Variant::ALL.len()),
+                format!(
+                    "only {} of {} variants ran",
+                    members.len(),
+                    Variant::ALL.len()
+                ),
             ));
         }
     }
@@ -438,8 +630,14 @@ fn uncompared_snapshots(
                     .map(str::to_owned)
             })
             .collect();
+        let opt_in = |name: &str| {
+            super::plan::OPT_IN_SCENARIOS.iter().any(|s| {
+                name.strip_prefix(s)
+                    .is_some_and(|rest| rest.starts_with('-'))
+            })
+        };
         for name in on_disk {
-            if !compared.contains(&name) && !out.iter().any(|(n, _)| *n == name) {
+            if !compared.contains(&name) && !opt_in(&name) && !out.iter().any(|(n, _)| *n == name) {
                 out.push((
                     name,
                     "golden/ holds this snapshot but no run produced it (delete it if the scenario is gone)".to_owned(),
@@ -466,7 +664,7 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
             }
             _ => {}
         }
-        if run.plan.kind != RunKind::Run {
+        if run.plan.kind == RunKind::Update {
             continue;
         }
         match &run.verify {
@@ -479,13 +677,19 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
         }
         failures.extend(run.verify_disagreements.iter().cloned());
         let Some(t) = &run.transfer else {
-            failures.push(format!("{label}: nothing was copied (no transfer measured)"));
+            failures.push(format!(
+                "{label}: nothing was copied (no transfer measured)"
+            ));
             continue;
         };
         let copied = |path: &str| {
             let name = super::transfer::redact(path);
             t.copied.iter().any(|c| c.name == name)
         };
+        if run.plan.kind == RunKind::Host {
+            failures.extend(host_assertions(run, t));
+            continue;
+        }
         match run.plan.variant {
             Variant::Fixed => {
                 for root in run.plan.guest_roots() {
@@ -500,7 +704,10 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
                     .map(|c| c.name.as_str())
                     .collect();
                 if !leaked.is_empty() {
-                    failures.push(format!("{label} copies leaked paths: {}", leaked.join(", ")));
+                    failures.push(format!(
+                        "{label} copies leaked paths: {}",
+                        leaked.join(", ")
+                    ));
                 }
                 if let Some(v) = run.verify.as_ref().filter(|v| v.ok == Some(false)) {
                     failures.push(format!("{label}: storedisk verify says {}", v.summary()));
@@ -530,6 +737,35 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
         }
     }
     failures.extend(cross_variant_assertions(runs));
+    failures
+}
+
+/// A fixed host deployment copies no guest path; an unfixed one copies the guest toplevel (the
+/// host module's references, nixos-modules/host/default.nix:137,156).
+fn host_assertions(run: &Run, t: &super::Transfer) -> Vec<String> {
+    let label = format!("host {}", run.label());
+    let copied = |path: &str| {
+        let name = super::transfer::redact(path);
+        t.copied.iter().any(|c| c.name == name)
+    };
+    let mut failures = Vec::new();
+    match run.plan.variant {
+        Variant::Fixed => {
+            for root in run.plan.guest_roots() {
+                if copied(root) {
+                    failures.push(format!("{label} copies the guest root {root}"));
+                }
+            }
+            let leaked = t.leaked_paths.unwrap_or(0);
+            if leaked != 0 {
+                failures.push(format!("{label} copies {leaked} leaked paths"));
+            }
+        }
+        Variant::Unfixed if !copied(&run.plan.toplevel) => failures.push(format!(
+            "{label} does not copy the guest toplevel (the host module's restart trigger)"
+        )),
+        _ => {}
+    }
     failures
 }
 
@@ -650,17 +886,14 @@ fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> 
 mod tests {
     use super::*;
     use crate::vm_test::boot::BootOutcome;
-    use crate::vm_test::plan::{Fixes, PlanEntry};
+    use crate::vm_test::microvm_list::ListCheck;
+    use crate::vm_test::plan::PlanEntry;
     use crate::vm_test::verify::Verdict;
     use crate::vm_test::{BootRecord, CopiedPath, Transfer};
 
     /// A booted, verified first deployment of `variant` that copied `copied`: (name, bytes,
     /// in image, class).
-    fn run(
-        variant: Variant,
-        format: ImageFormat,
-        copied: &[(&str, u64, bool, PathClass)],
-    ) -> Run {
+    fn run(variant: Variant, format: ImageFormat, copied: &[(&str, u64, bool, PathClass)]) -> Run {
         let copied: Vec<CopiedPath> = copied
             .iter()
             .map(|(name, nar_size, in_image, class)| CopiedPath {
@@ -677,27 +910,7 @@ mod tests {
             .filter(|c| c.class == Some(PathClass::Leaked))
             .count();
         Run {
-            plan: PlanEntry {
-                kind: RunKind::Run,
-                scenario: "s".to_owned(),
-                format,
-                variant,
-                fixes: Fixes {
-                    image: false,
-                    symlink: false,
-                    init: false,
-                    reg_info: false,
-                    kernel: false,
-                },
-                runner: "/nix/store/00000000000000000000000000000001-microvm-qemu-s".to_owned(),
-                store_disk: "/nix/store/00000000000000000000000000000002-disk".to_owned(),
-                toplevel: "/nix/store/00000000000000000000000000000003-nixos-system-s"
-                    .to_owned(),
-                reg_info: Some(
-                    "/nix/store/00000000000000000000000000000004-closure-info".to_owned(),
-                ),
-                kernel: "/nix/store/00000000000000000000000000000005-linux-host".to_owned(),
-            },
+            plan: PlanEntry::example("s", format, variant),
             boot: Some(BootRecord {
                 outcome: BootOutcome {
                     ok: true,
@@ -740,8 +953,7 @@ mod tests {
     const KERNEL: (&str, u64, bool, PathClass) = ("linux-host", 5000, true, PathClass::Shared);
     const IMAGE: (&str, u64, bool, PathClass) =
         ("microvm-kernel-image", 3000, false, PathClass::Runner);
-    const TOPLEVEL: (&str, u64, bool, PathClass) =
-        ("nixos-system-s", 200, true, PathClass::Leaked);
+    const TOPLEVEL: (&str, u64, bool, PathClass) = ("nixos-system-s", 200, true, PathClass::Leaked);
     const REGINFO: (&str, u64, bool, PathClass) = ("closure-info", 300, true, PathClass::Leaked);
 
     /// Every variant of one group: the leaky ones copy the guest, fix 5 swaps the kernel.
@@ -761,9 +973,44 @@ mod tests {
     }
 
     #[test]
+    fn numbered_rows_that_read_alike_collapse_into_one() {
+        let row = |name: &str, size: u64, cells: &[&'static str]| MatrixRow {
+            names: vec![name.to_owned()],
+            range: Some((size, size)),
+            in_image: true,
+            cells: cells.to_vec(),
+        };
+        let rows = vec![
+            row("lib-00", 10, &["L", "."]),
+            row("lib-01", 12, &["L", "."]),
+            row("lib-02", 11, &["L", "S"]),
+            row("lib-03", 9, &["L", "S"]),
+            row("words", 5, &["L", "S"]),
+        ];
+        let merged = collapse_numbered_rows(rows);
+        let names: Vec<Vec<String>> = merged.iter().map(|r| r.names.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                vec!["lib-00".to_owned(), "lib-01".to_owned()],
+                vec!["lib-02".to_owned(), "lib-03".to_owned()],
+                vec!["words".to_owned()]
+            ]
+        );
+        assert_eq!(merged[0].range, Some((10, 12)));
+        assert_eq!(merged[1].range, Some((9, 11)));
+    }
+
+    #[test]
     fn a_consistent_matrix_passes() {
-        assert_eq!(hard_assertions(&group(ImageFormat::Erofs)), Vec::<String>::new());
-        assert_eq!(hard_assertions(&group(ImageFormat::Squashfs)), Vec::<String>::new());
+        assert_eq!(
+            hard_assertions(&group(ImageFormat::Erofs)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            hard_assertions(&group(ImageFormat::Squashfs)),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -773,15 +1020,23 @@ mod tests {
             .iter_mut()
             .find(|r| r.plan.variant == Variant::Fixed)
             .unwrap();
-        *fixed = run(Variant::Fixed, ImageFormat::Erofs, &[RUNNER, IMAGE, TOPLEVEL]);
+        *fixed = run(
+            Variant::Fixed,
+            ImageFormat::Erofs,
+            &[RUNNER, IMAGE, TOPLEVEL],
+        );
         fixed.runner_kernel_modules = vec!["linux-host".to_owned()];
         let failures = hard_assertions(&runs);
         assert!(
             failures.iter().any(|f| f.contains("copies the guest root")),
             "{failures:#?}"
         );
-        assert!(failures.iter().any(|f| f.contains("copies leaked paths: nixos-system-s")));
-        assert!(failures.iter().any(|f| f.contains("holds lib/modules in linux-host")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("copies leaked paths: nixos-system-s")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("holds lib/modules in linux-host")));
     }
 
     #[test]
@@ -791,10 +1046,16 @@ mod tests {
             .iter_mut()
             .find(|r| r.plan.variant == Variant::Upstream)
             .unwrap();
-        *upstream = run(Variant::Upstream, ImageFormat::Erofs, &[RUNNER, KERNEL, TOPLEVEL]);
+        *upstream = run(
+            Variant::Upstream,
+            ImageFormat::Erofs,
+            &[RUNNER, KERNEL, TOPLEVEL],
+        );
         upstream.runner_kernel_modules.clear();
         let failures = hard_assertions(&runs);
-        assert!(failures.iter().any(|f| f.contains("does not copy the closure info")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("does not copy the closure info")));
         assert!(failures.iter().any(|f| f.contains("holds no lib/modules")));
     }
 
@@ -820,11 +1081,62 @@ mod tests {
         let mut runs = group(ImageFormat::Erofs);
         runs[0].boot.as_mut().unwrap().outcome.ok = false;
         runs[1].verify = None;
-        runs[2].verify_disagreements = vec!["s/erofs/fixed: the verifier calls 1 leaked".to_owned()];
+        runs[2].verify_disagreements =
+            vec!["s/erofs/fixed: the verifier calls 1 leaked".to_owned()];
         let failures = hard_assertions(&runs);
         assert!(failures[0].contains("s/erofs/unfixed (Run) did not boot"));
-        assert!(failures.iter().any(|f| f == "storedisk verify did not run on s/erofs/upstream"));
-        assert!(failures.iter().any(|f| f.contains("the verifier calls 1 leaked")));
+        assert!(failures
+            .iter()
+            .any(|f| f == "storedisk verify did not run on s/erofs/upstream"));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("the verifier calls 1 leaked")));
+    }
+
+    #[test]
+    fn host_deployments_fixed_copies_no_guest_unfixed_copies_the_toplevel() {
+        let host = |variant, copied: &[(&str, u64, bool, PathClass)]| {
+            let mut r = run(variant, ImageFormat::Erofs, copied);
+            r.plan.kind = RunKind::Host;
+            r
+        };
+        let good = [
+            host(Variant::Unfixed, &[RUNNER, TOPLEVEL, REGINFO]),
+            host(Variant::Fixed, &[RUNNER, IMAGE]),
+        ];
+        assert_eq!(hard_assertions(&good), Vec::<String>::new());
+        let bad = [
+            host(Variant::Unfixed, &[RUNNER]),
+            host(Variant::Fixed, &[RUNNER, IMAGE, TOPLEVEL]),
+        ];
+        let failures = hard_assertions(&bad);
+        assert_eq!(failures.len(), 3, "{failures:#?}");
+        assert!(failures[0].contains("does not copy the guest toplevel"));
+        assert!(failures[1].contains("copies the guest root /nix/store/"));
+        assert!(failures[2].contains("copies 1 leaked paths"));
+    }
+
+    #[test]
+    fn microvm_list_must_say_current_outdated_current_where_the_symlink_is_kept() {
+        use crate::vm_test::microvm_list::ListState::{Current, Outdated};
+        let check = |variant, states: [_; 3]| ListCheck {
+            scenario: "s".to_owned(),
+            format: ImageFormat::Erofs,
+            variant,
+            v1_installed: states[0],
+            v2_built: states[1],
+            v2_installed: states[2],
+        };
+        let checks = [
+            check(Variant::Fixed, [Current, Outdated, Current]),
+            // Upstream has no symlink: always outdated, shown but not a failure.
+            check(Variant::Upstream, [Outdated, Outdated, Outdated]),
+            check(Variant::Unfixed, [Current, Current, Current]),
+        ];
+        assert_eq!(
+            list_assertions(&checks),
+            ["microvm -l on s/erofs/unfixed: current / current / current (want current / outdated / current)"]
+        );
     }
 
     #[test]
@@ -832,6 +1144,8 @@ mod tests {
         let golden = tempfile::tempdir().unwrap();
         std::fs::write(golden.path().join("s-erofs.snap"), "").unwrap();
         std::fs::write(golden.path().join("gone-erofs.snap"), "").unwrap();
+        // An opt-in scenario's snapshot is not stale when the default run leaves it out.
+        std::fs::write(golden.path().join("realistic-erofs.snap"), "").unwrap();
         let mut runs = group(ImageFormat::Erofs);
         runs.retain(|r| r.plan.variant != Variant::FixKernel);
         let none = Selection::default();
