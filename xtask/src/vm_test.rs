@@ -211,7 +211,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     phases.time("runner closures", || {
         runner_facts_all(&mut runs, &toolchain, &work)
     })?;
-    phases.time("verify", || verify_all(&mut runs, &toolchain, &storedisk, &work))?;
+    phases.time("verify", || {
+        verify_all(&mut runs, &toolchain, &storedisk, &work)
+    })?;
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
     let cross = phases.time("aarch64 guest", || {
         let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &logs);
@@ -423,16 +425,21 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
                 let name = label.replace('/', "-");
                 let log = logs.join(format!("boot-{name}.log"));
                 let state_dir = logs.join("state").join(&name);
-                let outcome =
-                    boot::boot(Path::new(&runners[*first]), accel, &log, &state_dir, timeout)
-                    .unwrap_or_else(|e| boot::BootOutcome {
-                        ok: false,
-                        seconds: 0.0,
-                        result: None,
-                        error: Some(format!("{e:#}")),
-                        log: log.display().to_string(),
-                        attempts: 1,
-                    });
+                let outcome = boot::boot(
+                    Path::new(&runners[*first]),
+                    accel,
+                    &log,
+                    &state_dir,
+                    timeout,
+                )
+                .unwrap_or_else(|e| boot::BootOutcome {
+                    ok: false,
+                    seconds: 0.0,
+                    result: None,
+                    error: Some(format!("{e:#}")),
+                    log: log.display().to_string(),
+                    attempts: 1,
+                });
                 eprintln!(
                     "[boot {}/{total}] {label}: {} in {:.1}s",
                     n + 1,

@@ -219,7 +219,9 @@ mod tests {
     #[test]
     fn a_verifier_that_agrees_with_nix_copy_passes() {
         let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
-        let copied = set(&[RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK]);
+        let copied = set(&[
+            RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
+        ]);
         let guest = set(&[TOPLEVEL, REGINFO, APP, BUSYBOX, KERNEL]);
         let v = verdict(&[APP, REGINFO, TOPLEVEL], &[BUSYBOX, KERNEL]);
         assert_eq!(
@@ -238,7 +240,9 @@ mod tests {
     #[test]
     fn a_verifier_that_misses_or_invents_a_leak_is_caught() {
         let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
-        let copied = set(&[RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK]);
+        let copied = set(&[
+            RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
+        ]);
         let guest = set(&[TOPLEVEL, REGINFO, APP, BUSYBOX, KERNEL]);
         // Misses APP, calls the kernel (which the runner boots) leaked.
         let v = verdict(&[REGINFO, TOPLEVEL, KERNEL], &[BUSYBOX]);

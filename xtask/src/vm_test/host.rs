@@ -36,7 +36,10 @@ pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Resul
     let kernel = &toolchain.kernel;
     let modules_dir = kernel_dir.join("lib/modules").join(&kernel.release);
     // A kernel package from an earlier run with another release would hold two module trees.
-    for entry in std::fs::read_dir(kernel_dir.join("lib/modules")).into_iter().flatten() {
+    for entry in std::fs::read_dir(kernel_dir.join("lib/modules"))
+        .into_iter()
+        .flatten()
+    {
         let path = entry?.path();
         if path != modules_dir {
             std::fs::remove_dir_all(&path)

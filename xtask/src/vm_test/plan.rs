@@ -300,13 +300,31 @@ mod tests {
     #[test]
     fn select_filters_sorts_and_rejects_unknown_names() {
         let plan = vec![
-            entry(RunKind::Update, "minimal", ImageFormat::Erofs, Variant::Fixed),
+            entry(
+                RunKind::Update,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Fixed,
+            ),
             entry(RunKind::Run, "large", ImageFormat::Squashfs, Variant::Fixed),
-            entry(RunKind::Run, "minimal", ImageFormat::Erofs, Variant::Upstream),
-            entry(RunKind::Run, "minimal", ImageFormat::Erofs, Variant::Unfixed),
+            entry(
+                RunKind::Run,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Upstream,
+            ),
+            entry(
+                RunKind::Run,
+                "minimal",
+                ImageFormat::Erofs,
+                Variant::Unfixed,
+            ),
         ];
         let all = select(plan.clone(), &Selection::default()).unwrap();
-        let labels: Vec<String> = all.iter().map(|p| format!("{:?} {}", p.kind, p.label())).collect();
+        let labels: Vec<String> = all
+            .iter()
+            .map(|p| format!("{:?} {}", p.kind, p.label()))
+            .collect();
         assert_eq!(
             labels,
             [

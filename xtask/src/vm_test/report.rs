@@ -93,7 +93,10 @@ pub fn finish(
     }
     // The closing line CI reads: one count per run (booted and verified) and per snapshot
     // compared, plus each failed cross-variant assertion.
-    let measured: Vec<&Run> = runs.iter().filter(|r| r.plan.kind == RunKind::Run).collect();
+    let measured: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.plan.kind == RunKind::Run)
+        .collect();
     let runs_ok = measured
         .iter()
         .filter(|r| {
@@ -130,7 +133,11 @@ fn boot_text(run: &Run) -> String {
                     .and_then(|v| v.as_u64())
                     .map_or("?".to_owned(), |v| v.to_string())
             };
-            format!("ok: {} reg, {} files", n("registered_paths"), n("files_checked"))
+            format!(
+                "ok: {} reg, {} files",
+                n("registered_paths"),
+                n("files_checked")
+            )
         }
     }
 }
@@ -268,7 +275,9 @@ fn snapshot_for(runs: &[&Run], updates: &[&Run]) -> String {
             entry.0 = if c.host_provided {
                 None
             } else {
-                entry.0.map(|(lo, hi)| (lo.min(c.nar_size), hi.max(c.nar_size)))
+                entry
+                    .0
+                    .map(|(lo, hi)| (lo.min(c.nar_size), hi.max(c.nar_size)))
             };
             entry.1 |= c.in_image;
         }
@@ -414,14 +423,20 @@ fn uncompared_snapshots(
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if selection.filters_variants() {
-        eprintln!("snapshots: not compared (--variant leaves variants out; snapshots show them all)");
+        eprintln!(
+            "snapshots: not compared (--variant leaves variants out; snapshots show them all)"
+        );
         return out;
     }
     for ((scenario, format), members) in snapshot_groups(runs) {
         if !has_every_variant(&members) {
             out.push((
                 snapshot_name(&scenario, format),
-                format!("only {} of {} variants ran", members.len(), Variant::ALL.len()),
+                format!(
+                    "only {} of {} variants ran",
+                    members.len(),
+                    Variant::ALL.len()
+                ),
             ));
         }
     }
@@ -479,7 +494,9 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
         }
         failures.extend(run.verify_disagreements.iter().cloned());
         let Some(t) = &run.transfer else {
-            failures.push(format!("{label}: nothing was copied (no transfer measured)"));
+            failures.push(format!(
+                "{label}: nothing was copied (no transfer measured)"
+            ));
             continue;
         };
         let copied = |path: &str| {
@@ -500,7 +517,10 @@ fn hard_assertions(runs: &[Run]) -> Vec<String> {
                     .map(|c| c.name.as_str())
                     .collect();
                 if !leaked.is_empty() {
-                    failures.push(format!("{label} copies leaked paths: {}", leaked.join(", ")));
+                    failures.push(format!(
+                        "{label} copies leaked paths: {}",
+                        leaked.join(", ")
+                    ));
                 }
                 if let Some(v) = run.verify.as_ref().filter(|v| v.ok == Some(false)) {
                     failures.push(format!("{label}: storedisk verify says {}", v.summary()));
@@ -656,11 +676,7 @@ mod tests {
 
     /// A booted, verified first deployment of `variant` that copied `copied`: (name, bytes,
     /// in image, class).
-    fn run(
-        variant: Variant,
-        format: ImageFormat,
-        copied: &[(&str, u64, bool, PathClass)],
-    ) -> Run {
+    fn run(variant: Variant, format: ImageFormat, copied: &[(&str, u64, bool, PathClass)]) -> Run {
         let copied: Vec<CopiedPath> = copied
             .iter()
             .map(|(name, nar_size, in_image, class)| CopiedPath {
@@ -691,8 +707,7 @@ mod tests {
                 },
                 runner: "/nix/store/00000000000000000000000000000001-microvm-qemu-s".to_owned(),
                 store_disk: "/nix/store/00000000000000000000000000000002-disk".to_owned(),
-                toplevel: "/nix/store/00000000000000000000000000000003-nixos-system-s"
-                    .to_owned(),
+                toplevel: "/nix/store/00000000000000000000000000000003-nixos-system-s".to_owned(),
                 reg_info: Some(
                     "/nix/store/00000000000000000000000000000004-closure-info".to_owned(),
                 ),
@@ -740,8 +755,7 @@ mod tests {
     const KERNEL: (&str, u64, bool, PathClass) = ("linux-host", 5000, true, PathClass::Shared);
     const IMAGE: (&str, u64, bool, PathClass) =
         ("microvm-kernel-image", 3000, false, PathClass::Runner);
-    const TOPLEVEL: (&str, u64, bool, PathClass) =
-        ("nixos-system-s", 200, true, PathClass::Leaked);
+    const TOPLEVEL: (&str, u64, bool, PathClass) = ("nixos-system-s", 200, true, PathClass::Leaked);
     const REGINFO: (&str, u64, bool, PathClass) = ("closure-info", 300, true, PathClass::Leaked);
 
     /// Every variant of one group: the leaky ones copy the guest, fix 5 swaps the kernel.
@@ -762,8 +776,14 @@ mod tests {
 
     #[test]
     fn a_consistent_matrix_passes() {
-        assert_eq!(hard_assertions(&group(ImageFormat::Erofs)), Vec::<String>::new());
-        assert_eq!(hard_assertions(&group(ImageFormat::Squashfs)), Vec::<String>::new());
+        assert_eq!(
+            hard_assertions(&group(ImageFormat::Erofs)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            hard_assertions(&group(ImageFormat::Squashfs)),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -773,15 +793,23 @@ mod tests {
             .iter_mut()
             .find(|r| r.plan.variant == Variant::Fixed)
             .unwrap();
-        *fixed = run(Variant::Fixed, ImageFormat::Erofs, &[RUNNER, IMAGE, TOPLEVEL]);
+        *fixed = run(
+            Variant::Fixed,
+            ImageFormat::Erofs,
+            &[RUNNER, IMAGE, TOPLEVEL],
+        );
         fixed.runner_kernel_modules = vec!["linux-host".to_owned()];
         let failures = hard_assertions(&runs);
         assert!(
             failures.iter().any(|f| f.contains("copies the guest root")),
             "{failures:#?}"
         );
-        assert!(failures.iter().any(|f| f.contains("copies leaked paths: nixos-system-s")));
-        assert!(failures.iter().any(|f| f.contains("holds lib/modules in linux-host")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("copies leaked paths: nixos-system-s")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("holds lib/modules in linux-host")));
     }
 
     #[test]
@@ -791,10 +819,16 @@ mod tests {
             .iter_mut()
             .find(|r| r.plan.variant == Variant::Upstream)
             .unwrap();
-        *upstream = run(Variant::Upstream, ImageFormat::Erofs, &[RUNNER, KERNEL, TOPLEVEL]);
+        *upstream = run(
+            Variant::Upstream,
+            ImageFormat::Erofs,
+            &[RUNNER, KERNEL, TOPLEVEL],
+        );
         upstream.runner_kernel_modules.clear();
         let failures = hard_assertions(&runs);
-        assert!(failures.iter().any(|f| f.contains("does not copy the closure info")));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("does not copy the closure info")));
         assert!(failures.iter().any(|f| f.contains("holds no lib/modules")));
     }
 
@@ -820,11 +854,16 @@ mod tests {
         let mut runs = group(ImageFormat::Erofs);
         runs[0].boot.as_mut().unwrap().outcome.ok = false;
         runs[1].verify = None;
-        runs[2].verify_disagreements = vec!["s/erofs/fixed: the verifier calls 1 leaked".to_owned()];
+        runs[2].verify_disagreements =
+            vec!["s/erofs/fixed: the verifier calls 1 leaked".to_owned()];
         let failures = hard_assertions(&runs);
         assert!(failures[0].contains("s/erofs/unfixed (Run) did not boot"));
-        assert!(failures.iter().any(|f| f == "storedisk verify did not run on s/erofs/upstream"));
-        assert!(failures.iter().any(|f| f.contains("the verifier calls 1 leaked")));
+        assert!(failures
+            .iter()
+            .any(|f| f == "storedisk verify did not run on s/erofs/upstream"));
+        assert!(failures
+            .iter()
+            .any(|f| f.contains("the verifier calls 1 leaked")));
     }
 
     #[test]

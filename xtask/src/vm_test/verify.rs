@@ -129,7 +129,13 @@ pub fn verdict_from_report(report: &Report) -> Verdict {
     Verdict {
         ok: Some(report.ok),
         checks,
-        leaked: sorted(c.runner_overlap.paths.iter().map(|p| p.path.clone()).collect()),
+        leaked: sorted(
+            c.runner_overlap
+                .paths
+                .iter()
+                .map(|p| p.path.clone())
+                .collect(),
+        ),
         shared: sorted(c.runner_overlap.shared.clone()),
         packed: sorted(report.paths.iter().map(|p| p.path.clone()).collect()),
         duplicated_bytes: c.runner_overlap.duplicated_bytes,
@@ -170,7 +176,10 @@ mod tests {
         assert_eq!(v.ok, Some(false));
         assert_eq!(
             v.leaked,
-            ["/nix/store/6z-closure-info", "/nix/store/l6-nixos-system-large"]
+            [
+                "/nix/store/6z-closure-info",
+                "/nix/store/l6-nixos-system-large"
+            ]
         );
         assert_eq!(v.shared, ["/nix/store/s-busybox"]);
         assert_eq!(v.packed, ["/nix/store/a-aa", "/nix/store/b-bb"]);
