@@ -3,10 +3,11 @@
 //! boots each distinct machine with the runner's own `bin/microvm-run` in QEMU, runs
 //! `storedisk verify` on every store disk with its runner, measures what a real `nix copy` of
 //! each runner transfers, and compares the result with the reviewed snapshots in golden/.
+//! The aarch64 guest (an emulated MicroVM, `aarch64.rs`) goes through the same steps.
 
+mod aarch64;
 mod boot;
 mod classify;
-mod cross;
 mod host;
 mod plan;
 mod report;
@@ -31,7 +32,7 @@ use plan::{PlanEntry, RunKind, Selection};
 /// `cargo xtask vm-test`
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
-    /// Only this scenario (minimal, nix-db, no-reginfo, large); repeatable. Default: all.
+    /// Only this scenario (minimal, nix-db, no-reginfo, large, aarch64); repeatable. Default: all.
     #[arg(long, value_name = "S")]
     pub scenario: Vec<String>,
     /// Only this store disk format (squashfs, erofs); repeatable. Default: both.
@@ -185,7 +186,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         disks: &args.disk,
         variants: &args.variant,
     };
-    let plan = plan::select(plan, &selection)?;
+    let plan = x86_64_plan(plan, &args)?;
     eprintln!("{} runs selected", plan.len());
     phases.time("nix build", || build(&toolchain, &nix_args, &plan, &logs))?;
 
@@ -215,10 +216,15 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         verify_all(&mut runs, &toolchain, &storedisk, &work)
     })?;
     phases.time("transfer", || transfer_all(&mut runs, &toolchain, &work))?;
-    let cross = phases.time("aarch64 guest", || {
-        let nix_build = |attrs: &[&str]| nix_build_attrs(&toolchain, &nix_args, attrs, &logs);
-        cross::check(&toolchain, nix_build, &storedisk, &work)
-    })?;
+    let aarch64 = aarch64::run_all(
+        &toolchain,
+        &nix_args,
+        &args,
+        &storedisk,
+        &work,
+        &logs,
+        &mut phases,
+    )?;
 
     let total = started.elapsed().as_secs_f64();
     eprintln!("\nphases:");
@@ -228,7 +234,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     eprintln!("  {:<16} {total:>7.1}s", "total");
     report::finish(
         &runs,
-        &cross,
+        &aarch64,
         &phases,
         total,
         accel,
@@ -295,6 +301,9 @@ fn evaluate(toolchain: &Toolchain, nix_args: &NixArgs) -> Result<Vec<PlanEntry>>
 }
 
 fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &Path) -> Result<()> {
+    if plan.is_empty() {
+        return Ok(()); // without -A, nix-build would build every top-level attribute
+    }
     let mut cmd = nix_args.apply(
         toolchain
             .nix
@@ -327,28 +336,21 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
     Ok(())
 }
 
-/// `nix-build` of `attrs` of vm-tests/default.nix; their out paths, in order.
-fn nix_build_attrs(
-    toolchain: &Toolchain,
-    nix_args: &NixArgs,
-    attrs: &[&str],
-    logs: &Path,
-) -> Result<Vec<String>> {
-    let mut cmd = nix_args.apply(toolchain.nix.cmd("nix-build").arg("--no-out-link"));
-    for attr in attrs {
-        cmd = cmd.arg("-A").arg(attr);
+/// The x86_64 runs the selection asks for: none when `--scenario` names only the aarch64 guest,
+/// whose runs have a plan of their own (aarch64.rs).
+fn x86_64_plan(plan: Vec<PlanEntry>, args: &VmTestArgs) -> Result<Vec<PlanEntry>> {
+    if aarch64::only_aarch64(&args.scenario) {
+        return Ok(Vec::new());
     }
-    let finished = cmd.timeout(Duration::from_secs(1800)).run_unchecked()?;
-    std::fs::write(logs.join("nix-build-aarch64.log"), &finished.stderr)?;
-    if !finished.success() {
-        bail!(
-            "`{}` {}\n{}",
-            finished.display,
-            finished.outcome(),
-            finished.tail()
-        );
-    }
-    Ok(finished.stdout.lines().map(str::to_owned).collect())
+    let scenarios = aarch64::x86_64_scenarios(&args.scenario);
+    plan::select(
+        plan,
+        &Selection {
+            scenarios: &scenarios,
+            disks: &args.disk,
+            variants: &args.variant,
+        },
+    )
 }
 
 /// Identifies what a boot exercises: the runner script's text with the store disk's path

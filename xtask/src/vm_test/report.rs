@@ -1,8 +1,10 @@
 //! The harness's verdict: `target/vm-test/report.json`, a Markdown summary for CI, one insta
 //! snapshot per scenario x store disk format in golden/ (readable tables, hashes redacted,
 //! host-provided sizes left out), and the hard assertions a careless re-accept cannot hide.
+//! The aarch64 guest's runs (aarch64.rs) join each of these: `"arch": "aarch64"` entries in
+//! report.json's `runs`, their own table, `golden/aarch64-<disk>.snap`, the same assertions.
 
-use super::cross::CrossRun;
+use super::aarch64;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -20,7 +22,7 @@ use crate::setup::write_atomically;
 #[allow(clippy::too_many_arguments)]
 pub fn finish(
     runs: &[Run],
-    cross: &[CrossRun],
+    aarch64: &aarch64::Outcome,
     phases: &Phases,
     total_seconds: f64,
     accel: Accel,
@@ -28,11 +30,10 @@ pub fn finish(
     golden: &Path,
     selection: &Selection<'_>,
 ) -> Result<()> {
-    let report = json!({
+    let mut report = json!({
         "accel": accel,
         "total_seconds": (total_seconds * 10.0).round() / 10.0,
         "phases": phases.0.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
-        "cross": cross,
         "runs": runs.iter().map(|r| json!({
             "kind": r.plan.kind,
             "arch": "x86_64",
@@ -51,12 +52,15 @@ pub fn finish(
             "verify_disagreements": r.verify_disagreements,
         })).collect::<Vec<_>>(),
     });
+    if let Some(all) = report["runs"].as_array_mut() {
+        all.extend(aarch64.runs_json());
+    }
     write_atomically(
         &work.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let mut markdown = markdown_summary(runs, phases, total_seconds, accel);
-    markdown.push_str(&cross_summary(cross));
+    markdown.push_str(&aarch64.summary());
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
     eprintln!(
@@ -65,7 +69,10 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let (compared_snapshots, changed_snapshots) = check_snapshots(runs, golden);
+    let (mut compared_snapshots, mut changed_snapshots) = check_snapshots(runs, golden);
+    let (aarch64_compared, aarch64_changed) = check_aarch64_snapshots(&aarch64.runs, golden);
+    compared_snapshots.extend(aarch64_compared);
+    changed_snapshots.extend(aarch64_changed);
     let not_compared = uncompared_snapshots(runs, golden, &compared_snapshots, selection);
     for (name, why) in &not_compared {
         eprintln!("snapshot {name}: NOT compared: {why}");
@@ -73,15 +80,8 @@ pub fn finish(
     let mut failed_snapshots = changed_snapshots.clone();
     failed_snapshots.extend(not_compared.into_iter().map(|(name, _)| name));
     let mut failed_assertions = hard_assertions(runs);
-    failed_assertions.extend(cross.iter().filter(|c| !c.ok()).map(|c| {
-        format!(
-            "the aarch64 guest's {} store disk: verify {}, busybox ELF machine {} (want {})",
-            c.disk,
-            c.verify.summary(),
-            c.elf_machine,
-            crate::tools::ELF_MACHINE_AARCH64
-        )
-    }));
+    failed_assertions.extend(hard_assertions(&aarch64.runs));
+    failed_assertions.extend(aarch64.assertions());
     for failure in &failed_assertions {
         eprintln!("ASSERTION FAILED: {failure}");
     }
@@ -95,6 +95,7 @@ pub fn finish(
     // compared, plus each failed cross-variant assertion.
     let measured: Vec<&Run> = runs
         .iter()
+        .chain(&aarch64.runs)
         .filter(|r| r.plan.kind == RunKind::Run)
         .collect();
     let runs_ok = measured
@@ -105,9 +106,8 @@ pub fn finish(
                 && r.verify_disagreements.is_empty()
         })
         .count();
-    let cross_ok = cross.iter().filter(|c| c.ok()).count();
     let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
-    let passed = runs_ok + cross_ok + compared_snapshots.len() - changed_snapshots.len();
+    let passed = runs_ok + compared_snapshots.len() - changed_snapshots.len();
     if failed == 0 {
         eprintln!("vm-test: all assertions hold and every snapshot matches");
     }
@@ -412,6 +412,51 @@ fn check_snapshots(runs: &[Run], golden: &Path) -> (Vec<String>, Vec<String>) {
     (compared, changed)
 }
 
+/// The variants the aarch64 guest is measured with: its snapshot per disk needs all three.
+const AARCH64_VARIANTS: [Variant; 3] = [Variant::Unfixed, Variant::Upstream, Variant::Fixed];
+
+/// Compares the aarch64 guest's table per disk (golden/aarch64-<disk>.snap, the layout of the
+/// x86_64 snapshots with its three variants) when every one of them ran; returns the names
+/// compared and, of those, the ones that differ.
+fn check_aarch64_snapshots(runs: &[Run], golden: &Path) -> (Vec<String>, Vec<String>) {
+    let mut compared = Vec::new();
+    let mut changed = Vec::new();
+    let mut groups: BTreeMap<ImageFormat, Vec<&Run>> = BTreeMap::new();
+    for run in runs.iter().filter(|r| r.plan.kind == RunKind::Run) {
+        groups.entry(run.plan.format).or_default().push(run);
+    }
+    for (format, mut members) in groups {
+        let present: BTreeSet<Variant> = members.iter().map(|r| r.plan.variant).collect();
+        if !AARCH64_VARIANTS.iter().all(|v| present.contains(v)) {
+            eprintln!("snapshot aarch64-{format}: not compared (not every variant ran)");
+            continue;
+        }
+        members.sort_by_key(|r| r.plan.variant);
+        let text = snapshot_for(&members, &[]);
+        let name = snapshot_name(aarch64::SCENARIO, format);
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            insta::with_settings!({
+                snapshot_path => golden,
+                prepend_module_to_snapshot => false,
+                omit_expression => true,
+                description => format!(
+                    "cargo xtask vm-test: the aarch64 guest (emulated, TCG) on {format}"
+                ),
+            }, {
+                insta::assert_snapshot!(name.clone(), text);
+            });
+        }));
+        std::panic::set_hook(previous_hook);
+        compared.push(name.clone());
+        if outcome.is_err() {
+            changed.push(name);
+        }
+    }
+    (compared, changed)
+}
+
 /// The snapshots that should have been compared and were not, with why: a selected group
 /// missing variants (allowed only under `--variant`), and, when nothing was filtered out, a
 /// golden/*.snap that no run produced (a renamed or dropped scenario).
@@ -601,25 +646,6 @@ fn cross_variant_assertions(runs: &[Run]) -> Vec<String> {
         }
     }
     failures
-}
-
-/// The aarch64 guest's lines of the Markdown summary.
-fn cross_summary(cross: &[CrossRun]) -> String {
-    let mut out = String::from(
-        "\n| cross-arch guest | disk | packed paths | busybox ELF machine | verify |\n|---|---|---|---|---|\n",
-    );
-    for c in cross {
-        let _ = writeln!(
-            out,
-            "| {} (built and verified, not booted) | {} | {} | {} | {} |",
-            c.arch,
-            c.disk,
-            c.packed_paths,
-            c.elf_machine,
-            c.verify.summary()
-        );
-    }
-    out
 }
 
 fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> String {
