@@ -324,6 +324,77 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm_test::boot::BootOutcome;
+    use crate::vm_test::plan::{Fixes, RunKind, Variant};
+    use crate::vm_test::BootRecord;
+    use storedisk_verifier::ImageFormat;
+
+    /// A booted aarch64 run whose guest printed `output`.
+    fn run(variant: Variant, output: &str) -> Run {
+        let store = |n: u8, name: &str| format!("/nix/store/{}-{name}", n.to_string().repeat(32));
+        Run {
+            plan: PlanEntry {
+                kind: RunKind::Run,
+                scenario: SCENARIO.to_owned(),
+                format: ImageFormat::Erofs,
+                variant,
+                fixes: Fixes {
+                    image: true,
+                    symlink: true,
+                    init: true,
+                    reg_info: true,
+                    kernel: true,
+                },
+                runner: store(1, "microvm-qemu-aarch64"),
+                store_disk: store(2, "microvm-store-disk.erofs"),
+                toplevel: store(3, "nixos-system-aarch64"),
+                reg_info: Some(store(4, "closure-info")),
+                kernel: store(5, "linux-host-aarch64"),
+            },
+            boot: Some(BootRecord {
+                outcome: BootOutcome {
+                    ok: true,
+                    seconds: 5.0,
+                    result: Some(json!({"ok": true, "program_output": output})),
+                    error: None,
+                    log: String::new(),
+                    attempts: 1,
+                },
+                shared_with: None,
+            }),
+            transfer: None,
+            verify: None,
+            runner_kernel_modules: Vec::new(),
+            verify_disagreements: Vec::new(),
+            facts: None,
+        }
+    }
+
+    #[test]
+    fn the_guest_must_be_aarch64_and_say_so() {
+        let good = Outcome {
+            runs: vec![run(Variant::Fixed, "aarch64")],
+            elf_machine: Some(ELF_MACHINE_AARCH64),
+        };
+        assert_eq!(good.assertions(), Vec::<String>::new());
+        let entries = good.runs_json();
+        assert_eq!(entries[0]["arch"], "aarch64");
+        assert_eq!(entries[0]["scenario"], "aarch64");
+        assert_eq!(entries[0]["boot"]["ok"], true);
+
+        let x86_userland = Outcome {
+            runs: vec![run(Variant::Fixed, "x86_64")],
+            elf_machine: Some(62),
+        };
+        let failures = x86_userland.assertions();
+        assert_eq!(failures.len(), 2, "{failures:#?}");
+        assert!(failures[0].contains("ELF machine Some(62)"));
+        assert!(failures[1].contains("aarch64/erofs/fixed: the guest's `uname -m` printed"));
+
+        // Not selected: nothing to assert.
+        assert!(Outcome::default().assertions().is_empty());
+        assert!(Outcome::default().summary().contains("not selected"));
+    }
 
     #[test]
     fn scenario_selection_separates_the_aarch64_guest() {
