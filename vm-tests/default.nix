@@ -10,6 +10,7 @@
 # (references kept / discarded, same bytes); the runners alone differ per variant.
 { hostDir ? builtins.getEnv "STOREDISK_VM_HOST_DIR"
 , qemu ? "/usr/bin/qemu-system-x86_64"
+, qemuAarch64 ? "/usr/bin/qemu-system-aarch64"
 , socat ? "/usr/bin/socat"
 , mkfsErofs ? null
   # Where `cargo xtask vm-test --scenario realistic` generated the realistic closure; "" leaves
@@ -20,8 +21,6 @@
 let
   host = /. + hostDir;
   busybox = builtins.path { path = host + "/busybox"; name = "busybox"; };
-  # Debian's static arm64 busybox: the userland of the aarch64 guest (it never runs here).
-  busyboxAarch64 = builtins.path { path = host + "/busybox-arm64"; name = "busybox-aarch64"; };
   storedisk = builtins.path { path = host + "/storedisk"; name = "storedisk"; };
   # The kernel package, shaped like nixpkgs' kernel.out: the image and lib/modules. The guest
   # toplevel references it (NixOS's `kernel` and `kernel-modules` links), so the store disk packs
@@ -146,33 +145,13 @@ let
     hold = true;
   }).runner;
 
-  # An aarch64 guest, built on this machine: its init and programs are the arm64 busybox, every
-  # derivation is built by the host's busybox. Its store disk is architecture-independent, so it
-  # is built and verified here like the others; booting it would need qemu-system-aarch64 and an
-  # arm64 kernel.
-  aarch64 =
-    let
-      g = (import ./guest.nix { inherit lib; busybox = busyboxAarch64; }) {
-        name = "aarch64";
-        scenario = "aarch64";
-        packages = [ busyboxAarch64 ];
-        program = "${busyboxAarch64}/bin/uname -m";
-        expected = "aarch64";
-      };
-      regInfo = lib.closureInfo { rootPaths = [ g.toplevel ]; };
-    in
-    {
-      inherit (g) toplevel;
-      inherit regInfo;
-      disks = builtins.listToAttrs (map (format: {
-        name = format;
-        value = lib.storeDisk {
-          inherit (g) toplevel;
-          inherit regInfo format;
-          discardReferences = true;
-        };
-      }) formats);
-    };
+  # The aarch64 guest (vm-tests/aarch64.nix): Debian's arm64 busybox and kernel, its disks built
+  # here, booted by a runner that emulates it with qemu-system-aarch64 under TCG.
+  aarch64 = import ./aarch64.nix {
+    inherit lib host variants formats;
+    socat = socatHost;
+    qemu = qemuAarch64;
+  };
 
   runs = {
     minimal = runsOf "minimal" "minimal";

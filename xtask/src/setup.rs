@@ -1,7 +1,9 @@
 //! `cargo xtask setup`: installs what the harness needs on a Debian machine, idempotently, and
-//! checks that each tool works. apt packages for the peers' tools, busybox, QEMU and a kernel (from
-//! bookworm-backports on bookworm); Nix 2.26 and erofs-utils 1.8.6 from Debian trixie packages
-//! unpacked into a private prefix under `target/tools/` (no system libc upgrade, /etc/nix untouched).
+//! checks that each tool works. apt packages for the peers' tools, busybox, QEMU (x86_64 and
+//! aarch64) and a kernel (from bookworm-backports on bookworm); Nix 2.26 and erofs-utils 1.8.6
+//! from Debian trixie packages unpacked into a private prefix under `target/tools/` (no system
+//! libc upgrade, /etc/nix untouched); the aarch64 guest's busybox and kernel, Debian arm64
+//! packages unpacked (never installed) under `target/tools/`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,10 +34,20 @@ const BASE_PACKAGES: &[&str] = &[
     "cpio",
     "time",
     "socat",
+    // depmod, run on the unpacked arm64 kernel (its package ships no modules.dep).
+    "kmod",
 ];
 /// apt packages that come from bookworm-backports on bookworm (qemu 10 matches the preinstalled
-/// qemu-utils there; bookworm's own 7.2 conflicts with it).
-const BACKPORTS_PACKAGES: &[&str] = &["qemu-system-x86", "linux-image-cloud-amd64"];
+/// qemu-utils there; bookworm's own 7.2 conflicts with it). qemu-system-arm provides
+/// qemu-system-aarch64, the aarch64 guest's hypervisor.
+const BACKPORTS_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-arm",
+    "linux-image-cloud-amd64",
+];
+/// The arm64 kernel's metapackage (from bookworm-backports on bookworm, like the amd64 one); the
+/// versioned package it depends on is downloaded and unpacked, never installed.
+const ARM64_KERNEL_META: &str = "linux-image-cloud-arm64";
 /// Packages unpacked into the private prefix from trixie.
 const PREFIX_PACKAGES: &[&str] = &["nix-bin", "erofs-utils"];
 /// Programs from the prefix, patched to run with the prefix's own loader and libraries.
@@ -95,6 +107,7 @@ fn peers_present() -> bool {
     .all(|p| tools::which(p).is_some())
         && tools::mkfs_erofs_with_fragments().is_some()
         && tools::arm64_busybox().is_some()
+        && tools::locate_arm64_kernel().is_ok()
 }
 
 fn tools_dir_program(name: &str) -> Option<PathBuf> {
@@ -135,6 +148,7 @@ fn install() -> Result<()> {
         .collect();
     let need_backports = BACKPORTS_PACKAGES.iter().any(|p| !dpkg_installed(p))
         || tools::locate_qemu().is_err()
+        || tools::locate_qemu_aarch64().is_err()
         || tools::locate_kernel().is_err();
     let system_nix_ok = tools::which("nix")
         .and_then(|p| p.parent().and_then(tools::probe_nix))
@@ -178,7 +192,7 @@ fn install() -> Result<()> {
         ]
         .concat())?;
     } else {
-        eprintln!("setup: found qemu-system-x86 (with the microvm machine) and a kernel with the guest modules");
+        eprintln!("setup: found qemu-system-x86 (with the microvm machine), qemu-system-arm and a kernel with the guest modules");
     }
     if need_prefix {
         if on_bookworm {
@@ -200,6 +214,13 @@ fn install() -> Result<()> {
     } else {
         eprintln!("setup: found the aarch64 guest's busybox");
     }
+    match tools::locate_arm64_kernel() {
+        Ok(kernel) => eprintln!("setup: found the aarch64 guest's kernel {}", kernel.release),
+        Err(why) => {
+            eprintln!("setup: no usable arm64 kernel yet ({why:#})");
+            install_arm64_kernel(on_bookworm)?;
+        }
+    }
     write_env_file()?;
     if sources_changed {
         remove_hand_made_apt_files();
@@ -212,14 +233,7 @@ fn install() -> Result<()> {
 /// verified on this machine. Needs the arm64 architecture in dpkg to download it.
 fn install_arm64_busybox() -> Result<()> {
     let sh = shell()?;
-    let foreign = Cmd::from(cmd!(sh, "dpkg --print-foreign-architectures"))
-        .quiet()
-        .read()?;
-    if !foreign.lines().any(|a| a.trim() == "arm64") {
-        eprintln!("setup: adding the arm64 architecture to dpkg (to download an arm64 busybox)");
-        Cmd::from(cmd!(sh, "dpkg --add-architecture arm64")).run()?;
-        apt(&["update"])?;
-    }
+    ensure_arm64_architecture()?;
     let debs = tools::tools_dir().join("debs-arm64");
     let prefix = tools::tools_dir().join("arm64-prefix");
     for dir in [&debs, &prefix] {
@@ -248,6 +262,115 @@ fn install_arm64_busybox() -> Result<()> {
         target.display()
     );
     Ok(())
+}
+
+/// Adds arm64 to dpkg's foreign architectures (so apt can download arm64 packages; nothing of
+/// that architecture is installed).
+fn ensure_arm64_architecture() -> Result<()> {
+    let sh = shell()?;
+    let foreign = Cmd::from(cmd!(sh, "dpkg --print-foreign-architectures"))
+        .quiet()
+        .read()?;
+    if !foreign.lines().any(|a| a.trim() == "arm64") {
+        eprintln!("setup: adding the arm64 architecture to dpkg (to download arm64 packages)");
+        Cmd::from(cmd!(sh, "dpkg --add-architecture arm64")).run()?;
+        apt(&["update"])?;
+    }
+    Ok(())
+}
+
+/// Debian's arm64 cloud kernel, unpacked (never installed: an arm64 kernel package cannot be
+/// installed on amd64) into target/tools/arm64-kernel: `boot/vmlinuz-<release>` (a raw arm64
+/// Image) and `lib/modules/<release>/`, whose modules.dep `depmod -b` writes (the package ships
+/// none; depmod reads foreign-architecture modules). The metapackage names the versioned
+/// package in its Depends; that one is downloaded and unpacked into a staging directory, which
+/// replaces the old one only when complete.
+fn install_arm64_kernel(on_bookworm: bool) -> Result<()> {
+    ensure_arm64_architecture()?;
+    let sh = shell()?;
+    let tools = tools::tools_dir();
+    let debs = tools.join("debs-arm64-kernel");
+    let staging = tools.join("arm64-kernel.new");
+    for dir in [&debs, &staging] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+    }
+    let suite: &[&str] = if on_bookworm {
+        &["-t", "bookworm-backports"]
+    } else {
+        &[]
+    };
+    let download = |package: &str| -> Result<PathBuf> {
+        eprintln!("setup: downloading {package}");
+        let before: Vec<PathBuf> = deb_files(&debs)?;
+        Cmd::from(cmd!(sh, "apt-get download {suite...} {package}"))
+            .current_dir(&debs)
+            .timeout(Duration::from_secs(1200))
+            .run()?;
+        deb_files(&debs)?
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .with_context(|| format!("apt-get download {package} left no new .deb"))
+    };
+    let meta = download(&format!("{ARM64_KERNEL_META}:arm64"))?;
+    let depends = Cmd::from(cmd!(sh, "dpkg-deb -f {meta} Depends"))
+        .quiet()
+        .read()?;
+    let image_package = kernel_image_dependency(&depends).with_context(|| {
+        format!("{ARM64_KERNEL_META} depends on no linux-image package: {depends:?}")
+    })?;
+    let deb = download(&format!("{image_package}:arm64"))?;
+    Cmd::from(cmd!(sh, "dpkg-deb -x {deb} {staging}")).run()?;
+    let release = image_package
+        .strip_prefix("linux-image-")
+        .context("not a linux-image package")?
+        .to_owned();
+    // The package puts its modules in lib/modules (bookworm) or usr/lib/modules (trixie's
+    // merged /usr); depmod -b and the locator want lib/modules.
+    let moddir = staging.join("lib/modules").join(&release);
+    let usr_moddir = staging.join("usr/lib/modules").join(&release);
+    if !moddir.is_dir() && usr_moddir.is_dir() {
+        std::fs::create_dir_all(staging.join("lib/modules"))?;
+        std::fs::rename(&usr_moddir, &moddir)?;
+    }
+    anyhow::ensure!(
+        moddir.is_dir(),
+        "{image_package} has no modules directory for {release}"
+    );
+    Cmd::from(cmd!(sh, "depmod -b {staging} {release}")).run()?;
+    let target = tools::arm64_kernel_dir();
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&staging, &target)?;
+    let _ = std::fs::remove_dir_all(&debs);
+    let kernel = tools::locate_arm64_kernel()?;
+    eprintln!(
+        "setup: unpacked the arm64 kernel {} into {}",
+        kernel.release,
+        target.display()
+    );
+    Ok(())
+}
+
+fn deb_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect())
+}
+
+/// The versioned kernel package a linux-image metapackage's `Depends` names
+/// (`linux-image-6.12.95+deb12-cloud-arm64 (= 6.12.95-1~bpo12+1)` -> its name).
+fn kernel_image_dependency(depends: &str) -> Option<String> {
+    depends
+        .split([',', '|'])
+        .map(|d| d.split_whitespace().next().unwrap_or(""))
+        .map(|d| d.split(':').next().unwrap_or(d))
+        .find(|d| d.starts_with("linux-image-") && d.chars().any(|c| c.is_ascii_digit()))
+        .map(str::to_owned)
 }
 
 fn is_root() -> bool {
@@ -526,6 +649,18 @@ fn report(toolchain: &Toolchain) -> Result<()> {
         eprintln!("found:   module {}", module.display());
     }
     eprintln!("found: busybox {}", toolchain.busybox.display());
+    eprintln!(
+        "found: {} (the aarch64 guest's hypervisor)",
+        toolchain.qemu_aarch64.display()
+    );
+    eprintln!(
+        "found: arm64 kernel {} at {}",
+        toolchain.kernel_aarch64.release,
+        toolchain.kernel_aarch64.vmlinuz.display()
+    );
+    for module in &toolchain.kernel_aarch64.modules {
+        eprintln!("found:   module {}", module.display());
+    }
     eprintln!("found: socat {}", toolchain.socat.display());
     for program in [
         "mksquashfs",
@@ -573,5 +708,20 @@ mod tests {
             Some("http://ftp.de.debian.org/debian/")
         );
         assert_eq!(mirror_from_sources(&[]), None);
+    }
+
+    #[test]
+    fn the_kernel_metapackage_names_its_image_package() {
+        assert_eq!(
+            kernel_image_dependency("linux-image-6.12.95+deb12-cloud-arm64 (= 6.12.95-1~bpo12+1)")
+                .as_deref(),
+            Some("linux-image-6.12.95+deb12-cloud-arm64")
+        );
+        assert_eq!(
+            kernel_image_dependency("linux-base, linux-image-6.1.0-42-cloud-arm64:arm64 (= 6.1.1)")
+                .as_deref(),
+            Some("linux-image-6.1.0-42-cloud-arm64")
+        );
+        assert_eq!(kernel_image_dependency("linux-base (>= 4.3~)"), None);
     }
 }

@@ -1,6 +1,7 @@
 //! Where the harness's external tools are: Nix (system or the private prefix under
-//! `target/tools/`), QEMU, a kernel with the modules a store disk guest needs, busybox. Locating
-//! never installs anything; `setup` does that.
+//! `target/tools/`), QEMU, a kernel with the modules a store disk guest needs, busybox, and the
+//! aarch64 guest's hypervisor (`qemu-system-aarch64`) and arm64 kernel. Locating never installs
+//! anything; `setup` does that.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,6 +98,10 @@ pub struct Toolchain {
     pub socat: PathBuf,
     pub kernel: Kernel,
     pub busybox: PathBuf,
+    /// The aarch64 guest's hypervisor.
+    pub qemu_aarch64: PathBuf,
+    /// The aarch64 guest's kernel (Debian's arm64 cloud kernel, unpacked by `setup`).
+    pub kernel_aarch64: Kernel,
 }
 
 /// Parses "nix (Nix) 2.26.3" into (2, 26).
@@ -149,7 +154,17 @@ pub fn locate_nix() -> Option<Nix> {
 
 /// `qemu-system-x86_64` if it has the `microvm` machine.
 pub fn locate_qemu() -> Result<PathBuf> {
-    let qemu = which("qemu-system-x86_64").context("qemu-system-x86_64 is not installed")?;
+    locate_qemu_with_machine("qemu-system-x86_64", "microvm", "qemu-system-x86")
+}
+
+/// `qemu-system-aarch64` (the aarch64 guest's hypervisor, TCG here) if it has the `virt` machine.
+pub fn locate_qemu_aarch64() -> Result<PathBuf> {
+    locate_qemu_with_machine("qemu-system-aarch64", "virt", "qemu-system-arm")
+}
+
+fn locate_qemu_with_machine(program: &str, machine: &str, package: &str) -> Result<PathBuf> {
+    let qemu = which(program)
+        .with_context(|| format!("{program} is not installed (apt package {package})"))?;
     let machines = Cmd::new(&qemu)
         .args(["-machine", "help"])
         .timeout(Duration::from_secs(30))
@@ -157,9 +172,9 @@ pub fn locate_qemu() -> Result<PathBuf> {
         .read()?;
     if !machines
         .lines()
-        .any(|l| l.split_whitespace().next() == Some("microvm"))
+        .any(|l| l.split_whitespace().next() == Some(machine))
     {
-        bail!("{} has no `microvm` machine type", qemu.display());
+        bail!("{} has no `{machine}` machine type", qemu.display());
     }
     Ok(qemu)
 }
@@ -230,6 +245,52 @@ pub fn arm64_busybox_path() -> PathBuf {
 pub fn arm64_busybox() -> Option<PathBuf> {
     let path = arm64_busybox_path();
     path.is_file().then_some(path)
+}
+
+/// Where `setup` unpacks Debian's arm64 kernel package (`boot/vmlinuz-<release>`, a raw arm64
+/// `Image`, and `lib/modules/<release>/` with the modules.dep that `depmod -b` wrote).
+pub fn arm64_kernel_dir() -> PathBuf {
+    tools_dir().join("arm64-kernel")
+}
+
+/// The aarch64 guest's kernel and the modules its stage 1 loads, once `setup` has unpacked it.
+pub fn locate_arm64_kernel() -> Result<Kernel> {
+    let dir = arm64_kernel_dir();
+    let boot = dir.join("boot");
+    let release = std::fs::read_dir(&boot)
+        .with_context(|| format!("reading {} (run `cargo xtask setup`)", boot.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_owned)
+        })
+        .max_by(|a, b| compare_versions(a, b))
+        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))?;
+    let vmlinuz = boot.join(format!("vmlinuz-{release}"));
+    let kernel = kernel_with_modules(
+        release.clone(),
+        vmlinuz,
+        dir.join("lib/modules").join(&release),
+    )?;
+    anyhow::ensure!(
+        is_arm64_image(&kernel.vmlinuz)?,
+        "{} is not an arm64 Linux Image",
+        kernel.vmlinuz.display()
+    );
+    Ok(kernel)
+}
+
+/// An uncompressed arm64 Linux `Image`: the magic "ARM\x64" at offset 56 of its header
+/// (Documentation/arch/arm64/booting.rst), what QEMU's `-kernel` boots on `-M virt`.
+pub fn is_arm64_image(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut header = [0u8; 64];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    Ok(header[56..60] == *b"ARM\x64")
 }
 
 /// The `e_machine` field of an ELF file (little-endian ELF only, as Debian's are).
@@ -392,13 +453,37 @@ impl Toolchain {
         let busybox = locate_busybox()
             .map_err(|e| missing.push(format!("{e:#}")))
             .ok();
-        match (nix, qemu, socat, kernel, busybox) {
-            (Some(nix), Some(qemu), Some(socat), Some(kernel), Some(busybox)) => Ok(Toolchain {
+        let qemu_aarch64 = locate_qemu_aarch64()
+            .map_err(|e| missing.push(format!("{e:#}")))
+            .ok();
+        let kernel_aarch64 = locate_arm64_kernel()
+            .map_err(|e| missing.push(format!("the arm64 kernel: {e:#}")))
+            .ok();
+        match (
+            nix,
+            qemu,
+            socat,
+            kernel,
+            busybox,
+            qemu_aarch64,
+            kernel_aarch64,
+        ) {
+            (
+                Some(nix),
+                Some(qemu),
+                Some(socat),
+                Some(kernel),
+                Some(busybox),
+                Some(qemu_aarch64),
+                Some(kernel_aarch64),
+            ) => Ok(Toolchain {
                 nix,
                 qemu,
                 socat,
                 kernel,
                 busybox,
+                qemu_aarch64,
+                kernel_aarch64,
             }),
             _ => bail!(
                 "missing tools:\n  - {}\nrun `cargo xtask setup` to install them",
@@ -459,6 +544,22 @@ mod tests {
         );
         let err = module_load_order(dep, "", &["overlay"]).unwrap_err();
         assert!(format!("{err}").contains("overlay"));
+    }
+
+    #[test]
+    fn arm64_images_are_told_from_other_kernels() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut header = vec![0u8; 64];
+        header[56..60].copy_from_slice(b"ARM\x64");
+        let image = dir.path().join("Image");
+        std::fs::write(&image, &header).unwrap();
+        assert!(is_arm64_image(&image).unwrap());
+        // A bzImage (x86_64) or a gzip'ed Image has no magic at offset 56.
+        let other = dir.path().join("bzImage");
+        std::fs::write(&other, [0x1f, 0x8b].repeat(40)).unwrap();
+        assert!(!is_arm64_image(&other).unwrap());
+        std::fs::write(&other, b"short").unwrap();
+        assert!(is_arm64_image(&other).is_err());
     }
 
     #[test]

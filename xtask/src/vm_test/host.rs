@@ -2,7 +2,8 @@
 //! vm-tests/default.nix to import: static busybox with its applet links, the `storedisk` binary
 //! just built, and the kernel package shaped like nixpkgs' `kernel.out`: `bzImage` and
 //! `lib/modules/<release>/` with the modules a store-disk guest loads, decompressed (busybox
-//! insmod reads plain .ko), at their paths from modules.dep, and their `load-order`.
+//! insmod reads plain .ko), at their paths from modules.dep, and their `load-order`. The aarch64
+//! guest gets the same two: `busybox-arm64/` and `kernel-aarch64/` (an arm64 `Image`).
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
 use crate::setup::write_atomically;
-use crate::tools::Toolchain;
+use crate::tools::{Kernel, Toolchain};
 
 /// Fills `dir` (idempotently: unchanged files are not rewritten) and returns it.
 pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Result<PathBuf> {
@@ -26,14 +27,22 @@ pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Resul
     std::fs::create_dir_all(&storedisk_dir)?;
     copy_if_changed(storedisk_bin, &storedisk_dir.join("storedisk"), 0o555)?;
 
-    let kernel_dir = dir.join("kernel");
-    std::fs::create_dir_all(&kernel_dir)?;
-    copy_if_changed(
-        &toolchain.kernel.vmlinuz,
-        &kernel_dir.join("bzImage"),
-        0o444,
+    kernel_package(&toolchain.kernel, "bzImage", &dir.join("kernel"))?;
+    // The aarch64 guest's: an arm64 Image (aarch64 Linux's `kernelTarget`, what QEMU's `-M virt`
+    // boots with -kernel) and its modules.
+    kernel_package(
+        &toolchain.kernel_aarch64,
+        "Image",
+        &dir.join("kernel-aarch64"),
     )?;
-    let kernel = &toolchain.kernel;
+    Ok(dir.to_owned())
+}
+
+/// Writes a kernel package to `kernel_dir`: the kernel as `image_name`, and
+/// `lib/modules/<release>/` with the modules stage 1 loads (decompressed) and their `load-order`.
+fn kernel_package(kernel: &Kernel, image_name: &str, kernel_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(kernel_dir)?;
+    copy_if_changed(&kernel.vmlinuz, &kernel_dir.join(image_name), 0o444)?;
     let modules_dir = kernel_dir.join("lib/modules").join(&kernel.release);
     // A kernel package from an earlier run with another release would hold two module trees.
     for entry in std::fs::read_dir(kernel_dir.join("lib/modules"))
@@ -56,7 +65,7 @@ pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Resul
         order.push('\n');
     }
     write_if_changed(&modules_dir.join("load-order"), order.as_bytes(), 0o444)?;
-    Ok(dir.to_owned())
+    Ok(())
 }
 
 /// "/lib/modules/R/kernel/fs/erofs/erofs.ko.xz" -> "kernel/fs/erofs/erofs.ko".

@@ -1,8 +1,10 @@
 //! The harness's verdict: `target/vm-test/report.json`, a Markdown summary for CI, one insta
 //! snapshot per scenario x store disk format in golden/ (readable tables, hashes redacted,
 //! host-provided sizes left out), and the hard assertions a careless re-accept cannot hide.
+//! The aarch64 guest's runs (aarch64.rs) join each of these: `"arch": "aarch64"` entries in
+//! report.json's `runs`, their own table, `golden/aarch64-<disk>.snap`, the same assertions.
 
-use super::cross::CrossRun;
+use super::aarch64;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -24,7 +26,7 @@ pub struct Outcome<'a> {
     pub runs: &'a [Run],
     pub list_checks: &'a [ListCheck],
     pub shutdown: Option<&'a ShutdownOutcome>,
-    pub cross: &'a [CrossRun],
+    pub aarch64: &'a aarch64::Outcome,
     pub phases: &'a Phases,
     pub total_seconds: f64,
     pub accel: Accel,
@@ -42,16 +44,15 @@ pub fn finish(
         runs,
         list_checks,
         shutdown,
-        cross,
+        aarch64,
         phases,
         total_seconds,
         accel,
     } = outcome;
-    let report = json!({
+    let mut report = json!({
         "accel": accel,
         "total_seconds": (total_seconds * 10.0).round() / 10.0,
         "phases": phases.0.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
-        "cross": cross,
         "shutdown": shutdown,
         "microvm_list": list_checks,
         "runs": runs.iter().map(|r| json!({
@@ -72,6 +73,9 @@ pub fn finish(
             "verify_disagreements": r.verify_disagreements,
         })).collect::<Vec<_>>(),
     });
+    if let Some(all) = report["runs"].as_array_mut() {
+        all.extend(aarch64.runs_json());
+    }
     write_atomically(
         &work.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -86,7 +90,7 @@ pub fn finish(
             s.stop_seconds.map_or("-".to_owned(), |t| format!("{t:.1} s")),
         );
     }
-    markdown.push_str(&cross_summary(cross));
+    markdown.push_str(&aarch64.summary());
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
     eprintln!(
@@ -95,8 +99,9 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let (compared_snapshots, changed_snapshots) = check_snapshots(runs, list_checks, golden);
-    let not_compared = uncompared_snapshots(runs, golden, &compared_snapshots, selection);
+    let every_run: Vec<&Run> = runs.iter().chain(&aarch64.runs).collect();
+    let (compared_snapshots, changed_snapshots) = check_snapshots(&every_run, list_checks, golden);
+    let not_compared = uncompared_snapshots(&every_run, golden, &compared_snapshots, selection);
     for (name, why) in &not_compared {
         eprintln!("snapshot {name}: NOT compared: {why}");
     }
@@ -107,15 +112,8 @@ pub fn finish(
     if let Some(error) = shutdown.and_then(|s| s.error.as_ref()) {
         failed_assertions.push(format!("microvm-shutdown: {error}"));
     }
-    failed_assertions.extend(cross.iter().filter(|c| !c.ok()).map(|c| {
-        format!(
-            "the aarch64 guest's {} store disk: verify {}, busybox ELF machine {} (want {})",
-            c.disk,
-            c.verify.summary(),
-            c.elf_machine,
-            crate::tools::ELF_MACHINE_AARCH64
-        )
-    }));
+    failed_assertions.extend(hard_assertions(&aarch64.runs));
+    failed_assertions.extend(aarch64.assertions());
     for failure in &failed_assertions {
         eprintln!("ASSERTION FAILED: {failure}");
     }
@@ -129,6 +127,7 @@ pub fn finish(
     // compared, plus each failed cross-variant assertion.
     let measured: Vec<&Run> = runs
         .iter()
+        .chain(&aarch64.runs)
         .filter(|r| r.plan.kind == RunKind::Run)
         .collect();
     let runs_ok = measured
@@ -139,10 +138,9 @@ pub fn finish(
                 && r.verify_disagreements.is_empty()
         })
         .count();
-    let cross_ok =
-        cross.iter().filter(|c| c.ok()).count() + usize::from(shutdown.is_some_and(|s| s.ok));
+    let shutdown_ok = usize::from(shutdown.is_some_and(|s| s.ok));
     let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
-    let passed = runs_ok + cross_ok + compared_snapshots.len() - changed_snapshots.len();
+    let passed = runs_ok + shutdown_ok + compared_snapshots.len() - changed_snapshots.len();
     if failed == 0 {
         eprintln!("vm-test: all assertions hold and every snapshot matches");
     }
@@ -509,9 +507,11 @@ fn collapse_numbered_rows(rows: Vec<MatrixRow>) -> Vec<MatrixRow> {
 }
 
 /// The first-deployment runs by (scenario, format).
-fn snapshot_groups(runs: &[Run]) -> BTreeMap<(String, ImageFormat), Vec<&Run>> {
+fn snapshot_groups<'a>(
+    runs: impl IntoIterator<Item = &'a Run>,
+) -> BTreeMap<(String, ImageFormat), Vec<&'a Run>> {
     let mut groups: BTreeMap<(String, ImageFormat), Vec<&Run>> = BTreeMap::new();
-    for run in runs.iter().filter(|r| r.plan.kind == RunKind::Run) {
+    for run in runs.into_iter().filter(|r| r.plan.kind == RunKind::Run) {
         groups
             .entry((run.plan.scenario.clone(), run.plan.format))
             .or_default()
@@ -524,23 +524,55 @@ fn snapshot_name(scenario: &str, format: ImageFormat) -> String {
     format!("{scenario}-{format}")
 }
 
-/// Whether a group holds every variant (a snapshot shows them all, so only then can it be
-/// compared).
+/// The variants a scenario's snapshot shows: all of them, but for the emulated aarch64 guest.
+fn snapshot_variants(scenario: &str) -> &'static [Variant] {
+    if scenario == aarch64::SCENARIO {
+        &AARCH64_VARIANTS
+    } else {
+        &Variant::ALL
+    }
+}
+
+/// Whether a group holds every variant its snapshot shows (only then can it be compared).
 fn has_every_variant(members: &[&Run]) -> bool {
     let present: BTreeSet<Variant> = members.iter().map(|r| r.plan.variant).collect();
-    Variant::ALL.iter().all(|v| present.contains(v))
+    members.first().is_none_or(|first| {
+        snapshot_variants(&first.plan.scenario)
+            .iter()
+            .all(|v| present.contains(v))
+    })
+}
+
+/// Compares `text` with golden/<name>.snap through insta; true when they differ. insta reports
+/// a mismatch by printing the diff and panicking: the diff is kept, the panic message and
+/// backtrace dropped, so the other snapshots are still compared.
+fn snapshot_differs(golden: &Path, name: &str, description: String, text: String) -> bool {
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        insta::with_settings!({
+            snapshot_path => golden,
+            prepend_module_to_snapshot => false,
+            omit_expression => true,
+            description => description,
+        }, {
+            insta::assert_snapshot!(name.to_owned(), text);
+        });
+    }));
+    std::panic::set_hook(previous_hook);
+    outcome.is_err()
 }
 
 /// Compares every complete (scenario, format) table with golden/; returns the names compared
 /// and, of those, the ones that differ.
 fn check_snapshots(
-    runs: &[Run],
+    runs: &[&Run],
     list_checks: &[ListCheck],
     golden: &Path,
 ) -> (Vec<String>, Vec<String>) {
     let mut compared = Vec::new();
     let mut changed = Vec::new();
-    for ((scenario, format), mut members) in snapshot_groups(runs) {
+    for ((scenario, format), mut members) in snapshot_groups(runs.iter().copied()) {
         if !has_every_variant(&members) {
             continue;
         }
@@ -548,6 +580,7 @@ fn check_snapshots(
         let of_kind = |kind: RunKind| {
             let mut found: Vec<&Run> = runs
                 .iter()
+                .copied()
                 .filter(|r| {
                     r.plan.kind == kind && r.plan.scenario == scenario && r.plan.format == format
                 })
@@ -566,34 +599,27 @@ fn check_snapshots(
             lists: &lists,
         });
         let name = snapshot_name(&scenario, format);
-        // insta reports a mismatch by printing the diff and panicking; keep the diff, drop the
-        // panic message and backtrace, and go on comparing the other snapshots.
-        let previous_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            insta::with_settings!({
-                snapshot_path => golden,
-                prepend_module_to_snapshot => false,
-                omit_expression => true,
-                description => format!("cargo xtask vm-test: {scenario} on {}", format),
-            }, {
-                insta::assert_snapshot!(name.clone(), text);
-            });
-        }));
-        std::panic::set_hook(previous_hook);
+        let description = if scenario == aarch64::SCENARIO {
+            format!("cargo xtask vm-test: the aarch64 guest (emulated, TCG) on {format}")
+        } else {
+            format!("cargo xtask vm-test: {scenario} on {format}")
+        };
         compared.push(name.clone());
-        if outcome.is_err() {
+        if snapshot_differs(golden, &name, description, text) {
             changed.push(name);
         }
     }
     (compared, changed)
 }
 
+/// The variants the aarch64 guest is measured with: its snapshot per disk needs all three.
+const AARCH64_VARIANTS: [Variant; 3] = [Variant::Unfixed, Variant::Upstream, Variant::Fixed];
+
 /// The snapshots that should have been compared and were not, with why: a selected group
 /// missing variants (allowed only under `--variant`), and, when nothing was filtered out, a
 /// golden/*.snap that no run produced (a renamed or dropped scenario).
 fn uncompared_snapshots(
-    runs: &[Run],
+    runs: &[&Run],
     golden: &Path,
     compared: &[String],
     selection: &Selection<'_>,
@@ -605,14 +631,14 @@ fn uncompared_snapshots(
         );
         return out;
     }
-    for ((scenario, format), members) in snapshot_groups(runs) {
+    for ((scenario, format), members) in snapshot_groups(runs.iter().copied()) {
         if !has_every_variant(&members) {
             out.push((
                 snapshot_name(&scenario, format),
                 format!(
                     "only {} of {} variants ran",
                     members.len(),
-                    Variant::ALL.len()
+                    snapshot_variants(&scenario).len()
                 ),
             ));
         }
@@ -817,25 +843,6 @@ fn cross_variant_assertions(runs: &[Run]) -> Vec<String> {
         }
     }
     failures
-}
-
-/// The aarch64 guest's lines of the Markdown summary.
-fn cross_summary(cross: &[CrossRun]) -> String {
-    let mut out = String::from(
-        "\n| cross-arch guest | disk | packed paths | busybox ELF machine | verify |\n|---|---|---|---|---|\n",
-    );
-    for c in cross {
-        let _ = writeln!(
-            out,
-            "| {} (built and verified, not booted) | {} | {} | {} | {} |",
-            c.arch,
-            c.disk,
-            c.packed_paths,
-            c.elf_machine,
-            c.verify.summary()
-        );
-    }
-    out
 }
 
 fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> String {
@@ -1149,7 +1156,8 @@ mod tests {
         let mut runs = group(ImageFormat::Erofs);
         runs.retain(|r| r.plan.variant != Variant::FixKernel);
         let none = Selection::default();
-        let missing = uncompared_snapshots(&runs, golden.path(), &[], &none);
+        let refs: Vec<&Run> = runs.iter().collect();
+        let missing = uncompared_snapshots(&refs, golden.path(), &[], &none);
         let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["s-erofs", "gone-erofs"]);
         assert!(missing[0].1.contains("only 12 of 13 variants"));
@@ -1159,11 +1167,12 @@ mod tests {
             variants: &variants,
             ..Selection::default()
         };
-        assert!(uncompared_snapshots(&runs, golden.path(), &[], &partial).is_empty());
+        assert!(uncompared_snapshots(&refs, golden.path(), &[], &partial).is_empty());
         // A complete group that was compared is not reported.
         let runs = group(ImageFormat::Erofs);
         let compared = ["s-erofs".to_owned()];
-        let missing = uncompared_snapshots(&runs, golden.path(), &compared, &none);
+        let refs: Vec<&Run> = runs.iter().collect();
+        let missing = uncompared_snapshots(&refs, golden.path(), &compared, &none);
         assert_eq!(missing.len(), 1);
         assert_eq!(missing[0].0, "gone-erofs");
     }
