@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use storedisk_nix::{NarEncoder, NarHash, NarHasher, ReferenceScanner, StorePath};
 
 use crate::error::VerifyError;
+use crate::image::ImageSource;
 use crate::reader::{guard, ImageReader};
 use crate::tree::{dump_node, NodeId, NodeKind};
 
@@ -205,4 +206,28 @@ pub fn read_small_file(
             Ok(Some(out))
         },
     )
+}
+
+/// What Nix would record as the image's references if it scanned the image file: the
+/// candidates whose hash part occurs anywhere in its bytes, read in bounded chunks.
+pub fn predict_references(
+    image: ImageSource<'_>,
+    candidates: impl IntoIterator<Item = StorePath>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<BTreeSet<StorePath>, VerifyError> {
+    const CHUNK: u64 = 4 << 20;
+    let mut scanner = ReferenceScanner::new(candidates);
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    while at < image.len() {
+        let n = (image.len() - at).min(CHUNK) as usize;
+        buf.resize(n, 0);
+        image
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| image.io_error(e, "scanning the image for references"))?;
+        scanner.scan(&buf);
+        progress(n as u64);
+        at += n as u64;
+    }
+    Ok(scanner.into_found())
 }
