@@ -593,7 +593,8 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     );
     cmd.args(["--compression", "zstd", "--compression-level", "40"]);
     assert_fails_cleanly(cmd, out_dir.path(), "40");
-    // mkfs.erofs itself refusing, after the closure was staged: the staging tree goes too.
+    // mkfs.erofs itself refusing (while the tree streams to it, or after it was staged):
+    // nothing is left behind.
     let newest = erofs_utils().into_iter().max_by_key(|u| u.version).unwrap();
     let mut cmd = build_cmd(
         "erofs",
