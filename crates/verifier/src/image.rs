@@ -26,12 +26,14 @@ const EROFS_MAGIC_OFFSET: usize = 1024;
 const EROFS_MAGIC: [u8; 4] = 0xE0F5_E1E2u32.to_le_bytes();
 
 /// Bytes of one read window (reads of at least [`DIRECT_READ`] bytes bypass the windows).
-pub const WINDOW_LEN: usize = 128 << 10;
+pub const WINDOW_LEN: usize = 64 << 10;
 /// Reads this large or larger go straight to `pread`.
 const DIRECT_READ: usize = 32 << 10;
-/// Windows kept per thread (metadata and data of erofs files lie apart: one window each, plus
-/// room for a second image).
-const WINDOWS_PER_THREAD: usize = 4;
+/// Windows kept per thread: erofs metadata (inodes, compression indexes, directories) lies
+/// between file data, so a walk or a file read touches several places at once. Smaller, more
+/// numerous windows read less of what is not used (measured on a 150 MB `--tar=f` image: 8 of
+/// 64 KiB copy 1.9x the image, 4 of 128 KiB 2.9x).
+const WINDOWS_PER_THREAD: usize = 8;
 
 /// The on-disk format of a store disk image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
