@@ -54,7 +54,12 @@ pub struct BenchArgs {
     no_build: bool,
     /// Bench on your own closure instead of a generated one: the directory holding exactly its
     /// store paths (with --closure).
-    #[arg(long, value_name = "DIR", requires = "closure", conflicts_with = "sizes")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "closure",
+        conflicts_with = "sizes"
+    )]
     store_dir: Option<PathBuf>,
     /// The closure of --store-dir: exportReferencesGraph or `nix path-info --json` output, or
     /// registration text.
@@ -342,7 +347,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut results = report::Report::new(bench.cores, runs, args.seed, load, &mkfs_erofs);
     let corpus = match (&args.store_dir, &args.closure) {
         (Some(dir), Some(file)) => {
-            eprintln!("bench: reading the closure {} in {}", file.display(), dir.display());
+            eprintln!(
+                "bench: reading the closure {} in {}",
+                file.display(),
+                dir.display()
+            );
             let closure = corpus::load(dir, file, &bench.work)?;
             results.set_corpus(format!("{} ({})", file.display(), dir.display()));
             Some(closure)
@@ -421,7 +430,13 @@ fn image_path(bench: &Bench, tool: &ImageTool, size: u64) -> PathBuf {
     let name: String = tool
         .name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     bench
         .work

@@ -133,7 +133,9 @@ impl MkfsErofs {
                 found.push(tool);
             }
         }
-        let newest = (0..found.len()).rev().max_by_key(|&i| found[i].version_parts);
+        let newest = (0..found.len())
+            .rev()
+            .max_by_key(|&i| found[i].version_parts);
         match newest {
             Some(i) => {
                 let tool = found.remove(i);

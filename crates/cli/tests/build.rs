@@ -869,7 +869,9 @@ fn without_mkfs_erofs_the_newest_installed_one_is_used_whatever_the_path_order()
         oldest.mkfs.parent().unwrap().to_owned(),
         newest.mkfs.parent().unwrap().to_owned(),
     ];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     let image = work.path().join("store.erofs");
     let mut cmd = storedisk();
     cmd.env("PATH", std::env::join_paths(dirs).unwrap())

@@ -53,7 +53,10 @@ fn inventories_and_errors_do_not_depend_on_the_thread_count() {
     for format in [ImageFormat::Squashfs, ImageFormat::Erofs] {
         let image = build(&store, format, &work.path().join(format.name()));
         let one = inventory_text(&image, 1);
-        assert!(!one.starts_with("error") && !one.starts_with("open"), "{one}");
+        assert!(
+            !one.starts_with("error") && !one.starts_with("open"),
+            "{one}"
+        );
         assert_eq!(one.lines().count(), store.closure().len(), "{one}");
         for threads in 2..=5 {
             assert_eq!(inventory_text(&image, threads), one, "{format} {threads}");

@@ -218,7 +218,10 @@ impl ImageSource<'_> {
     /// `len` bytes from `offset` in a new buffer (allocated only once the range is known to lie
     /// inside the image).
     pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        if offset.checked_add(len as u64).is_none_or(|e| e > self.len()) {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.len())
+        {
             return Err(out_of_image(offset, len, self.len()));
         }
         let mut buf = vec![0u8; len];

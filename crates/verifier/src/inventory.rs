@@ -210,9 +210,8 @@ pub fn take_inventory_with(
     }
     let mut paths = Vec::with_capacity(valid.len());
     for ((path, _), hashed) in valid.into_iter().zip(hashed) {
-        let (nar_hash, nar_size, references) = hashed.ok_or_else(|| {
-            VerifyError::Input(format!("internal error: {path} was not hashed"))
-        })?;
+        let (nar_hash, nar_size, references) = hashed
+            .ok_or_else(|| VerifyError::Input(format!("internal error: {path} was not hashed")))?;
         paths.push(PackedPath {
             path,
             nar_hash,

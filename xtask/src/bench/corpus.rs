@@ -28,7 +28,10 @@ pub fn load(store_dir: &Path, closure_file: &Path, work: &Path) -> Result<Genera
     }
     .with_context(|| format!("closure file {}", closure_file.display()))?;
     if closure.is_empty() {
-        bail!("the closure file {} lists no store path", closure_file.display());
+        bail!(
+            "the closure file {} lists no store path",
+            closure_file.display()
+        );
     }
     let store_dir = fs::canonicalize(store_dir)
         .with_context(|| format!("--store-dir {}", store_dir.display()))?;
@@ -68,17 +71,13 @@ pub fn load(store_dir: &Path, closure_file: &Path, work: &Path) -> Result<Genera
     for info in closure.iter() {
         let physical = store_dir.join(info.path.base_name());
         counts.walk(&physical)?;
-        let (hash, size) = match (info.nar_hash.clone(), info.nar_size) {
+        let (hash, size) = match (info.nar_hash, info.nar_size) {
             (Some(hash), Some(size)) => (hash, size),
             _ => nar::hash_path(&physical)
                 .with_context(|| format!("hashing {}", physical.display()))?,
         };
         nar_bytes += size;
-        let references: Vec<String> = info
-            .references
-            .iter()
-            .map(|r| logical.display(r))
-            .collect();
+        let references: Vec<String> = info.references.iter().map(|r| logical.display(r)).collect();
         entries.push(serde_json::json!({
             "path": logical.display(&info.path),
             "narHash": hash.to_nix32(),
@@ -162,10 +161,7 @@ mod tests {
             (loaded.store_paths, loaded.files, loaded.file_bytes),
             (2, 2, 13)
         );
-        assert_eq!(
-            loaded.roots,
-            [format!("/nix/store/{}", store_path("tool"))]
-        );
+        assert_eq!(loaded.roots, [format!("/nix/store/{}", store_path("tool"))]);
         assert!(loaded.nar_bytes > 13);
         let written = fs::read_to_string(&loaded.closure_json).unwrap();
         assert!(written.contains("narHash"), "{written}");

@@ -75,15 +75,15 @@ fn lib_err(doing: &str) -> impl Fn(erofs_rs::Error) -> VerifyError + '_ {
 
 impl<'a> ErofsImage<'a> {
     pub fn open(source: ImageSource<'a>, limits: &Limits) -> Result<Self, VerifyError> {
-        let fs = block_on(EroFS::new(Backend(source)))?
-            .map_err(lib_err("reading the superblock"))?;
+        let fs =
+            block_on(EroFS::new(Backend(source)))?.map_err(lib_err("reading the superblock"))?;
         let mut builder = TreeBuilder::new(limits, source.len());
         let mut files = Vec::new();
         // stack[d - 1] is the tree node of the directory whose entries have depth d.
         let mut stack: Vec<NodeId> = vec![Tree::ROOT];
         let mut seen_dirs: HashSet<u64> = HashSet::new();
-        let mut walk = block_on(fs.walk_dir("/"))?
-            .map_err(lib_err("opening the root directory"))?;
+        let mut walk =
+            block_on(fs.walk_dir("/"))?.map_err(lib_err("opening the root directory"))?;
         while let Some(entry) = block_on(walk.next_entry())? {
             let entry = entry.map_err(lib_err("walking the directory tree"))?;
             let depth = entry.depth;
@@ -125,8 +125,8 @@ impl<'a> ErofsImage<'a> {
                         inode.data_size()
                     )));
                 }
-                let target = block_on(fs.read_link_inode(inode))?
-                    .map_err(lib_err("reading a symlink"))?;
+                let target =
+                    block_on(fs.read_link_inode(inode))?.map_err(lib_err("reading a symlink"))?;
                 NodeKind::Symlink {
                     target: target.as_bytes().into(),
                 }

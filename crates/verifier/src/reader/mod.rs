@@ -30,9 +30,8 @@ pub fn open_image<'a>(
     guard(format, "reading the image's metadata", || match format {
         ImageFormat::Squashfs => squashfs::SquashfsImage::open(source, limits)
             .map(|r| Box::new(r) as Box<dyn ImageReader + 'a>),
-        ImageFormat::Erofs => {
-            erofs::ErofsImage::open(source, limits).map(|r| Box::new(r) as Box<dyn ImageReader + 'a>)
-        }
+        ImageFormat::Erofs => erofs::ErofsImage::open(source, limits)
+            .map(|r| Box::new(r) as Box<dyn ImageReader + 'a>),
     })
 }
 
