@@ -1,13 +1,20 @@
 //! `cargo xtask bench`: `storedisk build` against the image tools microvm.nix uses (gensquashfs,
-//! mksquashfs, mkfs.erofs) on the same generated closure — wall time, CPU time, peak RSS and
-//! image size, median of several runs, ratio ours/peer from the same run — and `storedisk
-//! verify` throughput on every image. Writes a JSON report, a Markdown table and an SVG plot.
+//! mksquashfs, mkfs.erofs) on the same closure — wall time, CPU time, peak RSS and image size,
+//! median of several runs, ratio ours/peer from the same run — and `storedisk verify`
+//! throughput on every image. Writes a JSON report, a Markdown table and an SVG plot.
+//!
+//! The closure is generated (NixOS-like, deterministic per size and seed: `closure_gen`) or,
+//! with `--store-dir DIR --closure FILE`, one of your own (`corpus`).
+//!
+//! mkfs.erofs runs twice per closure: with microvm.nix's flags (`-Efragments` included) and with
+//! exactly the flags `storedisk build` passes it, which is the fair comparison of our time.
 //!
 //! Every tool is run under `/usr/bin/time` (Debian package `time`), which reports the child's
 //! own CPU time and peak RSS from `wait4`. The page cache is warm for every tool alike: the
 //! generator has just written (or a first pass has read) the closure.
 
 pub mod closure_gen;
+mod corpus;
 mod report;
 
 use std::ffi::{OsStr, OsString};
@@ -45,6 +52,19 @@ pub struct BenchArgs {
     /// Skip rebuilding `storedisk` in release mode (use target/release/storedisk as it is).
     #[arg(long)]
     no_build: bool,
+    /// Bench on your own closure instead of a generated one: the directory holding exactly its
+    /// store paths (with --closure).
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "closure",
+        conflicts_with = "sizes"
+    )]
+    store_dir: Option<PathBuf>,
+    /// The closure of --store-dir: exportReferencesGraph or `nix path-info --json` output, or
+    /// registration text.
+    #[arg(long, value_name = "FILE", requires = "store_dir")]
+    closure: Option<PathBuf>,
 }
 
 /// Parses `100M`, `1.5G`, `800MiB`, `5000000` into bytes (K, M, G decimal; KiB, MiB, GiB binary).
@@ -151,7 +171,10 @@ enum ToolKind {
     Storedisk,
     Gensquashfs,
     Mksquashfs,
+    /// microvm.nix's flags.
     MkfsErofs,
+    /// The flags `storedisk build` passes (no `-Efragments`).
+    MkfsErofsOurFlags,
 }
 
 impl ImageTool {
@@ -176,7 +199,9 @@ impl ImageTool {
                 if self.format == "erofs" {
                     push(&[s("--mkfs-erofs"), bench.mkfs_erofs.as_os_str()]);
                 }
-                push(&[OsStr::new(&closure.root)]);
+                for root in &closure.roots {
+                    push(&[OsStr::new(root)]);
+                }
             }
             ToolKind::Gensquashfs => {
                 push(&[s("-c"), s("zstd"), s("-j"), OsStr::new(&jobs)]);
@@ -201,6 +226,11 @@ impl ImageTool {
                     s("-T0"),
                 ]);
                 push(&[s("--all-root"), s("--quiet"), out, store]);
+            }
+            ToolKind::MkfsErofsOurFlags => {
+                push(&[s("-zlz4hc"), s("-Eztailpacking"), s("-T"), s("0")]);
+                push(&[s("--all-root"), s("-x"), s("-1"), s("-L"), s("nix-store")]);
+                push(&[s("--quiet"), out, store]);
             }
         }
         argv
@@ -298,6 +328,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             program: mkfs_erofs.clone(),
             kind: ToolKind::MkfsErofs,
         },
+        ImageTool {
+            name: "mkfs.erofs (our flags)",
+            format: "erofs",
+            ours: false,
+            program: mkfs_erofs.clone(),
+            kind: ToolKind::MkfsErofsOurFlags,
+        },
     ];
 
     let load = load_average();
@@ -308,13 +345,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let mut results = report::Report::new(bench.cores, runs, args.seed, load, &mkfs_erofs);
-    for &size in &sizes {
-        eprintln!(
-            "bench: generating a {} closure (seed {})",
-            human_bytes(size),
-            args.seed
-        );
-        let closure = closure_gen::generate_cached(size, args.seed, &bench_dir)?;
+    let corpus = match (&args.store_dir, &args.closure) {
+        (Some(dir), Some(file)) => {
+            eprintln!(
+                "bench: reading the closure {} in {}",
+                file.display(),
+                dir.display()
+            );
+            let closure = corpus::load(dir, file, &bench.work)?;
+            results.set_corpus(format!("{} ({})", file.display(), dir.display()));
+            Some(closure)
+        }
+        _ => None,
+    };
+    let inputs: Vec<u64> = match &corpus {
+        Some(closure) => vec![closure.file_bytes],
+        None => sizes,
+    };
+    for &size in &inputs {
+        let closure = match &corpus {
+            Some(closure) => closure.clone(),
+            None => {
+                eprintln!(
+                    "bench: generating a {} closure (seed {})",
+                    human_bytes(size),
+                    args.seed
+                );
+                closure_gen::generate_cached(size, args.seed, &bench_dir)?
+            }
+        };
         eprintln!(
             "bench: {} store paths, {} files, {} symlinks, {} of file data, {} of NAR",
             closure.store_paths,
@@ -368,12 +427,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn image_path(bench: &Bench, tool: &ImageTool, size: u64) -> PathBuf {
-    bench.work.join(format!(
-        "{}-{}-{}.img",
-        human_bytes(size),
-        tool.name,
-        tool.format
-    ))
+    let name: String = tool
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    bench
+        .work
+        .join(format!("{}-{name}-{}.img", human_bytes(size), tool.format))
 }
 
 /// `storedisk verify --closure` on the image each tool wrote (the last run's), `runs` times.

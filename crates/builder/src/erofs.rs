@@ -1,9 +1,18 @@
-//! The erofs writer: a walked [`Tree`] staged into a directory beside the output with canonical
-//! modes, then packed by `mkfs.erofs` (erofs-utils) with microvm.nix's flags.
+//! The erofs writer: a walked [`Tree`] packed by `mkfs.erofs` (erofs-utils) with microvm.nix's
+//! flags.
 //!
-//! Staging copies file data (`io::copy`, which uses `copy_file_range` and reflinks where the
-//! filesystem can) and recreates hard links that occur within the closure as hard links, so
-//! mkfs.erofs stores their data once and their link counts depend on the closure only.
+//! With erofs-utils 1.7 or newer the tree is streamed to `mkfs.erofs --tar=f` on its standard
+//! input ([`tar`]): headers carry the canonical metadata and file data is read once, straight
+//! from the store. Older versions (Debian 12's 1.5) have no tar input, so the tree is staged
+//! into a directory beside the output with canonical modes: staging copies file data
+//! (`io::copy`, which uses `copy_file_range` and reflinks where the filesystem can) and
+//! recreates hard links that occur within the closure as hard links. Either way mkfs.erofs
+//! stores a hard-linked file's data once and link counts depend on the closure only.
+//!
+//! Which mkfs.erofs: a path is used as given; a bare name (the default, `mkfs.erofs`) is looked
+//! up in every `PATH` directory, the prefix `cargo xtask setup` fills (`target/tools/bin` beside
+//! the running binary) and the system's sbin directories, and the newest version found is
+//! used ([`MkfsErofs::find`]); the build report names it and the others it passed over.
 //!
 //! Reproducibility: mkfs.erofs would pick a random UUID and take times and xattrs from the
 //! staging tree, so it is given a UUID derived from the closure (`-U`), one timestamp for all
@@ -12,10 +21,13 @@
 //!
 //! Flags that depend on the installed version are chosen from its version and `--help`:
 //! `-Eztailpacking` (1.5+), `-Efragments` and `-L nix-store` (1.6+), `--mount-point=/nix/store`
-//! (when listed). mkfs.erofs 1.5 ignores unknown `-E` options silently, hence the version check.
+//! (when listed), `--tar=f` (when listed). mkfs.erofs 1.5 ignores unknown `-E` options silently,
+//! hence the version check.
+
+mod tar;
 
 use std::fs;
-use std::io;
+use std::io::{self, BufWriter};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -43,6 +55,8 @@ pub struct MkfsErofs {
     pub compressors: Vec<String>,
     pub has_label: bool,
     pub has_mount_point: bool,
+    /// `--tar=f`: reads the tree as a tar stream (erofs-utils 1.7+).
+    pub has_tar: bool,
 }
 
 /// What [`write`] used, for the build report.
@@ -80,7 +94,56 @@ impl MkfsErofs {
             compressors,
             has_label: help.contains("-L "),
             has_mount_point: help.contains("--mount-point"),
+            has_tar: help.contains("--tar="),
         })
+    }
+
+    /// The mkfs.erofs to use for `requested`, and the other versions found (for the report).
+    /// A path with a directory part is probed as it is. A bare name is looked up in every
+    /// `PATH` directory, then in `target/tools/bin` beside the running binary (where `cargo
+    /// xtask setup` puts erofs-utils 1.8) and the system's sbin directories; every distinct
+    /// file found is probed and the newest version wins (the first found among equals).
+    pub fn find(requested: &Path) -> Result<(MkfsErofs, Vec<MkfsErofs>), BuildError> {
+        if requested.components().count() != 1 || requested.is_absolute() {
+            return Ok((MkfsErofs::probe(requested)?, Vec::new()));
+        }
+        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| {
+            e.parent()
+                .and_then(Path::parent)
+                .map(|target| target.join("tools/bin"))
+        }) {
+            dirs.push(exe_dir);
+        }
+        dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
+        let mut seen = std::collections::HashSet::new();
+        let mut found: Vec<MkfsErofs> = Vec::new();
+        for dir in dirs {
+            let candidate = dir.join(requested);
+            let Ok(real) = fs::canonicalize(&candidate) else {
+                continue;
+            };
+            if !real.is_file() || !seen.insert(real) {
+                continue;
+            }
+            // One that cannot be run or tells no version is passed over.
+            if let Ok(tool) = MkfsErofs::probe(&candidate) {
+                found.push(tool);
+            }
+        }
+        let newest = (0..found.len())
+            .rev()
+            .max_by_key(|&i| found[i].version_parts);
+        match newest {
+            Some(i) => {
+                let tool = found.remove(i);
+                Ok((tool, found))
+            }
+            // Nothing found: probing the bare name gives the usual "cannot run it" hint.
+            None => Ok((MkfsErofs::probe(requested)?, Vec::new())),
+        }
     }
 
     pub fn supports_ztailpacking(&self) -> bool {
@@ -191,7 +254,8 @@ impl MkfsErofs {
     }
 }
 
-/// Stages `tree` in a directory inside `work_dir` and runs mkfs.erofs to write `image`.
+/// Packs `tree` into `image` with mkfs.erofs: streamed as tar when the tool reads tar, else
+/// staged in a directory inside `work_dir`.
 pub(crate) fn write(
     tree: &Tree,
     options: &BuildOptions,
@@ -199,7 +263,7 @@ pub(crate) fn write(
     work_dir: &Path,
     progress: &dyn ProgressSink,
 ) -> Result<ErofsUsed, BuildError> {
-    let tool = MkfsErofs::probe(&options.mkfs_erofs)?;
+    let (tool, others) = MkfsErofs::find(&options.mkfs_erofs)?;
     let compression = options.effective_compression();
     let args = tool.arguments(
         compression,
@@ -209,38 +273,117 @@ pub(crate) fn write(
     )?;
     tool.check_names(tree)?;
 
-    let staging = Staging::new(work_dir)?;
-    progress.phase("staging", tree.counts().file_bytes);
-    staging.fill(tree, progress)?;
-
-    progress.phase("mkfs.erofs", 0);
-    let mut command = Command::new(&tool.path);
-    command.args(&args).arg(image).arg(staging.root());
-    let output = run_tool(&tool.path, &mut command)?;
+    let (output, how) = if tool.has_tar {
+        (stream(&tool, &args, tree, image, progress)?, "tar stream")
+    } else {
+        let staging = Staging::new(work_dir)?;
+        progress.phase("staging", tree.counts().file_bytes);
+        staging.fill(tree, progress)?;
+        progress.phase("mkfs.erofs", 0);
+        let mut command = Command::new(&tool.path);
+        command.args(&args).arg(image).arg(staging.root());
+        (
+            run_tool(&tool.path, &mut command)?,
+            "staged copy: this version has no --tar",
+        )
+    };
     if !output.status.success() {
-        // 1.5 prints some errors on stdout, among its progress lines.
-        let printed = format!("{}{}", text(&output.stdout), text(&output.stderr));
-        let tail: Vec<&str> = printed
-            .lines()
-            .map(|l| l.trim_start_matches("\x1b[K"))
-            .filter(|l| !l.starts_with("Processing "))
-            .rev()
-            .take(20)
-            .collect();
-        return Err(BuildError::Tool {
-            tool: tool.path.display().to_string(),
-            message: format!(
-                "{} (arguments: {})\n{}",
-                output.status,
-                args.join(" "),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ),
-        });
+        return Err(tool_failed(&tool, &args, &output));
     }
+    let passed_over = if others.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = others
+            .iter()
+            .map(|t| format!("{} at {}", t.version, t.path.display()))
+            .collect();
+        format!("; newest found, over {}", list.join(", "))
+    };
     Ok(ErofsUsed {
         level: options.compression_level,
-        tool: format!("mkfs.erofs {} ({})", tool.version, tool.path.display()),
+        tool: format!(
+            "mkfs.erofs {} ({}; {how}{passed_over})",
+            tool.version,
+            tool.path.display()
+        ),
     })
+}
+
+/// Runs `mkfs.erofs --tar=f` and feeds it `tree` as tar on its standard input.
+fn stream(
+    tool: &MkfsErofs,
+    args: &[String],
+    tree: &Tree,
+    image: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<Output, BuildError> {
+    let mut command = Command::new(&tool.path);
+    command
+        .args(args)
+        .arg("--tar=f")
+        .arg(image)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|e| cannot_run(&tool.path, &e))?;
+    let Some(stdin) = child.stdin.take() else {
+        return Err(BuildError::Tool {
+            tool: tool.path.display().to_string(),
+            message: "its standard input could not be opened".to_owned(),
+        });
+    };
+    progress.phase("mkfs.erofs", tree.counts().file_bytes);
+    let (fed, output) = std::thread::scope(|scope| {
+        // mkfs.erofs's output is read while we write, so neither side waits on a full pipe.
+        let waiter = scope.spawn(move || child.wait_with_output());
+        let mut input = BufWriter::with_capacity(1 << 20, stdin);
+        let fed = tar::write_tar(tree, &mut input, progress);
+        // Closing the pipe is mkfs.erofs's end of input, even after an error of ours.
+        drop(input);
+        (fed, waiter.join())
+    });
+    let output = match output {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => return Err(cannot_run(&tool.path, &e)),
+        Err(_) => {
+            return Err(BuildError::Tool {
+                tool: tool.path.display().to_string(),
+                message: "the thread waiting for it panicked".to_owned(),
+            })
+        }
+    };
+    match fed {
+        Ok(()) => Ok(output),
+        // mkfs.erofs stopped reading: its own failure says why.
+        Err(BuildError::Write { source, .. })
+            if source.kind() == io::ErrorKind::BrokenPipe && !output.status.success() =>
+        {
+            Ok(output)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// mkfs.erofs exited with an error: its status, our arguments, and the end of what it printed.
+fn tool_failed(tool: &MkfsErofs, args: &[String], output: &Output) -> BuildError {
+    // 1.5 prints some errors on stdout, among its progress lines.
+    let printed = format!("{}{}", text(&output.stdout), text(&output.stderr));
+    let tail: Vec<&str> = printed
+        .lines()
+        .map(|l| l.trim_start_matches("\x1b[K"))
+        .filter(|l| !l.starts_with("Processing "))
+        .rev()
+        .take(20)
+        .collect();
+    BuildError::Tool {
+        tool: tool.path.display().to_string(),
+        message: format!(
+            "{} (arguments: {})\n{}",
+            output.status,
+            args.join(" "),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ),
+    }
 }
 
 /// A fixed filesystem UUID for the closure: SHA-256 of its store path names, shaped as an
@@ -383,18 +526,23 @@ fn copy_file(source: &Path, dest: &Path, expected_len: u64) -> Result<(), BuildE
 }
 
 fn run_tool(path: &Path, command: &mut Command) -> Result<Output, BuildError> {
-    command.stdin(Stdio::null()).output().map_err(|e| {
-        let hint = if e.kind() == io::ErrorKind::NotFound {
-            " (install erofs-utils, e.g. `apt install erofs-utils` or `cargo xtask setup`, or \
-             point --mkfs-erofs / $STOREDISK_MKFS_EROFS at mkfs.erofs)"
-        } else {
-            ""
-        };
-        BuildError::Tool {
-            tool: path.display().to_string(),
-            message: format!("cannot run it: {e}{hint}"),
-        }
-    })
+    command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| cannot_run(path, &e))
+}
+
+fn cannot_run(path: &Path, e: &io::Error) -> BuildError {
+    let hint = if e.kind() == io::ErrorKind::NotFound {
+        " (install erofs-utils, e.g. `apt install erofs-utils` or `cargo xtask setup`, or \
+         point --mkfs-erofs / $STOREDISK_MKFS_EROFS at mkfs.erofs)"
+    } else {
+        ""
+    };
+    BuildError::Tool {
+        tool: path.display().to_string(),
+        message: format!("cannot run it: {e}{hint}"),
+    }
 }
 
 /// mkfs.erofs before 1.6 has no `-V`, but prints `mkfs.erofs <version>` when it builds.
@@ -498,6 +646,7 @@ mod tests {
             compressors: vec!["lz4".into(), "lz4hc".into()],
             has_label: version_parts(version) >= (1, 6, 0),
             has_mount_point: false,
+            has_tar: version_parts(version) >= (1, 7, 0),
         }
     }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
-use storedisk_verifier::{nix_db, open_image, ImageBytes, Limits, VerifyInputs};
+use storedisk_verifier::{nix_db, open_image, ImageFile, Limits, VerifyInputs};
 
 use crate::closure_file::{self, NIX};
 use crate::progress::TerminalProgress;
@@ -54,8 +54,8 @@ pub struct VerifyArgs {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let store_dir = StoreDir::default();
-    let bytes = ImageBytes::open(&args.image)?;
-    let image = bytes.as_slice();
+    let file = ImageFile::open(&args.image)?;
+    let image = file.source();
     let reader = open_image(image, &Limits::default())
         .with_context(|| format!("{}", args.image.display()))?;
 

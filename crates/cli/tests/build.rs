@@ -278,6 +278,13 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
             tool_used.contains(&utils.mkfs.display().to_string()),
             "{tool_used}"
         );
+        // 1.7+ reads the tree as a tar stream (no staged copy); 1.5 needs the staging.
+        let how = if utils.version >= (1, 7) {
+            "tar stream"
+        } else {
+            "staged copy"
+        };
+        assert!(tool_used.contains(how), "{tool_used}");
         assert_eq!(
             report["image_bytes"].as_u64().unwrap(),
             fs::metadata(&image).unwrap().len()
@@ -586,7 +593,8 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     );
     cmd.args(["--compression", "zstd", "--compression-level", "40"]);
     assert_fails_cleanly(cmd, out_dir.path(), "40");
-    // mkfs.erofs itself refusing, after the closure was staged: the staging tree goes too.
+    // mkfs.erofs itself refusing (while the tree streams to it, or after it was staged):
+    // nothing is left behind.
     let newest = erofs_utils().into_iter().max_by_key(|u| u.version).unwrap();
     let mut cmd = build_cmd(
         "erofs",
@@ -842,6 +850,56 @@ fn erofs_compressions_give_the_same_content() {
         // The store's 1.5 MB of partly compressible data must come out smaller compressed.
         assert!(sizes["lz4hc"] < sizes["none"], "{sizes:?}");
     }
+}
+
+#[test]
+fn without_mkfs_erofs_the_newest_installed_one_is_used_whatever_the_path_order() {
+    let all = erofs_utils();
+    let newest = all.iter().max_by_key(|u| u.version).unwrap();
+    let oldest = all.iter().min_by_key(|u| u.version).unwrap();
+    assert!(
+        newest.version > oldest.version,
+        "this test needs two erofs-utils versions (found {all:?}): `cargo xtask setup` installs \
+         Debian 12's 1.5 and unpacks 1.8.6 under target/tools"
+    );
+    let store = store_for(oldest);
+    let work = tempfile::tempdir().unwrap();
+    // The oldest comes first on PATH: the order must not decide.
+    let mut dirs = vec![
+        oldest.mkfs.parent().unwrap().to_owned(),
+        newest.mkfs.parent().unwrap().to_owned(),
+    ];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let image = work.path().join("store.erofs");
+    let mut cmd = storedisk();
+    cmd.env("PATH", std::env::join_paths(dirs).unwrap())
+        .env_remove("STOREDISK_MKFS_EROFS")
+        .args(["build", "--format", "erofs", "--json", "--closure"])
+        .arg(store.closure_json())
+        .arg("--store-dir")
+        .arg(store.store_dir())
+        .arg("--output")
+        .arg(&image)
+        .args(store.roots().iter().map(|r| store.logical(r)));
+    let out = cmd.output().unwrap();
+    assert_success(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tool_used = report["tool"].as_str().unwrap();
+    let (major, minor) = newest.version;
+    assert!(
+        tool_used.starts_with(&format!("mkfs.erofs {major}.{minor}")),
+        "{tool_used}"
+    );
+    let (major, minor) = oldest.version;
+    assert!(
+        tool_used.contains(&format!("newest found, over {major}.{minor}")),
+        "{tool_used}"
+    );
+    let extracted = work.path().join("x");
+    extract_erofs(&newest.fsck, &image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
 }
 
 #[test]

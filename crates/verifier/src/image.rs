@@ -1,10 +1,21 @@
-//! The bytes of an image (memory-mapped file or an in-memory buffer) and format detection by
-//! magic number.
+//! Where an image's bytes come from (a file read with positioned reads, or an in-memory buffer)
+//! and format detection by magic number.
+//!
+//! Files are never mapped or read whole: readers ask for byte ranges with
+//! [`ImageSource::read_exact_at`], which checks the range against the image length first (a
+//! corrupt offset is an error, never a panic or a huge allocation). Small reads (metadata, erofs
+//! pclusters) are served from a few per-thread windows of [`WINDOW_LEN`] bytes, so walking
+//! metadata costs a syscall per window rather than per field; large reads go straight to
+//! `pread`. Memory is bounded by the windows whatever the image size, and the page cache is
+//! the kernel's, not counted in our resident set.
 
+use std::cell::RefCell;
 use std::fmt;
-use std::path::Path;
-
-use erofs_rs::backend::{Image, MmapImage};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::VerifyError;
 
@@ -13,6 +24,16 @@ const SQUASHFS_MAGIC: &[u8; 4] = b"hsqs";
 /// erofs: 0xE0F5E1E2 little-endian at offset 1024.
 const EROFS_MAGIC_OFFSET: usize = 1024;
 const EROFS_MAGIC: [u8; 4] = 0xE0F5_E1E2u32.to_le_bytes();
+
+/// Bytes of one read window (reads of at least [`DIRECT_READ`] bytes bypass the windows).
+pub const WINDOW_LEN: usize = 64 << 10;
+/// Reads this large or larger go straight to `pread`.
+const DIRECT_READ: usize = 32 << 10;
+/// Windows kept per thread: erofs metadata (inodes, compression indexes, directories) lies
+/// between file data, so a walk or a file read touches several places at once. Smaller, more
+/// numerous windows read less of what is not used (measured on a 150 MB `--tar=f` image: 8 of
+/// 64 KiB copy 1.9x the image, 4 of 128 KiB 2.9x).
+const WINDOWS_PER_THREAD: usize = 8;
 
 /// The on-disk format of a store disk image.
 #[derive(
@@ -33,82 +54,290 @@ impl fmt::Display for ImageFormat {
     }
 }
 
-/// Detects the format from the magic numbers.
+/// Detects the format from the magic numbers of the image's first bytes.
 pub fn detect_format(bytes: &[u8]) -> Result<ImageFormat, VerifyError> {
-    if bytes.is_empty() {
+    detect(bytes, bytes.len() as u64)
+}
+
+/// `head` is the start of an image of `len` bytes (at least its first 1028 bytes, if it has them).
+fn detect(head: &[u8], len: u64) -> Result<ImageFormat, VerifyError> {
+    if len == 0 {
         return Err(VerifyError::UnknownFormat {
             why: "the file is empty".to_owned(),
         });
     }
-    if bytes.starts_with(SQUASHFS_MAGIC) {
+    if head.starts_with(SQUASHFS_MAGIC) {
         return Ok(ImageFormat::Squashfs);
     }
-    if bytes.get(EROFS_MAGIC_OFFSET..EROFS_MAGIC_OFFSET + 4) == Some(&EROFS_MAGIC[..]) {
+    if head.get(EROFS_MAGIC_OFFSET..EROFS_MAGIC_OFFSET + 4) == Some(&EROFS_MAGIC[..]) {
         return Ok(ImageFormat::Erofs);
     }
     Err(VerifyError::UnknownFormat {
         why: format!(
-            "{} bytes without the squashfs magic \"hsqs\" at offset 0 or the erofs magic 0xE0F5E1E2 at offset 1024",
-            bytes.len()
+            "{len} bytes without the squashfs magic \"hsqs\" at offset 0 or the erofs magic 0xE0F5E1E2 at offset 1024"
         ),
     })
 }
 
-/// The whole image as one byte slice: the readers and the reference scanner work on slices.
-pub enum ImageBytes {
-    /// A file mapped read-only into memory (nothing is read until touched).
-    Mapped(MmapImage),
-    Owned(Vec<u8>),
+/// An image file opened for positioned reads. Its length is taken once, at open: an image that
+/// shrinks while it is read gives read errors, not a crash.
+#[derive(Debug)]
+pub struct ImageFile {
+    file: File,
+    len: u64,
+    path: PathBuf,
+    /// Distinguishes this open image in the per-thread read windows.
+    id: u64,
 }
 
-impl fmt::Debug for ImageBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ImageBytes::Mapped(_) => write!(f, "ImageBytes::Mapped({} bytes)", self.len()),
-            ImageBytes::Owned(v) => write!(f, "ImageBytes::Owned({} bytes)", v.len()),
-        }
-    }
-}
+static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
-impl ImageBytes {
-    /// Maps the image file. An empty file is read as an empty buffer (mmap rejects length 0).
+impl ImageFile {
     pub fn open(path: &Path) -> Result<Self, VerifyError> {
         let io_err = |cause| VerifyError::Io {
             path: path.to_owned(),
             cause,
         };
-        let file = std::fs::File::open(path).map_err(io_err)?;
+        let file = File::open(path).map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
         if !meta.is_file() {
             return Err(VerifyError::Io {
                 path: path.to_owned(),
-                cause: std::io::Error::other("not a regular file"),
+                cause: io::Error::other("not a regular file"),
             });
         }
-        if meta.len() == 0 {
-            return Ok(ImageBytes::Owned(Vec::new()));
-        }
-        // SAFETY: the mapping is read-only and private to this process. Another process
-        // truncating the file while we read it would raise SIGBUS; a verifier cannot defend
-        // against its input being rewritten underneath it, and a copy into memory would cost
-        // the image's size in RAM. Images are build outputs (immutable store paths) in practice.
-        #[allow(unsafe_code)]
-        let mapped = unsafe { MmapImage::new_from_file(&file) }.map_err(io_err)?;
-        Ok(ImageBytes::Mapped(mapped))
+        Ok(ImageFile {
+            file,
+            len: meta.len(),
+            path: path.to_owned(),
+            id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            ImageBytes::Mapped(m) => m.get(..).unwrap_or(&[]),
-            ImageBytes::Owned(v) => v,
-        }
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn len(&self) -> u64 {
-        self.as_slice().len() as u64
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn source(&self) -> ImageSource<'_> {
+        ImageSource::File(self)
+    }
+}
+
+/// The bytes of an image, read by range: a file or a buffer (tests, fuzzing).
+#[derive(Debug, Clone, Copy)]
+pub enum ImageSource<'a> {
+    File(&'a ImageFile),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> From<&'a [u8]> for ImageSource<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        ImageSource::Bytes(bytes)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for ImageSource<'a> {
+    fn from(bytes: &'a Vec<u8>) -> Self {
+        ImageSource::Bytes(bytes)
+    }
+}
+
+impl<'a> From<&'a ImageFile> for ImageSource<'a> {
+    fn from(file: &'a ImageFile) -> Self {
+        ImageSource::File(file)
+    }
+}
+
+/// A read outside the image: what a corrupt offset or size gives.
+fn out_of_image(offset: u64, len: usize, image_len: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("bytes {offset}..+{len} are outside the {image_len}-byte image"),
+    )
+}
+
+impl ImageSource<'_> {
+    pub fn len(&self) -> u64 {
+        match self {
+            ImageSource::File(f) => f.len,
+            ImageSource::Bytes(b) => b.len() as u64,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Detects the image's format from its first bytes.
+    pub fn detect_format(&self) -> Result<ImageFormat, VerifyError> {
+        let head_len = self.len().min(EROFS_MAGIC_OFFSET as u64 + 4) as usize;
+        let head = self
+            .read_vec(0, head_len)
+            .map_err(|e| self.io_error(e, "reading its first bytes"))?;
+        detect(&head, self.len())
+    }
+
+    /// An I/O error while reading the image, as a [`VerifyError`] naming the file.
+    pub fn io_error(&self, cause: io::Error, doing: &str) -> VerifyError {
+        match self {
+            ImageSource::File(f) => VerifyError::Io {
+                path: f.path.clone(),
+                cause: io::Error::new(cause.kind(), format!("{doing}: {cause}")),
+            },
+            ImageSource::Bytes(_) => VerifyError::corrupt(format!("{doing}: {cause}")),
+        }
+    }
+
+    /// Fills `buf` from `offset`; the whole range must lie inside the image.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let image_len = self.len();
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > image_len) {
+            return Err(out_of_image(offset, buf.len(), image_len));
+        }
+        match self {
+            ImageSource::Bytes(bytes) => {
+                // In bounds: checked above against the same length.
+                let start = offset as usize;
+                buf.copy_from_slice(&bytes[start..start + buf.len()]);
+                Ok(())
+            }
+            ImageSource::File(file) if buf.len() >= DIRECT_READ => {
+                file.file.read_exact_at(buf, offset)
+            }
+            ImageSource::File(file) => read_through_window(file, buf, offset),
+        }
+    }
+
+    /// `len` bytes from `offset` in a new buffer (allocated only once the range is known to lie
+    /// inside the image).
+    pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.len())
+        {
+            return Err(out_of_image(offset, len, self.len()));
+        }
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+/// One cached window of an image file.
+struct Window {
+    image: u64,
+    start: u64,
+    data: Vec<u8>,
+    last_used: u64,
+}
+
+thread_local! {
+    static WINDOWS: RefCell<(u64, Vec<Window>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+/// Serves a small read from this thread's windows, refilling the least recently used one.
+fn read_through_window(file: &ImageFile, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    WINDOWS.with(|cell| {
+        let (clock, windows) = &mut *cell.borrow_mut();
+        *clock += 1;
+        let end = offset + buf.len() as u64;
+        let hit = windows.iter_mut().find(|w| {
+            w.image == file.id && w.start <= offset && end <= w.start + w.data.len() as u64
+        });
+        let window = match hit {
+            Some(w) => w,
+            None => {
+                // Aligned down so reads that step back a little (erofs indexes) still hit.
+                let start = (offset & !4095).max(end.saturating_sub(WINDOW_LEN as u64));
+                let len = (file.len - start).min(WINDOW_LEN as u64) as usize;
+                let slot = if windows.len() < WINDOWS_PER_THREAD {
+                    windows.push(Window {
+                        image: file.id,
+                        start,
+                        data: Vec::with_capacity(WINDOW_LEN),
+                        last_used: 0,
+                    });
+                    windows.len() - 1
+                } else {
+                    windows
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, w)| w.last_used)
+                        .map_or(0, |(i, _)| i)
+                };
+                let w = &mut windows[slot];
+                w.image = 0; // invalid until the read succeeds
+                w.data.resize(len, 0);
+                file.file.read_exact_at(&mut w.data, start)?;
+                w.image = file.id;
+                w.start = start;
+                w
+            }
+        };
+        window.last_used = *clock;
+        let from = (offset - window.start) as usize;
+        buf.copy_from_slice(&window.data[from..from + buf.len()]);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn file_reads_match_the_bytes_and_refuse_ranges_outside() {
+        let bytes: Vec<u8> = (0..400_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, &bytes).unwrap();
+        let file = ImageFile::open(&path).unwrap();
+        let sources = [file.source(), ImageSource::from(&bytes)];
+        for source in sources {
+            assert_eq!(source.len(), bytes.len() as u64);
+            // Small reads forwards, backwards and across window edges; large direct reads.
+            for (offset, len) in [
+                (0u64, 1usize),
+                (131_000, 2_000),
+                (4_097, 100),
+                (300_000, 40_000),
+                (399_990, 10),
+                (262_140, 8),
+                (0, 400_000),
+            ] {
+                let got = source.read_vec(offset, len).unwrap();
+                assert_eq!(got, &bytes[offset as usize..offset as usize + len]);
+            }
+            for (offset, len) in [(399_995u64, 10usize), (u64::MAX - 2, 8), (500_000, 0)] {
+                let err = source.read_vec(offset, len).unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{offset} {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn detects_formats_from_a_file_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        std::fs::write(&path, b"hsqs and more").unwrap();
+        let file = ImageFile::open(&path).unwrap();
+        assert_eq!(
+            file.source().detect_format().unwrap(),
+            ImageFormat::Squashfs
+        );
+        std::fs::write(&path, b"").unwrap();
+        let empty = ImageFile::open(&path).unwrap();
+        assert!(empty.source().detect_format().is_err());
     }
 }

@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use storedisk_nix::{NarEncoder, NarHash, NarHasher, ReferenceScanner, StorePath};
 
 use crate::error::VerifyError;
+use crate::image::ImageSource;
 use crate::reader::{guard, ImageReader};
 use crate::tree::{dump_node, NodeId, NodeKind};
 
@@ -130,20 +131,87 @@ pub fn hash_node(
 
 /// Hashes every store path at the image root; with `scan_references`, also finds which packed
 /// paths each one references (costly on text full of hashes: only when no closure says).
+///
+/// Store paths are hashed on every core: workers take the next path from a shared counter
+/// (largest first, so one big path does not finish alone at the end), each streaming its
+/// files through a NAR hasher in bounded memory. The result does not depend on the number of
+/// threads or their timing: paths are sorted at the end, and when several paths fail, the error
+/// reported is the one of the first failing path in the (fixed) schedule.
 pub fn take_inventory(
     reader: &dyn ImageReader,
     scan_references: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Inventory, VerifyError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    take_inventory_with(reader, scan_references, threads, progress)
+}
+
+/// [`take_inventory`] on `threads` threads (at least one).
+pub fn take_inventory_with(
+    reader: &dyn ImageReader,
+    scan_references: bool,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Inventory, VerifyError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
     let (valid, invalid) = root_store_paths(reader);
     let candidates: Vec<StorePath> = if scan_references {
         valid.iter().map(|(p, _)| p.clone()).collect()
     } else {
         Vec::new()
     };
+    let tree = reader.tree();
+    let mut schedule: Vec<(u64, usize)> = valid
+        .iter()
+        .enumerate()
+        .map(|(i, (_, id))| (tree.file_bytes_under(*id), i))
+        .collect();
+    schedule.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+
+    let next = AtomicUsize::new(0);
+    // Schedule position of the first failure: nothing after it is started.
+    let first_failure = AtomicUsize::new(usize::MAX);
+    type Hashed = (NarHash, u64, BTreeSet<StorePath>);
+    let done: Mutex<Vec<(usize, Result<Hashed, VerifyError>)>> = Mutex::new(Vec::new());
+    let work = || loop {
+        let at = next.fetch_add(1, Ordering::Relaxed);
+        if at >= schedule.len() || at > first_failure.load(Ordering::Relaxed) {
+            return;
+        }
+        let (_, index) = schedule[at];
+        let result = hash_node(reader, valid[index].1, &candidates, progress);
+        if result.is_err() {
+            first_failure.fetch_min(at, Ordering::Relaxed);
+        }
+        done.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((at, result));
+    };
+    let threads = threads.clamp(1, schedule.len().max(1));
+    if threads == 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+    }
+    let mut done = done
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    done.sort_by_key(|(at, _)| *at);
+    let mut hashed: Vec<Option<Hashed>> = vec![None; valid.len()];
+    for (at, result) in done {
+        hashed[schedule[at].1] = Some(result?);
+    }
     let mut paths = Vec::with_capacity(valid.len());
-    for (path, id) in valid {
-        let (nar_hash, nar_size, references) = hash_node(reader, id, &candidates, progress)?;
+    for ((path, _), hashed) in valid.into_iter().zip(hashed) {
+        let (nar_hash, nar_size, references) = hashed
+            .ok_or_else(|| VerifyError::Input(format!("internal error: {path} was not hashed")))?;
         paths.push(PackedPath {
             path,
             nar_hash,
@@ -205,4 +273,28 @@ pub fn read_small_file(
             Ok(Some(out))
         },
     )
+}
+
+/// What Nix would record as the image's references if it scanned the image file: the
+/// candidates whose hash part occurs anywhere in its bytes, read in bounded chunks.
+pub fn predict_references(
+    image: ImageSource<'_>,
+    candidates: impl IntoIterator<Item = StorePath>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<BTreeSet<StorePath>, VerifyError> {
+    const CHUNK: u64 = 4 << 20;
+    let mut scanner = ReferenceScanner::new(candidates);
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    while at < image.len() {
+        let n = (image.len() - at).min(CHUNK) as usize;
+        buf.resize(n, 0);
+        image
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| image.io_error(e, "scanning the image for references"))?;
+        scanner.scan(&buf);
+        progress(n as u64);
+        at += n as u64;
+    }
+    Ok(scanner.into_found())
 }

@@ -1,5 +1,5 @@
-//! storedisk-verifier: opens a squashfs or erofs Nix store disk image (from bytes: a memory map
-//! or a buffer), inventories the store paths at its root with NAR hashes computed by streaming
+//! storedisk-verifier: opens a squashfs or erofs Nix store disk image (a file read with
+//! positioned reads, or a buffer), inventories the store paths at its root with NAR hashes computed by streaming
 //! the image's files (nothing is extracted), and runs the checks that prove the image is
 //! self-contained: `complete`, `integrity`, `self_contained`, `runner_overlap`, `policy`.
 //!
@@ -26,7 +26,7 @@ use storedisk_nix::{Closure, StoreDir, StorePath};
 
 pub use checks::{ClosureSource, GuestClosure, Runner};
 pub use error::VerifyError;
-pub use image::{detect_format, ImageBytes, ImageFormat};
+pub use image::{detect_format, ImageFile, ImageFormat, ImageSource};
 pub use inventory::{take_inventory, Inventory, PackedPath};
 pub use limits::Limits;
 pub use reader::{open_image, ImageReader};
@@ -55,11 +55,8 @@ pub struct VerifyInputs {
 
 /// Bytes the progress callback will be told about in total for [`verify`]: file data hashed
 /// plus image bytes scanned for references.
-pub fn progress_total(reader: &dyn ImageReader, image: &[u8]) -> u64 {
-    reader
-        .tree()
-        .file_bytes()
-        .saturating_add(image.len() as u64)
+pub fn progress_total(reader: &dyn ImageReader, image: ImageSource<'_>) -> u64 {
+    reader.tree().file_bytes().saturating_add(image.len())
 }
 
 /// The closure recorded in the image: the `registration` file of a packed closure-info path
@@ -85,12 +82,12 @@ pub fn recorded_closure(
     Ok(None)
 }
 
-/// Runs every check. `image` is the image's bytes, `reader` the opened image over them,
+/// Runs every check. `image` is where the image's bytes are, `reader` the opened image over them,
 /// `label` how to name the image in the report. `progress` receives byte counts (it may be
 /// called from two threads: hashing and reference scanning run in parallel).
 pub fn verify(
     label: &str,
-    image: &[u8],
+    image: ImageSource<'_>,
     reader: &dyn ImageReader,
     inputs: &VerifyInputs,
     progress: &(dyn Fn(u64) + Sync),
@@ -106,7 +103,7 @@ pub fn verify(
         candidates.extend(guest.closure.iter().map(|i| i.path.clone()));
     }
     let (inventory, would_reference) = std::thread::scope(|scope| {
-        let scan = scope.spawn(|| checks::predict_references(image, candidates, progress));
+        let scan = scope.spawn(|| inventory::predict_references(image, candidates, progress));
         // Packed paths' own references are needed only when no guest closure records them.
         let inventory = take_inventory(reader, inputs.guest.is_none(), progress);
         let would = scan
@@ -115,7 +112,7 @@ pub fn verify(
         (inventory, would)
     });
     let inventory = inventory?;
-    let would_reference = would_reference?;
+    let would_reference = would_reference??;
     let guest = inputs.guest.as_ref();
     let checks = report::Checks {
         complete: checks::check_complete(&inventory, guest, store_dir),
@@ -181,8 +178,8 @@ pub fn read_back(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), String> {
     let store_dir = &closure.store_dir;
-    let bytes = ImageBytes::open(image).map_err(|e| e.to_string())?;
-    let reader = open_image(bytes.as_slice(), &Limits::default()).map_err(|e| e.to_string())?;
+    let file = ImageFile::open(image).map_err(|e| e.to_string())?;
+    let reader = open_image(&file, &Limits::default()).map_err(|e| e.to_string())?;
     let inventory = take_inventory(reader.as_ref(), false, progress).map_err(|e| e.to_string())?;
     let mut expected = closure.clone();
     for info in closure.iter().filter(|i| i.nar_hash.is_none()) {

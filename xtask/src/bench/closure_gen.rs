@@ -29,7 +29,8 @@ pub struct GeneratedClosure {
     /// Holds every store path of the closure, and nothing else.
     pub store_dir: PathBuf,
     pub closure_json: PathBuf,
-    pub root: String,
+    /// The store paths `storedisk build` is given (the closure's roots).
+    pub roots: Vec<String>,
     pub store_paths: usize,
     pub files: usize,
     pub symlinks: usize,
@@ -98,15 +99,16 @@ pub fn generate(target_bytes: u64, seed: u64, dir: &Path) -> Result<GeneratedClo
     }
     let closure_json = dir.join("closure.json");
     fs::write(&closure_json, serde_json::to_string_pretty(&entries)?)?;
-    let root = g
+    let roots = g
         .packages
         .last()
         .map(|p| format!("/nix/store/{}", p.base_name))
-        .unwrap_or_default();
+        .into_iter()
+        .collect();
     Ok(GeneratedClosure {
         store_dir,
         closure_json,
-        root,
+        roots,
         store_paths: g.packages.len(),
         files: g.files,
         symlinks: g.symlinks,

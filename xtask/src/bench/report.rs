@@ -16,6 +16,8 @@ pub struct Report {
     machine: Machine,
     runs: usize,
     seed: u64,
+    /// The closure file and store directory benchmarked, when not a generated closure.
+    corpus: Option<String>,
     closures: Vec<ClosureRow>,
     /// Median cost of every tool at every size.
     tools: Vec<ToolRow>,
@@ -97,11 +99,17 @@ impl Report {
             },
             runs,
             seed,
+            corpus: None,
             closures: Vec::new(),
             tools: Vec::new(),
             builder: Vec::new(),
             verifier: Verifier::default(),
         }
+    }
+
+    /// Says the closure came from `what` (`--closure FILE --store-dir DIR`), not the generator.
+    pub fn set_corpus(&mut self, what: String) {
+        self.corpus = Some(what);
     }
 
     pub fn add_closure(&mut self, size: u64, c: &GeneratedClosure) {
@@ -217,10 +225,14 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut md = String::new();
+        let closure = match &self.corpus {
+            Some(what) => format!("the closure {what}"),
+            None => format!("generated NixOS-like closure (seed {})", self.seed),
+        };
         let _ = writeln!(
             md,
-            "Median of {} run(s), {} cores, generated NixOS-like closure (seed {}), warm page cache.\n",
-            self.runs, self.machine.cores, self.seed
+            "Median of {} run(s), {} cores, {closure}, warm page cache.\n",
+            self.runs, self.machine.cores
         );
         md.push_str(
             "| closure | format | tool | wall s | CPU s | peak RSS MB | image MB | time ours/peer | size ours/peer |\n",
@@ -410,7 +422,7 @@ mod tests {
         let closure = GeneratedClosure {
             store_dir: "s".into(),
             closure_json: "c".into(),
-            root: "/nix/store/x".into(),
+            roots: vec!["/nix/store/x".into()],
             store_paths: 10,
             files: 100,
             symlinks: 5,

@@ -1,22 +1,63 @@
-//! erofs images, read with the erofs-rs crate over a byte slice.
+//! erofs images, read with the erofs-rs crate through its positioned-read backend
+//! ([`AsyncImage`]). Our backend answers every read at once (a `pread` or a copy), so each of
+//! its futures is complete on its first poll and [`block_on`] needs no runtime; memory stays at
+//! the pclusters being decoded whatever the image size.
 
 use std::collections::HashSet;
-use std::io::Read;
+use std::future::Future;
+use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
 
-use erofs_rs::backend::SliceImage;
+use erofs_rs::backend::AsyncImage;
+use erofs_rs::r#async::{EroFS, File};
 use erofs_rs::types::Inode;
-use erofs_rs::EroFS;
 
 use super::ImageReader;
 use crate::error::VerifyError;
-use crate::image::ImageFormat;
+use crate::image::{ImageFormat, ImageSource};
 use crate::limits::Limits;
 use crate::tree::{FileSource, NodeId, NodeKind, Tree, TreeBuilder};
 
+/// erofs-rs's view of an [`ImageSource`].
+#[derive(Debug, Clone, Copy)]
+struct Backend<'a>(ImageSource<'a>);
+
+impl AsyncImage for Backend<'_> {
+    fn read_exact_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> impl Future<Output = erofs_rs::Result<()>> + Send {
+        let done = self
+            .0
+            .read_exact_at(buf, offset)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => erofs_rs::Error::OutOfBounds(e.to_string()),
+                _ => erofs_rs::Error::Io(e),
+            });
+        std::future::ready(done)
+    }
+}
+
+/// Runs a future of erofs-rs over [`Backend`] to completion. Every read of the backend is ready
+/// at once, so the future completes on its first poll; one that does not is an error rather
+/// than a spin.
+fn block_on<T>(future: impl Future<Output = T>) -> Result<T, VerifyError> {
+    let mut future = pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        Poll::Ready(value) => Ok(value),
+        Poll::Pending => Err(VerifyError::corrupt(
+            "erofs: the reader waited on a read that should have completed",
+        )),
+    }
+}
+
 /// An opened erofs image.
 pub struct ErofsImage<'a> {
-    fs: EroFS<SliceImage<'a>>,
+    fs: EroFS<Backend<'a>>,
     /// Regular files' inodes; a file node's handle indexes this.
     files: Vec<Inode>,
     tree: Tree,
@@ -33,17 +74,17 @@ fn lib_err(doing: &str) -> impl Fn(erofs_rs::Error) -> VerifyError + '_ {
 }
 
 impl<'a> ErofsImage<'a> {
-    pub fn open(bytes: &'a [u8], limits: &Limits) -> Result<Self, VerifyError> {
-        let fs = EroFS::new(SliceImage::new(bytes)).map_err(lib_err("reading the superblock"))?;
-        let mut builder = TreeBuilder::new(limits, bytes.len() as u64);
+    pub fn open(source: ImageSource<'a>, limits: &Limits) -> Result<Self, VerifyError> {
+        let fs =
+            block_on(EroFS::new(Backend(source)))?.map_err(lib_err("reading the superblock"))?;
+        let mut builder = TreeBuilder::new(limits, source.len());
         let mut files = Vec::new();
         // stack[d - 1] is the tree node of the directory whose entries have depth d.
         let mut stack: Vec<NodeId> = vec![Tree::ROOT];
         let mut seen_dirs: HashSet<u64> = HashSet::new();
-        let walk = fs
-            .walk_dir("/")
-            .map_err(lib_err("opening the root directory"))?;
-        for entry in walk {
+        let mut walk =
+            block_on(fs.walk_dir("/"))?.map_err(lib_err("opening the root directory"))?;
+        while let Some(entry) = block_on(walk.next_entry())? {
             let entry = entry.map_err(lib_err("walking the directory tree"))?;
             let depth = entry.depth;
             if depth > limits.max_depth {
@@ -84,9 +125,8 @@ impl<'a> ErofsImage<'a> {
                         inode.data_size()
                     )));
                 }
-                let target = fs
-                    .read_link_inode(inode)
-                    .map_err(lib_err("reading a symlink"))?;
+                let target =
+                    block_on(fs.read_link_inode(inode))?.map_err(lib_err("reading a symlink"))?;
                 NodeKind::Symlink {
                     target: target.as_bytes().into(),
                 }
@@ -105,6 +145,7 @@ impl<'a> ErofsImage<'a> {
                 stack.push(id);
             }
         }
+        drop(walk);
         Ok(ErofsImage {
             fs,
             files,
@@ -123,7 +164,20 @@ impl FileSource for ErofsImage<'_> {
             .fs
             .open_inode_file(inode)
             .map_err(lib_err("opening a file"))?;
-        Ok(Box::new(file))
+        Ok(Box::new(FileReader { file }))
+    }
+}
+
+/// A file of the image as [`Read`]: one decoded pcluster at a time.
+struct FileReader<'f, 'a> {
+    file: File<'f, Backend<'a>>,
+}
+
+impl Read for FileReader<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        block_on(self.file.read(buf))
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)
     }
 }
 

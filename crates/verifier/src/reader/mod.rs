@@ -1,6 +1,8 @@
-//! Image readers behind one trait. A reader parses an image from a byte slice (so tests and
-//! fuzzers use in-memory images and the CLI a memory map), builds the format-neutral [`Tree`]
-//! once, and then streams file contents on request. Nothing is extracted to disk.
+//! Image readers behind one trait. A reader parses an image from an [`ImageSource`] (a file read
+//! by positioned reads, or an in-memory buffer for tests and fuzzers), builds the format-neutral
+//! [`Tree`] once, and then streams file contents on request, from any thread: readers are `Sync`
+//! so the inventory hashes store paths on every core. Nothing is extracted to disk and nothing
+//! is held whole in memory.
 
 mod erofs;
 mod squashfs;
@@ -8,28 +10,28 @@ mod squashfs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::error::VerifyError;
-use crate::image::{detect_format, ImageFormat};
+use crate::image::{ImageFormat, ImageSource};
 use crate::limits::Limits;
 use crate::tree::{FileSource, Tree};
 
 /// An opened image: its format, its tree, and a way to read file data.
-pub trait ImageReader: FileSource {
+pub trait ImageReader: FileSource + Sync {
     fn format(&self) -> ImageFormat;
     fn tree(&self) -> &Tree;
 }
 
-/// Detects the format of `bytes` and opens it, enforcing `limits`.
+/// Detects the format of the image and opens it, enforcing `limits`.
 pub fn open_image<'a>(
-    bytes: &'a [u8],
+    image: impl Into<ImageSource<'a>>,
     limits: &Limits,
 ) -> Result<Box<dyn ImageReader + 'a>, VerifyError> {
-    let format = detect_format(bytes)?;
+    let source = image.into();
+    let format = source.detect_format()?;
     guard(format, "reading the image's metadata", || match format {
-        ImageFormat::Squashfs => squashfs::SquashfsImage::open(bytes, limits)
+        ImageFormat::Squashfs => squashfs::SquashfsImage::open(source, limits)
             .map(|r| Box::new(r) as Box<dyn ImageReader + 'a>),
-        ImageFormat::Erofs => {
-            erofs::ErofsImage::open(bytes, limits).map(|r| Box::new(r) as Box<dyn ImageReader + 'a>)
-        }
+        ImageFormat::Erofs => erofs::ErofsImage::open(source, limits)
+            .map(|r| Box::new(r) as Box<dyn ImageReader + 'a>),
     })
 }
 

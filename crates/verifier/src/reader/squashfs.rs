@@ -1,22 +1,31 @@
-//! squashfs (v4) images, read with the backhand crate over a byte slice.
+//! squashfs (v4) images: metadata parsed by the backhand crate, file data read here.
 //!
-//! backhand's `FilesystemReader` builds its node list by recursion and keeps every node's full
-//! path, and it trusts offsets in a few places. So before handing the image to it we check what
-//! a hostile image could abuse: the superblock's table offsets, the chain of metadata blocks
-//! (which bounds the memory backhand will decompress), and the whole directory tree (depth,
-//! cycles, names, entry and path totals, file sizes), walked here from backhand's parsed inode
-//! table and raw directory table. Our [`Tree`] comes from that walk; backhand is then used only
-//! to stream file data.
+//! backhand's `Squashfs` parses the superblock, the inode table and the directory table; it
+//! trusts offsets in a few places. So before handing the image to it we check what a hostile
+//! image could abuse: the superblock's table offsets, the chain of metadata blocks (which
+//! bounds the memory backhand will decompress), and the whole directory tree (depth, cycles,
+//! names, entry and path totals, file sizes), walked here from backhand's parsed inode table and
+//! raw directory table. Our [`Tree`] comes from that walk.
+//!
+//! File data is read here rather than through backhand's `FilesystemReader`, which keeps every
+//! decompressed fragment block for the life of the reader (memory growing with the image) and
+//! serialises all reads behind one lock: each file's blocks are read with positioned reads and
+//! decompressed (zstd with one context per file; other compressors through backhand's
+//! decompressor), and fragment blocks are shared through a small bounded cache, so several
+//! threads read files at once in bounded memory. Every size is checked against the block size
+//! and the file's declared length; a block that decompresses to the wrong length is an error.
 
 use std::collections::HashSet;
-use std::io::{Cursor, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
 
+use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
 use backhand::v4::inode::{Inode, InodeInner};
-use backhand::{FilesystemReader, Squashfs, SquashfsFileReader};
+use backhand::{DataSize, Fragment, Squashfs, SquashfsFileReader};
 
 use super::ImageReader;
 use crate::error::VerifyError;
-use crate::image::ImageFormat;
+use crate::image::{ImageFormat, ImageSource};
 use crate::limits::Limits;
 use crate::tree::{FileSource, NodeId, NodeKind, Tree, TreeBuilder};
 
@@ -24,12 +33,20 @@ const SUPERBLOCK_LEN: usize = 96;
 const NOT_SET: u64 = u64::MAX;
 const METADATA_BLOCK_MAX: u64 = 8192;
 const FLAG_NFS_EXPORT: u16 = 0x0080;
+const NO_FRAGMENT: u32 = 0xffff_ffff;
+/// Decompressed fragment blocks kept for the files that share them (a few per reading thread).
+const FRAGMENT_CACHE: usize = 8;
 
 /// An opened squashfs image.
 pub struct SquashfsImage<'a> {
-    fs: FilesystemReader<'a>,
+    source: ImageSource<'a>,
+    compressor: Compressor,
+    block_size: u32,
+    fragments: Vec<Fragment>,
     /// Regular files; a file node's handle indexes this.
     files: Vec<SquashfsFileReader>,
+    /// Recently decompressed fragment blocks by index, most recent last.
+    fragment_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
     tree: Tree,
 }
 
@@ -59,16 +76,159 @@ fn lib_err(doing: &str) -> impl Fn(backhand::BackhandError) -> VerifyError + '_ 
     }
 }
 
+/// [`ImageSource`] as the `Read + Seek` backhand parses metadata from (behind a `BufReader`).
+struct SourceReader<'a> {
+    source: ImageSource<'a>,
+    pos: u64,
+}
+
+impl Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.source.len().saturating_sub(self.pos);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        self.source.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for SourceReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(at) => Some(at),
+            SeekFrom::End(delta) => self.source.len().checked_add_signed(delta),
+            SeekFrom::Current(delta) => self.pos.checked_add_signed(delta),
+        };
+        self.pos = target.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "seek before the image start")
+        })?;
+        Ok(self.pos)
+    }
+}
+
 impl<'a> SquashfsImage<'a> {
-    pub fn open(bytes: &'a [u8], limits: &Limits) -> Result<Self, VerifyError> {
-        check_superblock_and_metadata(bytes, limits)?;
-        let squashfs = Squashfs::from_reader_with_offset(Cursor::new(bytes), 0)
+    pub fn open(source: ImageSource<'a>, limits: &Limits) -> Result<Self, VerifyError> {
+        check_superblock_and_metadata(&source, limits)?;
+        let reader = BufReader::with_capacity(64 << 10, SourceReader { source, pos: 0 });
+        let squashfs = Squashfs::from_reader_with_offset(reader, 0)
             .map_err(lib_err("reading the inode table"))?;
-        let (tree, files) = build_tree(&squashfs, bytes.len() as u64, limits)?;
-        let fs = squashfs
-            .into_filesystem_reader()
-            .map_err(lib_err("reading the directory tree"))?;
-        Ok(SquashfsImage { fs, files, tree })
+        let (tree, files) = build_tree(&squashfs, source.len(), limits)?;
+        let superblock = &squashfs.superblock;
+        Ok(SquashfsImage {
+            source,
+            compressor: superblock.compressor,
+            block_size: superblock.block_size,
+            fragments: squashfs.fragments.clone().unwrap_or_default(),
+            files,
+            fragment_cache: Mutex::new(Vec::with_capacity(FRAGMENT_CACHE)),
+            tree,
+        })
+    }
+
+    /// Decompresses one block of `stored` bytes into `out` (cleared first); it must come out at
+    /// `expected` bytes.
+    fn decode(
+        &self,
+        stored: &[u8],
+        uncompressed: bool,
+        expected: Option<usize>,
+        zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        out.clear();
+        if uncompressed {
+            out.extend_from_slice(stored);
+        } else if self.compressor == Compressor::Zstd {
+            let decoder = match zstd {
+                Some(d) => d,
+                None => zstd.insert(zstd::bulk::Decompressor::new()?),
+            };
+            out.reserve(self.block_size as usize);
+            decoder.decompress_to_buffer(stored, out)?;
+        } else {
+            out.reserve(self.block_size as usize);
+            DefaultCompressor
+                .decompress(stored, out, self.compressor)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        }
+        let fits = match expected {
+            Some(expected) => out.len() == expected,
+            // A fragment block: tails of several files, of any length up to a block.
+            None => !out.is_empty() && out.len() <= self.block_size as usize,
+        };
+        if !fits {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a data block decompresses to {} bytes, not {}",
+                    out.len(),
+                    expected.map_or_else(|| format!("1 to {}", self.block_size), |e| e.to_string())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The decompressed fragment block `index`, from the cache or the image.
+    fn fragment_block(
+        &self,
+        index: u32,
+        zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
+    ) -> io::Result<Arc<Vec<u8>>> {
+        let cached = |cache: &mut Vec<(u32, Arc<Vec<u8>>)>| {
+            let at = cache.iter().position(|(i, _)| *i == index)?;
+            let entry = cache.remove(at);
+            let block = Arc::clone(&entry.1);
+            cache.push(entry);
+            Some(block)
+        };
+        if let Some(block) = self.lock_cache(cached) {
+            return Ok(block);
+        }
+        let fragment = self.fragments.get(index as usize).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "fragment {index} does not exist ({} fragments)",
+                    self.fragments.len()
+                ),
+            )
+        })?;
+        let stored = self.stored_block(fragment.start, fragment.size)?;
+        let mut out = Vec::new();
+        self.decode(&stored, fragment.size.uncompressed(), None, zstd, &mut out)?;
+        let block = Arc::new(out);
+        self.lock_cache(|cache| {
+            if cache.len() >= FRAGMENT_CACHE {
+                cache.remove(0);
+            }
+            cache.push((index, Arc::clone(&block)));
+        });
+        Ok(block)
+    }
+
+    fn lock_cache<T>(&self, f: impl FnOnce(&mut Vec<(u32, Arc<Vec<u8>>)>) -> T) -> T {
+        // A panic while holding the lock leaves a valid cache (entries are whole): go on.
+        let mut cache = self
+            .fragment_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut cache)
+    }
+
+    /// The stored bytes of a block of `size` at `start`, at most one block long.
+    fn stored_block(&self, start: u64, size: DataSize) -> io::Result<Vec<u8>> {
+        let len = size.size();
+        if len > self.block_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a data block claims {len} stored bytes, more than the block size {}",
+                    self.block_size
+                ),
+            ));
+        }
+        self.source.read_vec(start, len as usize)
     }
 }
 
@@ -78,12 +238,137 @@ impl FileSource for SquashfsImage<'_> {
             .files
             .get(handle as usize)
             .ok_or_else(|| VerifyError::corrupt("squashfs: no such file handle"))?;
-        let reader = self
-            .fs
-            .file(file)
-            .reader_checked()
-            .map_err(lib_err("opening a file"))?;
-        Ok(Box::new(reader))
+        let (blocks_start, file_size, frag_index, block_offset, block_sizes) = match file {
+            SquashfsFileReader::Basic(f) => (
+                u64::from(f.blocks_start),
+                u64::from(f.file_size),
+                f.frag_index,
+                f.block_offset,
+                &f.block_sizes[..],
+            ),
+            SquashfsFileReader::Extended(f) => (
+                f.blocks_start,
+                f.file_size,
+                f.frag_index,
+                f.block_offset,
+                &f.block_sizes[..],
+            ),
+        };
+        let block_size = u64::from(self.block_size);
+        let in_blocks = if frag_index == NO_FRAGMENT {
+            file_size
+        } else {
+            (block_sizes.len() as u64).saturating_mul(block_size)
+        };
+        let consistent = if frag_index == NO_FRAGMENT {
+            (block_sizes.len() as u64) == file_size.div_ceil(block_size)
+        } else {
+            in_blocks <= file_size && file_size - in_blocks < block_size
+        };
+        if !consistent {
+            return Err(VerifyError::corrupt(format!(
+                "squashfs: a file of {file_size} bytes lists {} data blocks of {block_size} bytes",
+                block_sizes.len()
+            )));
+        }
+        Ok(Box::new(FileReader {
+            image: self,
+            blocks: block_sizes,
+            next_block: 0,
+            pos: blocks_start,
+            in_blocks,
+            tail: (frag_index != NO_FRAGMENT).then_some((frag_index, block_offset)),
+            file_size,
+            produced: 0,
+            buf: Vec::new(),
+            at: 0,
+            zstd: None,
+        }))
+    }
+}
+
+/// A file's data as [`Read`], one decompressed block at a time.
+struct FileReader<'r, 'a> {
+    image: &'r SquashfsImage<'a>,
+    blocks: &'r [DataSize],
+    next_block: usize,
+    /// Where the next stored block starts in the image.
+    pos: u64,
+    /// Bytes of the file held in whole blocks (the rest is the fragment tail).
+    in_blocks: u64,
+    /// (fragment index, offset in it) of the tail.
+    tail: Option<(u32, u32)>,
+    file_size: u64,
+    /// Bytes of the file decoded into `buf` so far (including the unread part of `buf`).
+    produced: u64,
+    buf: Vec<u8>,
+    at: usize,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl FileReader<'_, '_> {
+    /// Decodes the next block (or the tail) into `buf`; false at the end of the file.
+    fn next(&mut self) -> io::Result<bool> {
+        self.at = 0;
+        self.buf.clear();
+        let block_size = u64::from(self.image.block_size);
+        if let Some(size) = self.blocks.get(self.next_block).copied() {
+            self.next_block += 1;
+            let expected = (self.in_blocks - self.produced).min(block_size) as usize;
+            if size.size() == 0 {
+                // A hole (sparse file): zeros, nothing stored.
+                self.buf.resize(expected, 0);
+            } else {
+                let stored = self.image.stored_block(self.pos, size)?;
+                self.pos += stored.len() as u64;
+                let mut out = std::mem::take(&mut self.buf);
+                self.image.decode(
+                    &stored,
+                    size.uncompressed(),
+                    Some(expected),
+                    &mut self.zstd,
+                    &mut out,
+                )?;
+                self.buf = out;
+            }
+            self.produced += expected as u64;
+            return Ok(true);
+        }
+        match self.tail.take() {
+            Some((index, offset)) if self.produced < self.file_size => {
+                let len = (self.file_size - self.produced) as usize;
+                let block = self.image.fragment_block(index, &mut self.zstd)?;
+                let from = offset as usize;
+                let piece = from
+                    .checked_add(len)
+                    .and_then(|to| block.get(from..to))
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "a file tail of {len} bytes at {from} runs past its {}-byte fragment block",
+                                block.len()
+                            ),
+                        )
+                    })?;
+                self.buf.extend_from_slice(piece);
+                self.produced += len as u64;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+impl Read for FileReader<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.buf.len() && !self.next()? {
+            return Ok(0);
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -94,6 +379,15 @@ impl ImageReader for SquashfsImage<'_> {
 
     fn tree(&self) -> &Tree {
         &self.tree
+    }
+}
+
+/// A failed read of the image's tables: outside the image is corruption, anything else I/O.
+fn read_err(source: &ImageSource<'_>, e: io::Error) -> VerifyError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        VerifyError::corrupt(format!("squashfs: reading the image's tables: {e}"))
+    } else {
+        source.io_error(e, "reading the squashfs tables")
     }
 }
 
@@ -111,14 +405,19 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Validates the superblock's offsets and walks the headers of the metadata blocks backhand
 /// will decompress (inode table, directory table), bounding their total.
-fn check_superblock_and_metadata(bytes: &[u8], limits: &Limits) -> Result<(), VerifyError> {
-    let len = bytes.len() as u64;
-    if bytes.len() < SUPERBLOCK_LEN {
+fn check_superblock_and_metadata(
+    source: &ImageSource<'_>,
+    limits: &Limits,
+) -> Result<(), VerifyError> {
+    let len = source.len();
+    if len < SUPERBLOCK_LEN as u64 {
         return Err(VerifyError::corrupt(format!(
             "squashfs: the image is {len} bytes, shorter than the {SUPERBLOCK_LEN}-byte superblock"
         )));
     }
-    let sb = &bytes[..SUPERBLOCK_LEN];
+    let sb = &source
+        .read_vec(0, SUPERBLOCK_LEN)
+        .map_err(|e| read_err(source, e))?[..];
     let (major, minor) = (u16_at(sb, 28), u16_at(sb, 30));
     if (major, minor) != (4, 0) {
         return Err(VerifyError::corrupt(format!(
@@ -166,15 +465,13 @@ fn check_superblock_and_metadata(bytes: &[u8], limits: &Limits) -> Result<(), Ve
     }
     // Where backhand stops reading directory blocks: the first pointer of the next table.
     let table_ptr = |table: u64, what: &str| -> Result<u64, VerifyError> {
-        let at = usize::try_from(table)
-            .ok()
-            .filter(|a| a.saturating_add(8) <= bytes.len());
-        match at {
-            Some(at) => Ok(u64_at(bytes, at)),
-            None => Err(VerifyError::corrupt(format!(
+        if table.saturating_add(8) > len {
+            return Err(VerifyError::corrupt(format!(
                 "squashfs: the {what} lookup table at {table} is outside the image"
-            ))),
+            )));
         }
+        let ptr = source.read_vec(table, 8).map_err(|e| read_err(source, e))?;
+        Ok(u64_at(&ptr, 0))
     };
     let dir_end = if frag_count != 0 && frag_table != NOT_SET {
         table_ptr(frag_table, "fragment")?
@@ -193,8 +490,8 @@ fn check_superblock_and_metadata(bytes: &[u8], limits: &Limits) -> Result<(), Ve
             "squashfs: {frag_count} fragments declared"
         )));
     }
-    let inode_blocks = count_metadata_blocks(bytes, inode_table, dir_table, "inode table")?;
-    let dir_blocks = count_metadata_blocks(bytes, dir_table, dir_end, "directory table")?;
+    let inode_blocks = count_metadata_blocks(source, inode_table, dir_table, "inode table")?;
+    let dir_blocks = count_metadata_blocks(source, dir_table, dir_end, "directory table")?;
     let metadata = (inode_blocks + dir_blocks).saturating_mul(METADATA_BLOCK_MAX);
     if metadata > limits.max_metadata_bytes {
         return Err(VerifyError::limit(format!(
@@ -208,23 +505,24 @@ fn check_superblock_and_metadata(bytes: &[u8], limits: &Limits) -> Result<(), Ve
 
 /// Follows the chain of metadata block headers from `start`; it must land exactly on `end`.
 fn count_metadata_blocks(
-    bytes: &[u8],
+    source: &ImageSource<'_>,
     start: u64,
     end: u64,
     what: &str,
 ) -> Result<u64, VerifyError> {
     let mut at = start;
     let mut blocks = 0u64;
+    let mut header = [0u8; 2];
     while at < end {
-        let header = usize::try_from(at)
-            .ok()
-            .filter(|a| a.saturating_add(2) <= bytes.len())
-            .map(|a| u16_at(bytes, a))
-            .ok_or_else(|| {
-                VerifyError::corrupt(format!(
-                    "squashfs: the {what} runs past the end of the image"
-                ))
-            })?;
+        if at.saturating_add(2) > source.len() {
+            return Err(VerifyError::corrupt(format!(
+                "squashfs: the {what} runs past the end of the image"
+            )));
+        }
+        source
+            .read_exact_at(&mut header, at)
+            .map_err(|e| read_err(source, e))?;
+        let header = u16::from_le_bytes(header);
         let size = u64::from(header & 0x7fff);
         if size == 0 || size > METADATA_BLOCK_MAX {
             return Err(VerifyError::corrupt(format!(
