@@ -74,6 +74,7 @@ let
   plan = builtins.concatLists (map (format:
     builtins.attrValues (builtins.mapAttrs (variant: r: {
       kind = "run";
+      arch = "aarch64";
       scenario = "aarch64";
       inherit format variant;
       inherit (r) fixes;

@@ -640,27 +640,13 @@ fn report(toolchain: &Toolchain) -> Result<()> {
         "found: {} (has the microvm machine)",
         toolchain.qemu.display()
     );
-    eprintln!(
-        "found: kernel {} at {}",
-        toolchain.kernel.release,
-        toolchain.kernel.vmlinuz.display()
-    );
-    for module in &toolchain.kernel.modules {
-        eprintln!("found:   module {}", module.display());
-    }
+    print_kernel("kernel", &toolchain.kernel);
     eprintln!("found: busybox {}", toolchain.busybox.display());
     eprintln!(
         "found: {} (the aarch64 guest's hypervisor)",
         toolchain.qemu_aarch64.display()
     );
-    eprintln!(
-        "found: arm64 kernel {} at {}",
-        toolchain.kernel_aarch64.release,
-        toolchain.kernel_aarch64.vmlinuz.display()
-    );
-    for module in &toolchain.kernel_aarch64.modules {
-        eprintln!("found:   module {}", module.display());
-    }
+    print_kernel("arm64 kernel", &toolchain.kernel_aarch64);
     eprintln!("found: socat {}", toolchain.socat.display());
     for program in [
         "mksquashfs",
@@ -685,6 +671,18 @@ fn report(toolchain: &Toolchain) -> Result<()> {
         tools::tools_dir().join("nix.env").display()
     );
     Ok(())
+}
+
+/// Prints a located kernel and the modules stage 1 loads.
+fn print_kernel(what: &str, kernel: &crate::tools::Kernel) {
+    eprintln!(
+        "found: {what} {} at {}",
+        kernel.release,
+        kernel.vmlinuz.display()
+    );
+    for module in &kernel.modules {
+        eprintln!("found:   module {}", module.display());
+    }
 }
 
 #[cfg(test)]

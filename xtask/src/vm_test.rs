@@ -207,12 +207,13 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         file: root.join("vm-tests/default.nix"),
         host_dir,
         qemu: toolchain.qemu.clone(),
+        qemu_aarch64: toolchain.qemu_aarch64.clone(),
         socat: toolchain.socat.clone(),
         realistic_dir,
         mkfs_erofs,
     };
 
-    let plan = phases.time("evaluate", || evaluate(&toolchain, &nix_args))?;
+    let plan = phases.time("evaluate", || evaluate(&toolchain, &nix_args, "plan"))?;
     let selection = Selection {
         scenarios: &args.scenario,
         disks: &args.disk,
@@ -220,7 +221,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     };
     let plan = x86_64_plan(plan, &args)?;
     eprintln!("{} runs selected", plan.len());
-    phases.time("nix build", || build(&toolchain, &nix_args, &plan, &logs))?;
+    phases.time("nix build", || {
+        build(&toolchain, &nix_args, &plan, &logs, "nix-build.log")
+    })?;
 
     let mut runs: Vec<Run> = plan.into_iter().map(Run::new).collect();
     let accel = boot::choose_accel(
@@ -334,6 +337,7 @@ struct NixArgs {
     file: PathBuf,
     host_dir: PathBuf,
     qemu: PathBuf,
+    qemu_aarch64: PathBuf,
     socat: PathBuf,
     mkfs_erofs: PathBuf,
     /// The generated closure of the `realistic` scenario, when it is asked for.
@@ -351,6 +355,9 @@ impl NixArgs {
             .arg("qemu")
             .arg(&self.qemu)
             .arg("--argstr")
+            .arg("qemuAarch64")
+            .arg(&self.qemu_aarch64)
+            .arg("--argstr")
             .arg("socat")
             .arg(&self.socat);
         if self.mkfs_erofs.exists() {
@@ -363,18 +370,27 @@ impl NixArgs {
     }
 }
 
-fn evaluate(toolchain: &Toolchain, nix_args: &NixArgs) -> Result<Vec<PlanEntry>> {
+/// Evaluates `attr` of vm-tests/default.nix (`plan`, or `aarch64.plan`) into plan entries.
+fn evaluate(toolchain: &Toolchain, nix_args: &NixArgs, attr: &str) -> Result<Vec<PlanEntry>> {
     let cmd = nix_args.apply(
         toolchain
             .nix
             .cmd("nix-instantiate")
-            .args(["--eval", "--strict", "--json", "-A", "plan"]),
+            .args(["--eval", "--strict", "--json", "-A", attr]),
     );
     let json = cmd.read()?;
-    serde_json::from_str(&json).context("vm-tests/default.nix's plan is not the expected JSON")
+    serde_json::from_str(&json)
+        .with_context(|| format!("vm-tests/default.nix's {attr} is not the expected JSON"))
 }
 
-fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &Path) -> Result<()> {
+/// Builds what `plan` needs (log: `logs/<log_name>`).
+fn build(
+    toolchain: &Toolchain,
+    nix_args: &NixArgs,
+    plan: &[PlanEntry],
+    logs: &Path,
+    log_name: &str,
+) -> Result<()> {
     if plan.is_empty() {
         return Ok(()); // without -A, nix-build would build every top-level attribute
     }
@@ -413,7 +429,7 @@ fn build(toolchain: &Toolchain, nix_args: &NixArgs, plan: &[PlanEntry], logs: &P
             }
         }
     }
-    let log = logs.join("nix-build.log");
+    let log = logs.join(log_name);
     let finished = cmd
         .log_file(&log)
         .timeout(Duration::from_secs(3600))

@@ -10,8 +10,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::Result;
+use serde_json::Value;
 
 use super::boot::{Accel, AccelChoice};
 use super::plan::{self, PlanEntry, Selection};
@@ -35,35 +35,6 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The runs as report.json's `runs` entries, with `"arch": "aarch64"`.
-    pub fn runs_json(&self) -> Vec<Value> {
-        self.runs
-            .iter()
-            .map(|r| {
-                json!({
-                    "kind": r.plan.kind,
-                    "arch": "aarch64",
-                    "scenario": r.plan.scenario,
-                    "disk": r.plan.format,
-                    "variant": r.plan.variant,
-                    "fixes": r.plan.fixes,
-                    "runner": r.plan.runner,
-                    "store_disk": r.plan.store_disk,
-                    "toplevel": r.plan.toplevel,
-                    "reg_info": r.plan.reg_info,
-                    "kernel": r.plan.kernel,
-                    "elf_machine": self.elf_machine,
-                    "packed_paths": r.verify.as_ref().map(|v| v.packed.len()),
-                    "boot": r.boot,
-                    "transfer": r.transfer,
-                    "verify": r.verify,
-                    "runner_kernel_modules": r.runner_kernel_modules,
-                    "verify_disagreements": r.verify_disagreements,
-                })
-            })
-            .collect()
-    }
-
     /// Failures beyond the x86_64 runs' hard assertions (which apply to these runs too): the
     /// packed userland is aarch64 and the guest ran an aarch64 program.
     pub fn assertions(&self) -> Vec<String> {
@@ -92,47 +63,6 @@ impl Outcome {
             }
         }
         failures
-    }
-
-    /// The aarch64 lines of the Markdown summary.
-    pub fn summary(&self) -> String {
-        use std::fmt::Write as _;
-        use storedisk_verifier::report::human_bytes;
-        if self.runs.is_empty() {
-            return "\naarch64 guest: not selected\n".to_owned();
-        }
-        let mut out = String::from(
-            "\n| arch | disk | variant | boot | s | paths | NAR | zstd | in image | leaked | verify |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n",
-        );
-        for run in &self.runs {
-            let t = run.transfer.as_ref();
-            let boot = run.boot.as_ref().map_or("-".to_owned(), |b| {
-                let state = if b.outcome.ok { "ok" } else { "FAILED" };
-                match &b.shared_with {
-                    Some(v) => format!("{state} (= {v})"),
-                    None => state.to_owned(),
-                }
-            });
-            let _ = writeln!(
-                out,
-                "| aarch64 (TCG) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                run.plan.format,
-                run.plan.variant,
-                boot,
-                run.boot
-                    .as_ref()
-                    .map_or("-".to_owned(), |b| format!("{:.1}", b.outcome.seconds)),
-                t.map_or("-".to_owned(), |t| t.paths.to_string()),
-                t.map_or("-".to_owned(), |t| human_bytes(t.nar_bytes)),
-                t.map_or("-".to_owned(), |t| human_bytes(t.compressed_bytes)),
-                t.map_or("-".to_owned(), |t| human_bytes(t.in_image_bytes)),
-                t.and_then(|t| t.leaked_paths)
-                    .map_or("n/a".to_owned(), |n| n.to_string()),
-                run.verify.as_ref().map_or("-".to_owned(), |v| v.summary()),
-            );
-        }
-        out
     }
 }
 
@@ -170,8 +100,9 @@ pub fn run_all(
         eprintln!("aarch64 guest: not selected (--scenario)");
         return Ok(Outcome::default());
     }
-    let qemu = &toolchain.qemu_aarch64;
-    let plan = phases.time("aarch64 evaluate", || evaluate(toolchain, nix_args, qemu))?;
+    let plan = phases.time("aarch64 evaluate", || {
+        super::evaluate(toolchain, nix_args, "aarch64.plan")
+    })?;
     let plan = select(plan, args)?;
     if plan.is_empty() {
         eprintln!("aarch64 guest: no run selected (--disk/--variant)");
@@ -179,7 +110,7 @@ pub fn run_all(
     }
     eprintln!("{} aarch64 runs selected", plan.len());
     phases.time("aarch64 nix build", || {
-        build(toolchain, nix_args, qemu, &plan, logs)
+        super::build(toolchain, nix_args, &plan, logs, "nix-build-aarch64.log")
     })?;
     let mut runs: Vec<Run> = plan.into_iter().map(Run::new).collect();
     // The runners pin `-accel tcg -cpu max` themselves; the boot settings are the user's, with
@@ -214,23 +145,6 @@ pub fn run_all(
     })
 }
 
-/// `nix-instantiate --eval -A aarch64.plan`.
-fn evaluate(toolchain: &Toolchain, nix_args: &NixArgs, qemu: &Path) -> Result<Vec<PlanEntry>> {
-    let cmd = nix_args
-        .apply(toolchain.nix.cmd("nix-instantiate").args([
-            "--eval",
-            "--strict",
-            "--json",
-            "-A",
-            "aarch64.plan",
-        ]))
-        .arg("--argstr")
-        .arg("qemuAarch64")
-        .arg(qemu);
-    let json = cmd.read()?;
-    serde_json::from_str(&json).context("vm-tests/aarch64.nix's plan is not the expected JSON")
-}
-
 /// The runs `--disk`/`--variant` ask for. Under `--scenario aarch64` alone the names are checked
 /// against this plan; otherwise the x86_64 plan has checked them, and a variant the aarch64 guest
 /// does not have just selects none of its runs.
@@ -253,51 +167,6 @@ fn select(plan: Vec<PlanEntry>, args: &VmTestArgs) -> Result<Vec<PlanEntry>> {
     plan::select(plan, &Selection::default())
 }
 
-/// The attribute of vm-tests/default.nix that builds `attr` of an aarch64 run.
-fn attr_path(entry: &PlanEntry, attr: &str) -> String {
-    format!("aarch64.runs.{}.{}.{attr}", entry.format, entry.variant)
-}
-
-fn build(
-    toolchain: &Toolchain,
-    nix_args: &NixArgs,
-    qemu: &Path,
-    plan: &[PlanEntry],
-    logs: &Path,
-) -> Result<()> {
-    let mut cmd = nix_args
-        .apply(
-            toolchain
-                .nix
-                .cmd("nix-build")
-                .args(["--no-out-link", "--keep-going"]),
-        )
-        .arg("--argstr")
-        .arg("qemuAarch64")
-        .arg(qemu);
-    for entry in plan {
-        // As for the x86_64 runs: the guest side is built explicitly, since a runner that
-        // discards init='s context does not depend on the toplevel.
-        for attr in ["runner", "storeDisk", "toplevel", "regInfo"] {
-            cmd = cmd.arg("-A").arg(attr_path(entry, attr));
-        }
-    }
-    let log = logs.join("nix-build-aarch64.log");
-    let finished = cmd
-        .log_file(&log)
-        .timeout(Duration::from_secs(3600))
-        .run_unchecked()?;
-    if !finished.success() {
-        bail!(
-            "nix-build of the aarch64 guest {} (full log {})\n{}",
-            finished.outcome(),
-            log.display(),
-            finished.tail()
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,7 +183,7 @@ mod tests {
                 outcome: BootOutcome {
                     ok: true,
                     seconds: 5.0,
-                    result: Some(json!({"ok": true, "program_output": output})),
+                    result: Some(serde_json::json!({"ok": true, "program_output": output})),
                     error: None,
                     log: String::new(),
                     attempts: 1,
@@ -336,10 +205,6 @@ mod tests {
             elf_machine: Some(ELF_MACHINE_AARCH64),
         };
         assert_eq!(good.assertions(), Vec::<String>::new());
-        let entries = good.runs_json();
-        assert_eq!(entries[0]["arch"], "aarch64");
-        assert_eq!(entries[0]["scenario"], "aarch64");
-        assert_eq!(entries[0]["boot"]["ok"], true);
 
         let x86_userland = Outcome {
             runs: vec![run(Variant::Fixed, "x86_64")],
@@ -352,7 +217,6 @@ mod tests {
 
         // Not selected: nothing to assert.
         assert!(Outcome::default().assertions().is_empty());
-        assert!(Outcome::default().summary().contains("not selected"));
     }
 
     #[test]

@@ -175,7 +175,7 @@ mod tests {
             checks: BTreeMap::new(),
             leaked: leaked.iter().map(|p| p.to_string()).collect(),
             shared: shared.iter().map(|p| p.to_string()).collect(),
-            packed: Vec::new(),
+            packed_paths: 0,
             duplicated_bytes: 0,
             unavailable: None,
         }

@@ -28,6 +28,18 @@ impl RunKind {
     }
 }
 
+/// The guest's architecture: x86_64 like this host, or aarch64, emulated.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[default]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    Aarch64,
+}
+
 /// Which store-disk fixes a runner has; vm-tests/default.nix's `variants`. Declared in the
 /// order tables show them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -142,6 +154,9 @@ pub struct Fixes {
 #[serde(rename_all = "camelCase")]
 pub struct PlanEntry {
     pub kind: RunKind,
+    /// The guest's architecture (vm-tests/aarch64.nix's entries say aarch64).
+    #[serde(default)]
+    pub arch: Arch,
     pub scenario: String,
     pub format: ImageFormat,
     pub variant: Variant,
@@ -180,6 +195,9 @@ impl PlanEntry {
 
     /// The attribute of vm-tests/default.nix that builds `attr` of this run.
     pub fn attr_path(&self, attr: &str) -> String {
+        if self.arch == Arch::Aarch64 {
+            return format!("aarch64.runs.{}.{}.{attr}", self.format, self.variant);
+        }
         let set = match self.kind {
             RunKind::Run => "runs",
             RunKind::Update => "updates",
@@ -206,6 +224,7 @@ impl PlanEntry {
         let path = |n: u32, name: &str| format!("/nix/store/{n:032}-{name}");
         PlanEntry {
             kind: RunKind::Run,
+            arch: Arch::X86_64,
             scenario: scenario.to_owned(),
             format,
             variant,

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::classify::PathClass;
 use super::microvm_list::ListCheck;
-use super::plan::{RunKind, Selection, Variant};
+use super::plan::{Arch, RunKind, Selection, Variant};
 use super::shutdown::ShutdownOutcome;
 use super::{boot::Accel, Phases, Run};
 use crate::setup::write_atomically;
@@ -49,23 +49,27 @@ pub fn finish(
         total_seconds,
         accel,
     } = outcome;
-    let mut report = json!({
+    let every_run: Vec<&Run> = runs.iter().chain(&aarch64.runs).collect();
+    let report = json!({
         "accel": accel,
         "total_seconds": (total_seconds * 10.0).round() / 10.0,
         "phases": phases.0.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
         "shutdown": shutdown,
         "microvm_list": list_checks,
-        "runs": runs.iter().map(|r| json!({
+        "aarch64_elf_machine": aarch64.elf_machine,
+        "runs": every_run.iter().map(|r| json!({
             "kind": r.plan.kind,
-            "arch": "x86_64",
+            "arch": r.plan.arch,
             "scenario": r.plan.scenario,
             "disk": r.plan.format,
             "variant": r.plan.variant,
             "fixes": r.plan.fixes,
             "runner": r.plan.runner,
+            "host_system": (r.plan.kind == RunKind::Host).then_some(&r.plan.host_system),
             "store_disk": r.plan.store_disk,
             "toplevel": r.plan.toplevel,
             "reg_info": r.plan.reg_info,
+            "kernel": r.plan.kernel,
             "boot": r.boot,
             "transfer": r.transfer,
             "verify": r.verify,
@@ -73,14 +77,11 @@ pub fn finish(
             "verify_disagreements": r.verify_disagreements,
         })).collect::<Vec<_>>(),
     });
-    if let Some(all) = report["runs"].as_array_mut() {
-        all.extend(aarch64.runs_json());
-    }
     write_atomically(
         &work.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    let mut markdown = markdown_summary(runs, phases, total_seconds, accel);
+    let mut markdown = markdown_summary(&every_run, phases, total_seconds, accel);
     if let Some(s) = shutdown {
         let _ = writeln!(
             markdown,
@@ -90,7 +91,6 @@ pub fn finish(
             s.stop_seconds.map_or("-".to_owned(), |t| format!("{t:.1} s")),
         );
     }
-    markdown.push_str(&aarch64.summary());
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
     eprintln!(
@@ -99,7 +99,6 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let every_run: Vec<&Run> = runs.iter().chain(&aarch64.runs).collect();
     let (compared_snapshots, changed_snapshots) = check_snapshots(&every_run, list_checks, golden);
     let not_compared = uncompared_snapshots(&every_run, golden, &compared_snapshots, selection);
     for (name, why) in &not_compared {
@@ -845,14 +844,14 @@ fn cross_variant_assertions(runs: &[Run]) -> Vec<String> {
     failures
 }
 
-fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> String {
+fn markdown_summary(runs: &[&Run], phases: &Phases, total: f64, accel: Accel) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "## storedisk vm-test ({accel:?}, {total:.0} s)\n");
     let _ = writeln!(
         out,
-        "| kind | scenario | disk | variant | boot | s | paths | NAR | zstd | in image | leaked | verify |"
+        "| kind | arch | scenario | disk | variant | boot | s | paths | NAR | zstd | in image | leaked | verify |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for run in runs {
         let t = run.transfer.as_ref();
         let boot = run.boot.as_ref().map_or("-".to_owned(), |b| {
@@ -864,8 +863,12 @@ fn markdown_summary(runs: &[Run], phases: &Phases, total: f64, accel: Accel) -> 
         });
         let _ = writeln!(
             out,
-            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            run.plan.kind,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.plan.kind.name(),
+            match run.plan.arch {
+                Arch::X86_64 => "x86_64",
+                Arch::Aarch64 => "aarch64 (TCG)",
+            },
             run.plan.scenario,
             run.plan.format,
             run.plan.variant,
@@ -942,7 +945,7 @@ mod tests {
                 checks: BTreeMap::new(),
                 leaked: Vec::new(),
                 shared: Vec::new(),
-                packed: Vec::new(),
+                packed_paths: 0,
                 duplicated_bytes: 0,
                 unavailable: None,
             }),

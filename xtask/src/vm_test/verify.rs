@@ -24,9 +24,8 @@ pub struct Verdict {
     pub leaked: Vec<String>,
     /// Packed store paths the runner needs by itself (`runner_overlap.shared`), sorted.
     pub shared: Vec<String>,
-    /// Store paths packed in the image (the inventory), sorted.
-    #[serde(skip)]
-    pub packed: Vec<String>,
+    /// How many store paths the image holds (the inventory).
+    pub packed_paths: usize,
     pub duplicated_bytes: u64,
     /// Why there is no verdict (the verifier failed to run or printed no report).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,7 +39,7 @@ impl Verdict {
             checks: BTreeMap::new(),
             leaked: Vec::new(),
             shared: Vec::new(),
-            packed: Vec::new(),
+            packed_paths: 0,
             duplicated_bytes: 0,
             unavailable: Some(why),
         }
@@ -137,7 +136,7 @@ pub fn verdict_from_report(report: &Report) -> Verdict {
                 .collect(),
         ),
         shared: sorted(c.runner_overlap.shared.clone()),
-        packed: sorted(report.paths.iter().map(|p| p.path.clone()).collect()),
+        packed_paths: report.paths.len(),
         duplicated_bytes: c.runner_overlap.duplicated_bytes,
         unavailable: None,
     }
@@ -182,7 +181,7 @@ mod tests {
             ]
         );
         assert_eq!(v.shared, ["/nix/store/s-busybox"]);
-        assert_eq!(v.packed, ["/nix/store/a-aa", "/nix/store/b-bb"]);
+        assert_eq!(v.packed_paths, 2);
         assert_eq!(v.duplicated_bytes, 300);
         assert_eq!(v.checks["policy"], None);
         assert_eq!(v.summary(), "2 leaked (runner_overlap)");
