@@ -9,9 +9,10 @@
 //! reads. The stream depends on the tree only, so the image does too.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::process::ChildStdin;
 
 use crate::tree::{EntryKind, Tree};
 use crate::{BuildError, ProgressSink};
@@ -20,10 +21,29 @@ const BLOCK: usize = 512;
 /// Largest size a ustar header's 11 octal digits hold.
 const USTAR_MAX_SIZE: u64 = 0o77777777777;
 
+/// Where the tar stream goes: headers are written, file data appended from the open file.
+pub(crate) trait TarSink: Write {
+    /// Appends up to `len` bytes of `file`; returns how many there were.
+    fn append_file(&mut self, file: &mut fs::File, len: u64) -> io::Result<u64> {
+        io::copy(&mut Read::take(file, len), self)
+    }
+}
+
+impl TarSink for Vec<u8> {}
+
+/// Into a pipe, file data goes by `splice` (std's `io::copy` from a file to a pipe), never
+/// through a buffer of ours.
+impl TarSink for BufWriter<ChildStdin> {
+    fn append_file(&mut self, file: &mut fs::File, len: u64) -> io::Result<u64> {
+        self.flush()?;
+        io::copy(&mut Read::take(file, len), self.get_mut())
+    }
+}
+
 /// Writes `tree` as a tar stream to `out`, file data read from the store.
 pub(crate) fn write_tar(
     tree: &Tree,
-    out: &mut dyn Write,
+    out: &mut impl TarSink,
     progress: &dyn ProgressSink,
 ) -> Result<(), BuildError> {
     let write_err = |source: io::Error| BuildError::Write {
@@ -33,7 +53,6 @@ pub(crate) fn write_tar(
     // The image root: read-only like every store directory.
     header(out, b"./", 0o555, b'5', 0, b"").map_err(write_err)?;
     let entries = tree.entries();
-    let mut buf = vec![0u8; 256 << 10];
     for entry in entries {
         let name = entry.path.as_os_str().as_bytes();
         match &entry.kind {
@@ -58,7 +77,7 @@ pub(crate) fn write_tar(
                 ..
             } => {
                 header(out, name, entry.mode(), b'0', *size, b"").map_err(write_err)?;
-                copy_file(&tree.source(entry), *size, out, &mut buf, progress)?;
+                copy_file(&tree.source(entry), *size, out, progress)?;
                 pad(out, *size).map_err(write_err)?;
             }
         }
@@ -71,8 +90,7 @@ pub(crate) fn write_tar(
 fn copy_file(
     source: &Path,
     size: u64,
-    out: &mut dyn Write,
-    buf: &mut [u8],
+    out: &mut impl TarSink,
     progress: &dyn ProgressSink,
 ) -> Result<(), BuildError> {
     let read_err = |e| BuildError::Read {
@@ -80,22 +98,22 @@ fn copy_file(
         source: e,
     };
     let mut file = fs::File::open(source).map_err(read_err)?;
-    let mut left = size;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = file.read(&mut buf[..want]).map_err(read_err)?;
-        if n == 0 {
-            return Err(changed(source, size, size - left));
+    let copied = out.append_file(&mut file, size).map_err(|e| {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            BuildError::Write {
+                path: "the mkfs.erofs input stream".into(),
+                source: e,
+            }
+        } else {
+            read_err(e)
         }
-        out.write_all(&buf[..n]).map_err(|e| BuildError::Write {
-            path: "the mkfs.erofs input stream".into(),
-            source: e,
-        })?;
-        progress.advance(n as u64);
-        left -= n as u64;
+    })?;
+    progress.advance(copied);
+    if copied != size {
+        return Err(changed(source, size, copied));
     }
     // One more byte would mean the file grew since the walk.
-    if file.read(&mut buf[..1]).map_err(read_err)? != 0 {
+    if file.read(&mut [0u8; 1]).map_err(read_err)? != 0 {
         let now = fs::metadata(source).map_or(size + 1, |m| m.len());
         return Err(changed(source, size, now));
     }
@@ -200,7 +218,63 @@ fn octal(field: &mut [u8], value: u64) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::process::Command;
+
+    use storedisk_nix::{Closure, PathInfo, StoreDir, StorePath};
+
     use super::*;
+    use crate::NoProgress;
+
+    #[test]
+    fn gnu_tar_reads_the_stream_with_canonical_metadata_links_and_long_names() {
+        let store = tempfile::tempdir().unwrap();
+        let base = format!("{}-t", "a".repeat(32));
+        let top = store.path().join(&base);
+        let long = "l".repeat(150);
+        fs::create_dir_all(top.join("d")).unwrap();
+        fs::write(top.join("d/f"), b"data").unwrap();
+        fs::set_permissions(top.join("d/f"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::hard_link(top.join("d/f"), top.join("d/g")).unwrap();
+        fs::write(top.join(&long), vec![7u8; 1000]).unwrap();
+        symlink(format!("/nix/store/{}", "x".repeat(120)), top.join("s")).unwrap();
+        let path = StorePath::from_base_name(&base).unwrap();
+        let closure = Closure::new(StoreDir::default(), vec![PathInfo::new(path)]).unwrap();
+        let tree = Tree::walk(&closure, store.path()).unwrap();
+        let mut stream = Vec::new();
+        write_tar(&tree, &mut stream, &NoProgress).unwrap();
+        assert_eq!(stream.len() % BLOCK, 0);
+        let tar_file = store.path().join("t.tar");
+        fs::write(&tar_file, &stream).unwrap();
+        let out = Command::new("tar")
+            .args(["-tv", "--numeric-owner", "--full-time", "-f"])
+            .arg(&tar_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing = String::from_utf8(out.stdout).unwrap();
+        let has = |mode: &str, name: &str| {
+            listing.lines().any(|l| {
+                l.starts_with(mode)
+                    && l.contains(" 0/0 ")
+                    && l.contains("1970-01-01")
+                    && l.contains(name)
+            })
+        };
+        assert!(has("dr-xr-xr-x", "./"), "{listing}");
+        assert!(has("dr-xr-xr-x", &format!("{base}/d/")), "{listing}");
+        assert!(has("-r-xr-xr-x", &format!("{base}/d/f")), "{listing}");
+        assert!(
+            has("hr-xr-xr-x", &format!("{base}/d/g link to {base}/d/f")),
+            "{listing}"
+        );
+        assert!(has("-r--r--r--", &format!("{base}/{long}")), "{listing}");
+        assert!(has("lrwxrwxrwx", &"x".repeat(120)), "{listing}");
+    }
 
     #[test]
     fn pax_record_lengths_count_themselves() {
