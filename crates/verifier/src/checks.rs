@@ -443,3 +443,6 @@ pub fn check_policy(
         violations,
     })
 }
+
+#[cfg(test)]
+mod tests;
