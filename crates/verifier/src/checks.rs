@@ -169,7 +169,11 @@ pub fn check_integrity(
         let bad = !invalid_entries.is_empty();
         return Integrity {
             ok: bad.then_some(false),
-            why: Some("no closure to compare NAR hashes with".to_owned()),
+            why: Some(
+                "no closure to compare NAR hashes with: give --closure FILE, or pack a \
+                 closure-info registration in the image"
+                    .to_owned(),
+            ),
             invalid_entries,
             ..Integrity::default()
         };
@@ -202,7 +206,8 @@ pub fn check_integrity(
         (Some(false), None)
     } else if !unchecked.is_empty() {
         let why = format!(
-            "{} packed path(s) have no recorded narHash to compare with",
+            "{} packed path(s) have no recorded narHash to compare with: give a --closure \
+             that records them (exportReferencesGraph, nix path-info --json)",
             unchecked.len()
         );
         (None, Some(why))
@@ -401,13 +406,16 @@ pub fn check_policy(
 ) -> Result<Policy, VerifyError> {
     if allow.is_empty() {
         return Ok(Policy {
-            why: Some("no --allow patterns given".to_owned()),
+            why: Some("no --allow GLOB given".to_owned()),
             ..Policy::default()
         });
     }
     let Some(runner) = runner else {
         return Ok(Policy {
-            why: Some("no runner closure to check".to_owned()),
+            why: Some(
+                "no runner closure to check: give --runner STOREPATH or --runner-closure FILE"
+                    .to_owned(),
+            ),
             allow: allow.to_vec(),
             ..Policy::default()
         });

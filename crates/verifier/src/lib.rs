@@ -30,7 +30,7 @@ pub use image::{detect_format, ImageFile, ImageFormat, ImageSource};
 pub use inventory::{take_inventory, Inventory, PackedPath};
 pub use limits::Limits;
 pub use reader::{open_image, ImageReader};
-pub use report::Report;
+pub use report::{CheckName, Report};
 
 /// Everything besides the image that the checks use. Each missing input makes the checks that
 /// need it `null`.
@@ -149,6 +149,7 @@ pub fn verify(
     ]
     .iter()
     .all(|c| *c != Some(false));
+    let checked = checks.ran();
     Ok(Report {
         ok,
         findings,
@@ -164,6 +165,8 @@ pub fn verify(
             })
             .collect(),
         checks,
+        checked,
+        required_not_run: Vec::new(),
     })
 }
 

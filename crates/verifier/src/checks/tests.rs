@@ -668,7 +668,7 @@ fn integrity_with_only_unhashed_paths_is_not_a_pass() {
     ";
     assert_snapshot!(integrity(input), @r"
     not checked
-    why: 1 packed path(s) have no recorded narHash to compare with
+    why: 1 packed path(s) have no recorded narHash to compare with: give a --closure that records them (exportReferencesGraph, nix path-info --json)
     checked: 1
     unchecked: app
     ");
@@ -686,7 +686,7 @@ fn integrity_passes_when_every_hash_matches() {
 fn integrity_without_a_closure_still_fails_on_invalid_entries() {
     assert_snapshot!(integrity("packed: app\ninvalid: .links"), @r"
     FAILED
-    why: no closure to compare NAR hashes with
+    why: no closure to compare NAR hashes with: give --closure FILE, or pack a closure-info registration in the image
     checked: 0
     invalid entry: .links (not a store path name)
     ");
@@ -723,9 +723,9 @@ fn policy_needs_allow_globs_and_a_runner() {
     let no_runner = policy(&format!("{GUEST}allow: glibc-*"));
     assert_snapshot!(format!("{no_globs}{no_runner}"), @r"
     not checked
-    why: no --allow patterns given
+    why: no --allow GLOB given
     not checked
-    why: no runner closure to check
+    why: no runner closure to check: give --runner STOREPATH or --runner-closure FILE
     ");
 }
 
