@@ -1,7 +1,9 @@
 //! `storedisk verify` invocations, not image contents: what it says when no check had its
-//! inputs (`nothing checked`, never `OK`), and `--require` turning a check that did not run into
-//! a finding.
+//! inputs (`nothing checked`, never `OK`), `--require` turning a check that did not run into a
+//! finding, and bad invocations (flag misuse, a missing or wrong image, a closure file that is
+//! not a closure) exiting 2 with a message naming the thing at fault and no report.
 
+use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -204,5 +206,79 @@ fn require_all_with_nothing_to_check_fails_on_every_check() {
             "runner_overlap",
             "policy"
         ]
+    );
+}
+
+// ---- bad invocations: exit 2, the culprit named, no report ----
+
+/// Asserts exit 2, no report on stdout, and a message on stderr containing every `needle`.
+fn assert_could_not_run(out: &Outcome, needles: &[&str]) {
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.is_empty(),
+        "a report was printed: {}",
+        out.stdout
+    );
+    for needle in needles {
+        assert!(
+            out.stderr.contains(needle),
+            "the message should name {needle:?}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn flag_misuse_exits_2_naming_the_flag() {
+    let (_store, image) = store_and_image();
+    let image = image.to_str().unwrap();
+    assert_could_not_run(&verify(&[image, "--bogus"]), &["--bogus"]);
+    assert_could_not_run(
+        &verify(&[image, "--require", "bogus", "--json"]),
+        &["bogus", "--require", "self_contained"],
+    );
+    assert_could_not_run(
+        &verify(&[image, "--require", "complete,", "--json"]),
+        &["--require"],
+    );
+    assert_could_not_run(&verify(&[image, "--closure"]), &["--closure"]);
+    assert_could_not_run(&verify(&["--json"]), &["IMAGE"]);
+}
+
+#[test]
+fn a_missing_image_exits_2_naming_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let missing = scratch.path().join("no-such.img");
+    let missing = missing.to_str().unwrap();
+    assert_could_not_run(&verify(&[missing, "--json"]), &[missing, "No such file"]);
+}
+
+#[test]
+fn a_directory_as_image_exits_2_naming_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_str().unwrap();
+    assert_could_not_run(&verify(&[dir]), &[dir, "not a regular file"]);
+    assert_could_not_run(&verify(&[dir, "--json"]), &[dir, "not a regular file"]);
+}
+
+#[test]
+fn a_closure_file_that_is_not_a_closure_exits_2_naming_it() {
+    let (store, image) = store_and_image();
+    let image = image.to_str().unwrap();
+    for (name, contents, why) in [
+        ("text.json", "hello, world\n", "registration text"),
+        ("broken.json", "[{\"path\": ", "not valid JSON"),
+        ("object.json", "{\"a\": 1}", "closure JSON"),
+    ] {
+        let file = store.scratch().join(name);
+        fs::write(&file, contents).unwrap();
+        let file = file.to_str().unwrap();
+        assert_could_not_run(&verify(&[image, "--closure", file, "--json"]), &[file, why]);
+    }
+    let missing = store.scratch().join("no-such-closure.json");
+    let missing = missing.to_str().unwrap();
+    assert_could_not_run(
+        &verify(&[image, "--closure", missing]),
+        &[missing, "cannot read the closure file"],
     );
 }
