@@ -3,6 +3,8 @@
 //! finding, and bad invocations (flag misuse, a missing or wrong image, a closure file that is
 //! not a closure) exiting 2 with a message naming the thing at fault and no report.
 
+#![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
+
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
