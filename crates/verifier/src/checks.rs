@@ -382,7 +382,13 @@ pub fn check_runner_overlap(
             location,
         });
     }
-    let duplicated_bytes = all.difference(&kept).map(size_of).sum();
+    // Copied twice: with the image and with the runner. A leaked path the image lacks (an
+    // incomplete image, which `complete` reports) travels once.
+    let duplicated_bytes = all
+        .difference(&kept)
+        .filter(|p| inventory.contains(p))
+        .map(size_of)
+        .sum();
     let shared: Vec<&StorePath> = kept.iter().filter(|p| inventory.contains(p)).collect();
     Ok(RunnerOverlap {
         ok: Some(paths.is_empty()),

@@ -241,7 +241,7 @@ pub struct RunnerOverlap {
     /// closure-info (the toplevel, the closure-info). The image's own references are cut as
     /// edges, not listed here.
     pub guest_roots: Vec<String>,
-    /// Sum of the leaked paths' narSize: what a deployment copies twice.
+    /// Sum of the narSize of the leaked paths the image holds: what a deployment copies twice.
     pub duplicated_bytes: u64,
     /// Leaked paths: in the runner's closure only through a reference to the guest side.
     pub paths: Vec<Leak>,

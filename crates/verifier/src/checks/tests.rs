@@ -577,6 +577,27 @@ fn chains_of_equal_length_are_broken_by_base_name() {
 }
 
 #[test]
+fn a_leaked_path_the_image_lacks_is_leaked_but_not_copied_twice() {
+    let input = "
+        runner -> toplevel
+        toplevel -> app
+        app -> lib
+        packed: toplevel app
+        guest: toplevel
+        runner: runner
+        size: lib=5000
+    ";
+    assert_snapshot!(runner_overlap(input), @r"
+    FAILED
+    guest roots: toplevel
+    leaked: app (100 B) via runner -> toplevel -> app
+    leaked: lib (5000 B) via runner -> toplevel -> app -> lib
+    leaked: toplevel (100 B) via runner -> toplevel
+    runner closure: 4 paths, 200 B duplicated, 0 B shared
+    ");
+}
+
+#[test]
 fn runner_overlap_without_a_runner_is_not_checked() {
     assert_snapshot!(runner_overlap(GUEST), @r"
     not checked
