@@ -93,10 +93,13 @@ impl Runner {
     }
 }
 
-/// `complete`: every closure path is packed.
+/// `complete`: every closure path is packed. `registration_path` is the closure-info packed in
+/// the image, if any: its registration lists every path, so it is named as needing a missing
+/// path only when no other path references it.
 pub fn check_complete(
     inventory: &Inventory,
     guest: Option<&GuestClosure>,
+    registration_path: Option<&StorePath>,
     store_dir: &StoreDir,
 ) -> Complete {
     let Some(guest) = guest else {
@@ -125,9 +128,10 @@ pub fn check_complete(
             .get(&info.path)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let needed_by = referrers
-            .iter()
+        let users = || referrers.iter().filter(|r| Some(**r) != registration_path);
+        let needed_by = users()
             .find(|r| inventory.contains(r))
+            .or_else(|| users().next())
             .or(referrers.first())
             .map(|r| store_dir.display(r));
         missing.push(Missing {

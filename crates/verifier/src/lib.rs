@@ -115,7 +115,12 @@ pub fn verify(
     let would_reference = would_reference??;
     let guest = inputs.guest.as_ref();
     let checks = report::Checks {
-        complete: checks::check_complete(&inventory, guest, store_dir),
+        complete: checks::check_complete(
+            &inventory,
+            guest,
+            inputs.registration_path.as_ref(),
+            store_dir,
+        ),
         integrity: checks::check_integrity(&inventory, guest, store_dir),
         self_contained: checks::check_self_contained(
             inputs.image_path.as_ref(),
@@ -194,7 +199,7 @@ pub fn read_back(
         closure: expected,
         source: ClosureSource::File,
     };
-    let complete = checks::check_complete(&inventory, Some(&guest), store_dir);
+    let complete = checks::check_complete(&inventory, Some(&guest), None, store_dir);
     let integrity = checks::check_integrity(&inventory, Some(&guest), store_dir);
     let mut problems: Vec<String> = Vec::new();
     problems.extend(

@@ -165,7 +165,8 @@ pub struct Complete {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Missing {
     pub path: String,
-    /// A closure path that references it (the first by base name), `null` for a root.
+    /// A closure path that references it, `null` for a root: a packed one first, the
+    /// closure-info only when nothing else references it, then the first by base name.
     pub needed_by: Option<String>,
 }
 

@@ -285,7 +285,12 @@ fn guest_roots_of(input: &str) -> String {
 
 fn complete(input: &str) -> String {
     let w = World::parse(input);
-    let c = check_complete(&w.inventory(), w.guest().as_ref(), &StoreDir::default());
+    let c = check_complete(
+        &w.inventory(),
+        w.guest().as_ref(),
+        w.registration_path().as_ref(),
+        &StoreDir::default(),
+    );
     let mut out = status(c.ok, &c.why);
     if let Some(source) = &c.closure_source {
         let _ = writeln!(out, "closure: {source}, {} paths", c.closure_paths);
@@ -623,6 +628,22 @@ fn a_missing_path_names_a_packed_path_that_needs_it() {
     missing: a-helper (needed by toplevel)
     missing: lib (needed by app)
     extra: closure-info
+    ");
+}
+
+#[test]
+fn the_closure_info_needs_a_missing_path_only_when_nothing_else_does() {
+    // Its registration lists every path: busybox is needed by the toplevel (missing too), and
+    // the toplevel by the closure-info alone.
+    let input = GUEST.replace(
+        "packed: toplevel app lib busybox closure-info",
+        "packed: app lib closure-info",
+    );
+    assert_snapshot!(complete(&input), @r"
+    FAILED
+    closure: file, 5 paths
+    missing: busybox (needed by toplevel)
+    missing: toplevel (needed by closure-info)
     ");
 }
 
