@@ -1,6 +1,7 @@
 //! `storedisk verify`: gathers the inputs (image, closures, Nix database answers), runs the
-//! verifier library and prints its report, readable or `--json`. Exit 0 when every check is
-//! ok or not applicable, 1 on findings, 2 when it could not run.
+//! verifier library and prints its report, readable or `--json`. Exit 0 when every check that
+//! ran is ok (the text report says `nothing checked` instead of `OK` when none ran), 1 on
+//! findings (a `--require`d check that did not run is one), 2 when it could not run.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
-use storedisk_verifier::{nix_db, open_image, ImageFile, Limits, VerifyInputs};
+use storedisk_verifier::{nix_db, open_image, CheckName, ImageFile, Limits, VerifyInputs};
 
 use crate::closure_file::{self, NIX};
 use crate::progress::TerminalProgress;
@@ -19,7 +20,10 @@ use crate::EXIT_FINDINGS;
     after_help = "Checks: complete (the closure is in the image), integrity (NAR hashes match), \
 self_contained (the image's store path has no references), runner_overlap (the runner does not drag \
 guest paths along), policy (runner closure paths match --allow). A check without its inputs is \
-reported as null (not checked).\n\nExit status: 0 all checks ok or not checked, 1 findings, 2 could not run."
+reported as null (not checked), with the flag that would enable it; when no check ran, the report \
+says `nothing checked` instead of `OK`. --require makes a check that did not run a finding.\n\n\
+Exit status: 0 every check that ran is ok (also when none ran: use --require to fail then), \
+1 findings, 2 could not run."
 )]
 pub struct VerifyArgs {
     /// The squashfs or erofs store disk image.
@@ -47,9 +51,39 @@ pub struct VerifyArgs {
     /// image; repeatable. Enables the policy check.
     #[arg(long = "allow", value_name = "GLOB")]
     pub allow: Vec<String>,
+    /// Checks that must run: a required check whose inputs are missing becomes a finding
+    /// (exit 1) instead of `not checked`. Comma-separated or repeated; `all` is every check.
+    #[arg(long, value_name = "CHECK", value_enum, value_delimiter = ',')]
+    pub require: Vec<RequiredCheck>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A `--require` value: a check's name as in the report, or `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequiredCheck {
+    Complete,
+    Integrity,
+    #[value(name = "self_contained", alias = "self-contained")]
+    SelfContained,
+    #[value(name = "runner_overlap", alias = "runner-overlap")]
+    RunnerOverlap,
+    Policy,
+    All,
+}
+
+impl RequiredCheck {
+    fn checks(self) -> &'static [CheckName] {
+        match self {
+            RequiredCheck::Complete => &[CheckName::Complete],
+            RequiredCheck::Integrity => &[CheckName::Integrity],
+            RequiredCheck::SelfContained => &[CheckName::SelfContained],
+            RequiredCheck::RunnerOverlap => &[CheckName::RunnerOverlap],
+            RequiredCheck::Policy => &[CheckName::Policy],
+            RequiredCheck::All => &CheckName::ALL,
+        }
+    }
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -99,7 +133,13 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         progress.advance(n)
     });
     progress.finish();
-    let report = report.with_context(|| format!("{}", args.image.display()))?;
+    let mut report = report.with_context(|| format!("{}", args.image.display()))?;
+    let required: Vec<CheckName> = args
+        .require
+        .iter()
+        .flat_map(|r| r.checks().iter().copied())
+        .collect();
+    report.require(&required);
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -93,10 +93,13 @@ impl Runner {
     }
 }
 
-/// `complete`: every closure path is packed.
+/// `complete`: every closure path is packed. `registration_path` is the closure-info packed in
+/// the image, if any: its registration lists every path, so it is named as needing a missing
+/// path only when no other path references it.
 pub fn check_complete(
     inventory: &Inventory,
     guest: Option<&GuestClosure>,
+    registration_path: Option<&StorePath>,
     store_dir: &StoreDir,
 ) -> Complete {
     let Some(guest) = guest else {
@@ -125,9 +128,10 @@ pub fn check_complete(
             .get(&info.path)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let needed_by = referrers
-            .iter()
+        let users = || referrers.iter().filter(|r| Some(**r) != registration_path);
+        let needed_by = users()
             .find(|r| inventory.contains(r))
+            .or_else(|| users().next())
             .or(referrers.first())
             .map(|r| store_dir.display(r));
         missing.push(Missing {
@@ -169,7 +173,11 @@ pub fn check_integrity(
         let bad = !invalid_entries.is_empty();
         return Integrity {
             ok: bad.then_some(false),
-            why: Some("no closure to compare NAR hashes with".to_owned()),
+            why: Some(
+                "no closure to compare NAR hashes with: give --closure FILE, or pack a \
+                 closure-info registration in the image"
+                    .to_owned(),
+            ),
             invalid_entries,
             ..Integrity::default()
         };
@@ -202,7 +210,8 @@ pub fn check_integrity(
         (Some(false), None)
     } else if !unchecked.is_empty() {
         let why = format!(
-            "{} packed path(s) have no recorded narHash to compare with",
+            "{} packed path(s) have no recorded narHash to compare with: give a --closure \
+             that records them (exportReferencesGraph, nix path-info --json)",
             unchecked.len()
         );
         (None, Some(why))
@@ -377,7 +386,13 @@ pub fn check_runner_overlap(
             location,
         });
     }
-    let duplicated_bytes = all.difference(&kept).map(size_of).sum();
+    // Copied twice: with the image and with the runner. A leaked path the image lacks (an
+    // incomplete image, which `complete` reports) travels once.
+    let duplicated_bytes = all
+        .difference(&kept)
+        .filter(|p| inventory.contains(p))
+        .map(size_of)
+        .sum();
     let shared: Vec<&StorePath> = kept.iter().filter(|p| inventory.contains(p)).collect();
     Ok(RunnerOverlap {
         ok: Some(paths.is_empty()),
@@ -401,13 +416,16 @@ pub fn check_policy(
 ) -> Result<Policy, VerifyError> {
     if allow.is_empty() {
         return Ok(Policy {
-            why: Some("no --allow patterns given".to_owned()),
+            why: Some("no --allow GLOB given".to_owned()),
             ..Policy::default()
         });
     }
     let Some(runner) = runner else {
         return Ok(Policy {
-            why: Some("no runner closure to check".to_owned()),
+            why: Some(
+                "no runner closure to check: give --runner STOREPATH or --runner-closure FILE"
+                    .to_owned(),
+            ),
             allow: allow.to_vec(),
             ..Policy::default()
         });
@@ -443,3 +461,6 @@ pub fn check_policy(
         violations,
     })
 }
+
+#[cfg(test)]
+mod tests;

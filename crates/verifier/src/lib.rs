@@ -30,7 +30,7 @@ pub use image::{detect_format, ImageFile, ImageFormat, ImageSource};
 pub use inventory::{take_inventory, Inventory, PackedPath};
 pub use limits::Limits;
 pub use reader::{open_image, ImageReader};
-pub use report::Report;
+pub use report::{CheckName, Report};
 
 /// Everything besides the image that the checks use. Each missing input makes the checks that
 /// need it `null`.
@@ -115,7 +115,12 @@ pub fn verify(
     let would_reference = would_reference??;
     let guest = inputs.guest.as_ref();
     let checks = report::Checks {
-        complete: checks::check_complete(&inventory, guest, store_dir),
+        complete: checks::check_complete(
+            &inventory,
+            guest,
+            inputs.registration_path.as_ref(),
+            store_dir,
+        ),
         integrity: checks::check_integrity(&inventory, guest, store_dir),
         self_contained: checks::check_self_contained(
             inputs.image_path.as_ref(),
@@ -149,6 +154,7 @@ pub fn verify(
     ]
     .iter()
     .all(|c| *c != Some(false));
+    let checked = checks.ran();
     Ok(Report {
         ok,
         findings,
@@ -164,6 +170,8 @@ pub fn verify(
             })
             .collect(),
         checks,
+        checked,
+        required_not_run: Vec::new(),
     })
 }
 
@@ -191,7 +199,7 @@ pub fn read_back(
         closure: expected,
         source: ClosureSource::File,
     };
-    let complete = checks::check_complete(&inventory, Some(&guest), store_dir);
+    let complete = checks::check_complete(&inventory, Some(&guest), None, store_dir);
     let integrity = checks::check_integrity(&inventory, Some(&guest), store_dir);
     let mut problems: Vec<String> = Vec::new();
     problems.extend(

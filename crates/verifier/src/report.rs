@@ -2,7 +2,7 @@
 //! the readable text rendering. Store paths are written in full (`/nix/store/<hash>-<name>`),
 //! NAR hashes as `sha256:<nix32>`, sizes in bytes.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,60 @@ pub struct Report {
     /// Store paths at the image root, sorted by base name, hashed from the image contents.
     pub paths: Vec<PathEntry>,
     pub checks: Checks,
+    /// The checks that ran (`ok` true or false), in the order of `checks`; empty when nothing
+    /// was checked (every check `null`).
+    #[serde(default)]
+    pub checked: Vec<CheckName>,
+    /// Checks named by `storedisk verify --require` that did not run, with why: each is a
+    /// finding and makes `ok` false.
+    #[serde(default)]
+    pub required_not_run: Vec<NotRun>,
+}
+
+/// The five checks by name, as the keys of `checks` and the values of `--require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckName {
+    Complete,
+    Integrity,
+    SelfContained,
+    RunnerOverlap,
+    Policy,
+}
+
+impl CheckName {
+    /// Every check, in the order of `checks`.
+    pub const ALL: [CheckName; 5] = [
+        CheckName::Complete,
+        CheckName::Integrity,
+        CheckName::SelfContained,
+        CheckName::RunnerOverlap,
+        CheckName::Policy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckName::Complete => "complete",
+            CheckName::Integrity => "integrity",
+            CheckName::SelfContained => "self_contained",
+            CheckName::RunnerOverlap => "runner_overlap",
+            CheckName::Policy => "policy",
+        }
+    }
+}
+
+impl fmt::Display for CheckName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A required check that did not run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotRun {
+    pub check: CheckName,
+    /// The check's own `why`: which input was missing and the flag that gives it.
+    pub why: String,
 }
 
 /// One store path packed in the image.
@@ -45,6 +99,48 @@ pub struct Checks {
     pub self_contained: SelfContained,
     pub runner_overlap: RunnerOverlap,
     pub policy: Policy,
+}
+
+impl Checks {
+    /// Each check's name, `ok` and `why`, in schema order.
+    pub fn statuses(&self) -> [(CheckName, Option<bool>, Option<&str>); 5] {
+        [
+            (
+                CheckName::Complete,
+                self.complete.ok,
+                self.complete.why.as_deref(),
+            ),
+            (
+                CheckName::Integrity,
+                self.integrity.ok,
+                self.integrity.why.as_deref(),
+            ),
+            (
+                CheckName::SelfContained,
+                self.self_contained.ok,
+                self.self_contained.why.as_deref(),
+            ),
+            (
+                CheckName::RunnerOverlap,
+                self.runner_overlap.ok,
+                self.runner_overlap.why.as_deref(),
+            ),
+            (
+                CheckName::Policy,
+                self.policy.ok,
+                self.policy.why.as_deref(),
+            ),
+        ]
+    }
+
+    /// The checks that ran: `ok` is `true` or `false`.
+    pub fn ran(&self) -> Vec<CheckName> {
+        self.statuses()
+            .into_iter()
+            .filter(|(_, ok, _)| ok.is_some())
+            .map(|(name, _, _)| name)
+            .collect()
+    }
 }
 
 /// Every path of the closure is in the image.
@@ -69,7 +165,8 @@ pub struct Complete {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Missing {
     pub path: String,
-    /// A closure path that references it (the first by base name), `null` for a root.
+    /// A closure path that references it, `null` for a root: a packed one first, the
+    /// closure-info only when nothing else references it, then the first by base name.
     pub needed_by: Option<String>,
 }
 
@@ -145,7 +242,7 @@ pub struct RunnerOverlap {
     /// closure-info (the toplevel, the closure-info). The image's own references are cut as
     /// edges, not listed here.
     pub guest_roots: Vec<String>,
-    /// Sum of the leaked paths' narSize: what a deployment copies twice.
+    /// Sum of the narSize of the leaked paths the image holds: what a deployment copies twice.
     pub duplicated_bytes: u64,
     /// Leaked paths: in the runner's closure only through a reference to the guest side.
     pub paths: Vec<Leak>,
@@ -205,11 +302,39 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 impl Report {
-    /// The readable report: `OK` or `N findings` first, then a section per failing check, then
-    /// a short summary of what was checked.
+    /// Makes the checks in `required` count: each one that did not run (`ok` is `null`) is
+    /// recorded in `required_not_run` as a finding, and the report fails.
+    pub fn require(&mut self, required: &[CheckName]) {
+        let not_run: Vec<NotRun> = self
+            .checks
+            .statuses()
+            .into_iter()
+            .filter(|(name, ok, _)| ok.is_none() && required.contains(name))
+            .map(|(check, _, why)| NotRun {
+                check,
+                why: why.unwrap_or("its inputs were not given").to_owned(),
+            })
+            .collect();
+        if !not_run.is_empty() {
+            self.ok = false;
+            self.findings += not_run.len();
+        }
+        self.required_not_run.extend(not_run);
+    }
+
+    /// True when no check ran: every check is `null`.
+    pub fn nothing_checked(&self) -> bool {
+        self.checks.ran().is_empty()
+    }
+
+    /// The readable report: `OK`, `nothing checked` (every check lacked its inputs) or
+    /// `N findings` first, then a section per failing check, then a short summary of what was
+    /// checked and, for each check that did not run, why and the flag that would enable it.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        if self.ok {
+        if self.ok && self.nothing_checked() {
+            out.push_str("nothing checked\n");
+        } else if self.ok {
             out.push_str("OK\n");
         } else {
             let _ = writeln!(
@@ -220,6 +345,16 @@ impl Report {
             );
         }
         let c = &self.checks;
+        if !self.required_not_run.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{} required check(s) did not run",
+                self.required_not_run.len()
+            );
+            for n in &self.required_not_run {
+                let _ = writeln!(out, "  {}: {}", n.check, n.why);
+            }
+        }
         if c.complete.ok == Some(false) {
             let _ = writeln!(
                 out,
@@ -313,18 +448,19 @@ impl Report {
             self.paths.len(),
             human_bytes(total)
         );
-        let statuses = [
-            ("complete", c.complete.ok, &c.complete.why),
-            ("integrity", c.integrity.ok, &c.integrity.why),
-            ("self_contained", c.self_contained.ok, &c.self_contained.why),
-            ("runner_overlap", c.runner_overlap.ok, &c.runner_overlap.why),
-            ("policy", c.policy.ok, &c.policy.why),
-        ];
-        for (name, ok, why) in statuses {
+        for (name, ok, why) in c.statuses() {
+            let required = self.required_not_run.iter().any(|n| n.check == name);
             let state = match ok {
                 Some(true) => "ok".to_owned(),
                 Some(false) => "FAILED".to_owned(),
-                None => format!("not checked: {}", why.as_deref().unwrap_or("no input")),
+                None if required => format!(
+                    "REQUIRED, not checked: {}",
+                    why.unwrap_or("its inputs were not given")
+                ),
+                None => format!(
+                    "not checked: {}",
+                    why.unwrap_or("its inputs were not given")
+                ),
             };
             let _ = writeln!(out, "  {name}: {state}");
         }

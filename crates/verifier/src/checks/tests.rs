@@ -1,0 +1,778 @@
+//! Data-driven tests of the checks: each test is a small world written as text (a reference
+//! graph, what the image packs, the guest closure's roots, the runner) and the check's outcome
+//! rendered as a few lines in an insta inline snapshot. After a rule changes on purpose, read
+//! the diff and update the snapshots (`cargo insta review`, or `INSTA_UPDATE=always`).
+//!
+//! The input, one directive per line (`#` starts a comment):
+//!
+//! - `a -> b c`: a references b and c. Every name is a store path `<hash>-<name>` whose hash
+//!   part sorts like the names, so "ties broken by base name" read alphabetically.
+//! - `packed: a b`: the image holds a and b.
+//! - `guest: a b`: the guest closure is everything a and b reach. Without it there is no guest
+//!   closure, and the packed paths' references are the ones the image's bytes show (as the
+//!   verifier scans them then).
+//! - `runner: r`: the runner; its closure is everything r reaches.
+//! - `image: d`: the image's own store path; its edges are what Nix recorded for it.
+//! - `registration: c`: the closure-info packed in the image.
+//! - `allow: glob...`: `--allow` patterns.
+//! - `size: a=4096`: NAR sizes (100 bytes by default).
+//! - `corrupt: a`: the image's copy of a hashes differently from what the closure records;
+//!   `resized: a`: same hash, one byte more; `unhashed: a`: the closure records neither.
+//! - `invalid: name`: a root entry of the image that is not a store path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use insta::assert_snapshot;
+use storedisk_nix::{Closure, NarHash, PathInfo, StoreDir, StorePath};
+
+use super::*;
+use crate::inventory::{InvalidEntry, Inventory, PackedPath};
+
+const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+
+#[derive(Debug, Default)]
+struct World {
+    /// Every name mentioned, with its references.
+    edges: BTreeMap<String, BTreeSet<String>>,
+    packed: BTreeSet<String>,
+    guest: Option<Vec<String>>,
+    runner: Option<String>,
+    image: Option<String>,
+    registration: Option<String>,
+    allow: Vec<String>,
+    sizes: BTreeMap<String, u64>,
+    corrupt: BTreeSet<String>,
+    resized: BTreeSet<String>,
+    unhashed: BTreeSet<String>,
+    invalid: Vec<String>,
+}
+
+impl World {
+    fn parse(input: &str) -> World {
+        let mut w = World::default();
+        for line in input.lines() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some((from, to)) = line.split_once("->") {
+                let from = w.node(from.trim());
+                for to in to.split_whitespace() {
+                    let to = w.node(to);
+                    w.edges.entry(from.clone()).or_default().insert(to);
+                }
+                continue;
+            }
+            let (key, rest) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("not a directive: {line:?}"));
+            let words: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+            let one = || {
+                assert_eq!(words.len(), 1, "{key}: takes one name: {line:?}");
+                words[0].clone()
+            };
+            match key.trim() {
+                "packed" => w
+                    .packed
+                    .extend(words.iter().map(|x| w_node(&mut w.edges, x))),
+                "guest" => w.guest = Some(words.iter().map(|x| w_node(&mut w.edges, x)).collect()),
+                "runner" => w.runner = Some(w_node(&mut w.edges, &one())),
+                "image" => w.image = Some(w_node(&mut w.edges, &one())),
+                "registration" => w.registration = Some(w_node(&mut w.edges, &one())),
+                "allow" => w.allow.extend(words),
+                "size" => {
+                    for word in &words {
+                        let (name, size) = word
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("size: NAME=BYTES, not {word:?}"));
+                        let name = w_node(&mut w.edges, name);
+                        w.sizes.insert(name, size.parse().unwrap());
+                    }
+                }
+                "corrupt" => w.corrupt.extend(words),
+                "resized" => w.resized.extend(words),
+                "unhashed" => w.unhashed.extend(words),
+                "invalid" => w.invalid.extend(words),
+                other => panic!("unknown directive {other:?} in {line:?}"),
+            }
+        }
+        w
+    }
+
+    fn node(&mut self, name: &str) -> String {
+        w_node(&mut self.edges, name)
+    }
+
+    /// `<hash>-name`, the hash part being the name's rank among all names, so that store
+    /// paths sort like their names.
+    fn path(&self, name: &str) -> StorePath {
+        let rank = self
+            .edges
+            .keys()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} is not in the world"));
+        assert!(rank < 32 * 32, "too many names");
+        let hash = format!(
+            "{}{}{}",
+            "0".repeat(30),
+            char::from(NIX32[rank / 32]),
+            char::from(NIX32[rank % 32])
+        );
+        StorePath::from_base_name(&format!("{hash}-{name}")).unwrap()
+    }
+
+    fn size(&self, name: &str) -> u64 {
+        self.sizes.get(name).copied().unwrap_or(100)
+    }
+
+    /// What Nix would record as `name`'s NAR hash.
+    fn recorded_hash(name: &str) -> NarHash {
+        let mut h = [0u8; 32];
+        for (i, b) in name.bytes().enumerate() {
+            h[i % 32] = h[i % 32].wrapping_mul(31).wrapping_add(b);
+        }
+        NarHash(h)
+    }
+
+    /// Everything `roots` reach.
+    fn reach(&self, roots: &[String]) -> BTreeSet<String> {
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut todo: Vec<String> = roots.to_vec();
+        while let Some(n) = todo.pop() {
+            if seen.insert(n.clone()) {
+                todo.extend(self.edges[&n].iter().cloned());
+            }
+        }
+        seen
+    }
+
+    fn closure(&self, roots: &[String]) -> Closure {
+        let infos = self
+            .reach(roots)
+            .iter()
+            .map(|name| {
+                let mut info = PathInfo::new(self.path(name));
+                if !self.unhashed.contains(name) {
+                    info.nar_hash = Some(Self::recorded_hash(name));
+                    info.nar_size = Some(self.size(name));
+                }
+                info.references = self.edges[name].iter().map(|r| self.path(r)).collect();
+                info
+            })
+            .collect();
+        Closure::new(StoreDir::default(), infos).unwrap()
+    }
+
+    fn guest(&self) -> Option<GuestClosure> {
+        self.guest.as_ref().map(|roots| GuestClosure {
+            closure: self.closure(roots),
+            source: ClosureSource::File,
+        })
+    }
+
+    fn runner(&self) -> Option<Runner> {
+        self.runner.as_ref().map(|r| {
+            Runner::from_closure(self.closure(std::slice::from_ref(r)), Some(self.path(r))).unwrap()
+        })
+    }
+
+    fn image_path(&self) -> Option<StorePath> {
+        self.image.as_deref().map(|n| self.path(n))
+    }
+
+    fn registration_path(&self) -> Option<StorePath> {
+        self.registration.as_deref().map(|n| self.path(n))
+    }
+
+    fn inventory(&self) -> Inventory {
+        let mut paths: Vec<PackedPath> = self
+            .packed
+            .iter()
+            .map(|name| {
+                let mut nar_hash = Self::recorded_hash(name);
+                if self.corrupt.contains(name) {
+                    nar_hash.0[31] ^= 0xff;
+                }
+                // The verifier scans the image for references only without a guest closure.
+                let references = match self.guest {
+                    Some(_) => BTreeSet::new(),
+                    None => self.edges[name]
+                        .iter()
+                        .filter(|r| self.packed.contains(*r))
+                        .map(|r| self.path(r))
+                        .collect(),
+                };
+                PackedPath {
+                    path: self.path(name),
+                    nar_hash,
+                    nar_size: self.size(name) + u64::from(self.resized.contains(name)),
+                    references,
+                }
+            })
+            .collect();
+        paths.sort_by(|a, b| a.path.cmp(&b.path));
+        Inventory {
+            paths,
+            invalid: self
+                .invalid
+                .iter()
+                .map(|name| InvalidEntry {
+                    name: name.clone(),
+                    why: "not a store path name".to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn w_node(edges: &mut BTreeMap<String, BTreeSet<String>>, name: &str) -> String {
+    edges.entry(name.to_owned()).or_default();
+    name.to_owned()
+}
+
+/// `/nix/store/<hash>-name` as `name`; anything else as it is.
+fn short(full: &str) -> String {
+    let base = full.strip_prefix("/nix/store/").unwrap_or(full);
+    match base.get(32..33) {
+        Some("-") => base[33..].to_owned(),
+        _ => full.to_owned(),
+    }
+}
+
+fn names<'a>(list: impl IntoIterator<Item = &'a String>) -> String {
+    list.into_iter()
+        .map(|p| short(p))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn chain(list: &[String]) -> String {
+    list.iter()
+        .map(|p| short(p))
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+/// The first line of every rendering: `ok`, `FAILED`, or `not checked: why`.
+fn status(ok: Option<bool>, why: &Option<String>) -> String {
+    let mut out = match ok {
+        Some(true) => "ok\n".to_owned(),
+        Some(false) => "FAILED\n".to_owned(),
+        None => "not checked\n".to_owned(),
+    };
+    if let Some(why) = why {
+        let _ = writeln!(out, "why: {why}");
+    }
+    out
+}
+
+fn guest_roots_of(input: &str) -> String {
+    let w = World::parse(input);
+    let runner = w.runner().map(|r| r.closure).unwrap_or_default();
+    let roots = guest_roots(
+        &w.inventory(),
+        w.guest().map(|g| g.closure).as_ref(),
+        &runner,
+        w.registration_path().as_ref(),
+    );
+    roots
+        .iter()
+        .map(|p| p.name().to_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn complete(input: &str) -> String {
+    let w = World::parse(input);
+    let c = check_complete(
+        &w.inventory(),
+        w.guest().as_ref(),
+        w.registration_path().as_ref(),
+        &StoreDir::default(),
+    );
+    let mut out = status(c.ok, &c.why);
+    if let Some(source) = &c.closure_source {
+        let _ = writeln!(out, "closure: {source}, {} paths", c.closure_paths);
+    }
+    for m in &c.missing {
+        match &m.needed_by {
+            Some(by) => {
+                let _ = writeln!(out, "missing: {} (needed by {})", short(&m.path), short(by));
+            }
+            None => {
+                let _ = writeln!(out, "missing: {} (a root)", short(&m.path));
+            }
+        }
+    }
+    if !c.extra.is_empty() {
+        let _ = writeln!(out, "extra: {}", names(&c.extra));
+    }
+    out
+}
+
+fn integrity(input: &str) -> String {
+    let w = World::parse(input);
+    let c = check_integrity(&w.inventory(), w.guest().as_ref(), &StoreDir::default());
+    let mut out = status(c.ok, &c.why);
+    let _ = writeln!(out, "checked: {}", c.checked);
+    for m in &c.mismatched {
+        let hash = if m.expected == m.actual {
+            "same hash"
+        } else {
+            "hash differs"
+        };
+        let expected_size = m
+            .expected_size
+            .map_or("?".to_owned(), |size| size.to_string());
+        let _ = writeln!(
+            out,
+            "mismatched: {} ({hash}, size {expected_size} recorded, {} in the image)",
+            short(&m.path),
+            m.actual_size
+        );
+    }
+    if !c.unchecked.is_empty() {
+        let _ = writeln!(out, "unchecked: {}", names(&c.unchecked));
+    }
+    for e in &c.invalid_entries {
+        let _ = writeln!(out, "invalid entry: {} ({})", e.name, e.why);
+    }
+    out
+}
+
+fn runner_overlap(input: &str) -> String {
+    let w = World::parse(input);
+    let result = check_runner_overlap(
+        &w.inventory(),
+        w.guest().as_ref(),
+        w.runner().as_ref(),
+        w.image_path().as_ref(),
+        w.registration_path().as_ref(),
+        None,
+        &StoreDir::default(),
+    );
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => return format!("error: {e}\n"),
+    };
+    let mut out = status(r.ok, &r.why);
+    if r.ok.is_none() {
+        return out;
+    }
+    let _ = writeln!(out, "guest roots: {}", names(&r.guest_roots));
+    for leak in &r.paths {
+        let _ = writeln!(
+            out,
+            "leaked: {} ({} B) via {}",
+            short(&leak.path),
+            leak.nar_size,
+            chain(&leak.chain)
+        );
+    }
+    if !r.shared.is_empty() {
+        let _ = writeln!(out, "shared: {}", names(&r.shared));
+    }
+    let _ = writeln!(
+        out,
+        "runner closure: {} paths, {} B duplicated, {} B shared",
+        r.runner_closure_paths, r.duplicated_bytes, r.shared_bytes
+    );
+    out
+}
+
+fn policy(input: &str) -> String {
+    let w = World::parse(input);
+    let result = check_policy(
+        &w.inventory(),
+        w.runner().as_ref(),
+        &w.allow,
+        &StoreDir::default(),
+    );
+    let p = match result {
+        Ok(p) => p,
+        Err(e) => return format!("error: {e}\n"),
+    };
+    let mut out = status(p.ok, &p.why);
+    for v in &p.violations {
+        let size = v.nar_size.map_or("?".to_owned(), |s| s.to_string());
+        let _ = writeln!(
+            out,
+            "violation: {} ({size} B) via {}",
+            short(&v.path),
+            chain(&v.chain)
+        );
+    }
+    out
+}
+
+// The world most tests start from: a runner whose script uses busybox, a guest toplevel with an
+// app and the same busybox, and the closure-info microvm.nix packs next to the toplevel.
+const GUEST: &str = "
+    toplevel -> app busybox
+    app -> lib
+    closure-info -> toplevel app lib busybox
+    packed: toplevel app lib busybox closure-info
+    guest: toplevel closure-info
+    registration: closure-info
+";
+
+// ---- guest roots ----
+
+#[test]
+fn the_toplevel_and_the_closure_info_are_both_guest_roots() {
+    assert_snapshot!(guest_roots_of(GUEST), @"closure-info toplevel");
+}
+
+#[test]
+fn without_knowing_the_closure_info_its_registration_hides_the_toplevel() {
+    let input = GUEST.replace("registration: closure-info", "");
+    assert_snapshot!(guest_roots_of(&input), @"closure-info");
+}
+
+#[test]
+fn without_a_guest_closure_the_images_own_references_give_the_roots() {
+    // What the verifier scans from the image bytes: a self-reference does not make a path
+    // referenced.
+    let input = "
+        toplevel -> toplevel app
+        app -> lib
+        packed: toplevel app lib
+    ";
+    assert_snapshot!(guest_roots_of(input), @"toplevel");
+}
+
+// ---- runner_overlap: leaked and shared ----
+
+#[test]
+fn a_runners_own_busybox_is_shared_and_what_only_the_toplevel_reaches_is_leaked() {
+    let input = format!(
+        "{GUEST}
+        runner -> script
+        script -> busybox toplevel
+        runner: runner
+        size: lib=4096"
+    );
+    assert_snapshot!(runner_overlap(&input), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: app (100 B) via runner -> script -> toplevel -> app
+    leaked: lib (4096 B) via runner -> script -> toplevel -> app -> lib
+    leaked: toplevel (100 B) via runner -> script -> toplevel
+    shared: busybox
+    runner closure: 6 paths, 4296 B duplicated, 100 B shared
+    ");
+}
+
+#[test]
+fn a_runner_that_needs_only_busybox_is_ok() {
+    let input = format!(
+        "{GUEST}
+        runner -> script
+        script -> busybox
+        runner: runner"
+    );
+    assert_snapshot!(runner_overlap(&input), @r"
+    ok
+    guest roots: closure-info toplevel
+    shared: busybox
+    runner closure: 3 paths, 0 B duplicated, 100 B shared
+    ");
+}
+
+#[test]
+fn a_reginfo_reference_to_the_closure_info_leaks_the_whole_guest() {
+    let input = format!(
+        "{GUEST}
+        runner -> script closure-info
+        script -> busybox
+        runner: runner"
+    );
+    assert_snapshot!(runner_overlap(&input), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: app (100 B) via runner -> closure-info -> app
+    leaked: closure-info (100 B) via runner -> closure-info
+    leaked: lib (100 B) via runner -> closure-info -> lib
+    leaked: toplevel (100 B) via runner -> closure-info -> toplevel
+    shared: busybox
+    runner closure: 7 paths, 400 B duplicated, 100 B shared
+    ");
+}
+
+// The image built without unsafeDiscardReferences (leak 1): Nix records every packed path as
+// its reference, and the runner references the image.
+const LEAKY_DISK: &str = "
+    runner -> script disk
+    script -> busybox
+    disk -> toplevel app lib busybox closure-info
+    runner: runner
+";
+
+#[test]
+fn the_images_own_references_are_cut_as_edges_so_busybox_stays_shared() {
+    let input = format!("{GUEST}{LEAKY_DISK}image: disk");
+    assert_snapshot!(runner_overlap(&input), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: app (100 B) via runner -> disk -> app
+    leaked: closure-info (100 B) via runner -> disk -> closure-info
+    leaked: lib (100 B) via runner -> disk -> lib
+    leaked: toplevel (100 B) via runner -> disk -> toplevel
+    shared: busybox
+    runner closure: 8 paths, 400 B duplicated, 100 B shared
+    ");
+}
+
+#[test]
+fn without_the_image_path_its_references_look_like_runner_needs() {
+    // Why --image-path matters: the disk is then an ordinary runner path, and what it
+    // references outside the guest roots counts as needed by the runner.
+    let input = format!("{GUEST}{LEAKY_DISK}");
+    assert_snapshot!(runner_overlap(&input), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: closure-info (100 B) via runner -> disk -> closure-info
+    leaked: toplevel (100 B) via runner -> disk -> toplevel
+    shared: app busybox lib
+    runner closure: 8 paths, 200 B duplicated, 300 B shared
+    ");
+}
+
+#[test]
+fn a_leak_is_reported_with_its_shortest_chain() {
+    // Through the kernel parameters (3 hops) rather than the script's wrapper (4 hops).
+    let input = "
+        runner -> b-params a-script
+        a-script -> wrapper
+        wrapper -> toplevel
+        b-params -> toplevel
+        toplevel -> app
+        packed: toplevel app
+        guest: toplevel
+        runner: runner
+    ";
+    assert_snapshot!(runner_overlap(input), @r"
+    FAILED
+    guest roots: toplevel
+    leaked: app (100 B) via runner -> b-params -> toplevel -> app
+    leaked: toplevel (100 B) via runner -> b-params -> toplevel
+    runner closure: 6 paths, 200 B duplicated, 0 B shared
+    ");
+}
+
+#[test]
+fn chains_of_equal_length_are_broken_by_base_name() {
+    let input = "
+        runner -> z-symlink y-symlink
+        z-symlink -> toplevel
+        y-symlink -> toplevel
+        toplevel -> app
+        packed: toplevel app
+        guest: toplevel
+        runner: runner
+    ";
+    assert_snapshot!(runner_overlap(input), @r"
+    FAILED
+    guest roots: toplevel
+    leaked: app (100 B) via runner -> y-symlink -> toplevel -> app
+    leaked: toplevel (100 B) via runner -> y-symlink -> toplevel
+    runner closure: 5 paths, 200 B duplicated, 0 B shared
+    ");
+}
+
+#[test]
+fn a_leaked_path_the_image_lacks_is_leaked_but_not_copied_twice() {
+    let input = "
+        runner -> toplevel
+        toplevel -> app
+        app -> lib
+        packed: toplevel app
+        guest: toplevel
+        runner: runner
+        size: lib=5000
+    ";
+    assert_snapshot!(runner_overlap(input), @r"
+    FAILED
+    guest roots: toplevel
+    leaked: app (100 B) via runner -> toplevel -> app
+    leaked: lib (5000 B) via runner -> toplevel -> app -> lib
+    leaked: toplevel (100 B) via runner -> toplevel
+    runner closure: 4 paths, 200 B duplicated, 0 B shared
+    ");
+}
+
+#[test]
+fn runner_overlap_without_a_runner_is_not_checked() {
+    assert_snapshot!(runner_overlap(GUEST), @r"
+    not checked
+    why: no runner: give --runner STOREPATH or --runner-closure FILE
+    ");
+}
+
+// ---- complete ----
+
+#[test]
+fn a_missing_path_names_a_packed_path_that_needs_it() {
+    // lib: a-helper comes first by name but is missing itself; app is packed and breaks.
+    let input = "
+        toplevel -> app a-helper
+        app -> lib
+        a-helper -> lib
+        packed: toplevel app closure-info
+        guest: toplevel
+    ";
+    assert_snapshot!(complete(input), @r"
+    FAILED
+    closure: file, 4 paths
+    missing: a-helper (needed by toplevel)
+    missing: lib (needed by app)
+    extra: closure-info
+    ");
+}
+
+#[test]
+fn the_closure_info_needs_a_missing_path_only_when_nothing_else_does() {
+    // Its registration lists every path: busybox is needed by the toplevel (missing too), and
+    // the toplevel by the closure-info alone.
+    let input = GUEST.replace(
+        "packed: toplevel app lib busybox closure-info",
+        "packed: app lib closure-info",
+    );
+    assert_snapshot!(complete(&input), @r"
+    FAILED
+    closure: file, 5 paths
+    missing: busybox (needed by toplevel)
+    missing: toplevel (needed by closure-info)
+    ");
+}
+
+#[test]
+fn a_missing_root_is_needed_by_nothing() {
+    let input = "
+        toplevel -> app
+        packed: app
+        guest: toplevel
+    ";
+    assert_snapshot!(complete(input), @r"
+    FAILED
+    closure: file, 2 paths
+    missing: toplevel (a root)
+    ");
+}
+
+#[test]
+fn complete_passes_when_every_closure_path_is_packed() {
+    assert_snapshot!(complete(GUEST), @r"
+    ok
+    closure: file, 5 paths
+    ");
+}
+
+#[test]
+fn complete_without_a_closure_is_not_checked() {
+    assert_snapshot!(complete("packed: app"), @r"
+    not checked
+    why: no closure: give --closure FILE, or pack a closure-info registration in the image
+    ");
+}
+
+// ---- integrity ----
+
+#[test]
+fn integrity_reports_mismatches_and_paths_it_could_not_compare() {
+    let input = "
+        toplevel -> app lib font
+        packed: toplevel app lib font extra
+        guest: toplevel
+        corrupt: app
+        resized: lib
+        unhashed: font
+        invalid: .links
+    ";
+    assert_snapshot!(integrity(input), @r"
+    FAILED
+    checked: 3
+    mismatched: app (hash differs, size 100 recorded, 100 in the image)
+    mismatched: lib (same hash, size 100 recorded, 101 in the image)
+    unchecked: font
+    invalid entry: .links (not a store path name)
+    ");
+}
+
+#[test]
+fn integrity_with_only_unhashed_paths_is_not_a_pass() {
+    let input = "
+        toplevel -> app
+        packed: toplevel app
+        guest: toplevel
+        unhashed: app
+    ";
+    assert_snapshot!(integrity(input), @r"
+    not checked
+    why: 1 packed path(s) have no recorded narHash to compare with: give a --closure that records them (exportReferencesGraph, nix path-info --json)
+    checked: 1
+    unchecked: app
+    ");
+}
+
+#[test]
+fn integrity_passes_when_every_hash_matches() {
+    assert_snapshot!(integrity(GUEST), @r"
+    ok
+    checked: 5
+    ");
+}
+
+#[test]
+fn integrity_without_a_closure_still_fails_on_invalid_entries() {
+    assert_snapshot!(integrity("packed: app\ninvalid: .links"), @r"
+    FAILED
+    why: no closure to compare NAR hashes with: give --closure FILE, or pack a closure-info registration in the image
+    checked: 0
+    invalid entry: .links (not a store path name)
+    ");
+}
+
+// ---- policy ----
+
+const HOST_RUNNER: &str = "
+    runner -> script qemu-9.1 glibc-2.40
+    script -> busybox socat-1.8
+    qemu-9.1 -> glibc-2.40
+    runner: runner
+";
+
+#[test]
+fn policy_flags_runner_paths_outside_the_image_that_no_glob_allows() {
+    // busybox is packed (exempt); runner matches by name, glibc by name, qemu by base name.
+    let input = format!("{GUEST}{HOST_RUNNER}allow: runner script glibc-* *-qemu-*");
+    assert_snapshot!(policy(&input), @r"
+    FAILED
+    violation: socat-1.8 (100 B) via runner -> script -> socat-1.8
+    ");
+}
+
+#[test]
+fn policy_passes_when_every_path_outside_the_image_is_allowed() {
+    let input = format!("{GUEST}{HOST_RUNNER}allow: runner script glibc-* qemu-* socat-*");
+    assert_snapshot!(policy(&input), @"ok");
+}
+
+#[test]
+fn policy_needs_allow_globs_and_a_runner() {
+    let no_globs = policy(&format!("{GUEST}{HOST_RUNNER}"));
+    let no_runner = policy(&format!("{GUEST}allow: glibc-*"));
+    assert_snapshot!(format!("{no_globs}{no_runner}"), @r"
+    not checked
+    why: no --allow GLOB given
+    not checked
+    why: no runner closure to check: give --runner STOREPATH or --runner-closure FILE
+    ");
+}
+
+#[test]
+fn a_bad_glob_is_an_error_naming_it() {
+    let input = format!("{GUEST}{HOST_RUNNER}allow: glibc-[");
+    assert_snapshot!(policy(&input), @r#"error: --allow "glibc-[": error parsing glob 'glibc-[': unclosed character class; missing ']'"#);
+}
