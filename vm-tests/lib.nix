@@ -277,7 +277,8 @@ rec {
 
   # The check: `storedisk verify` on a store disk (made by storeDisk above) and the runner that
   # boots it, with both closures from exportReferencesGraph (no Nix database inside a build).
-  # Fails on any finding; the report (leaked paths with their bytes and reference chains) is
+  # Fails on any finding, and when complete, integrity or runner_overlap (or policy, with
+  # `allow`) could not run (`--require`); the report (leaked paths with their bytes and reference chains) is
   # printed to the build log and kept in $out/report.txt. `self_contained` needs the Nix
   # database and is reported as not checked here; an image that kept references still fails,
   # through `runner_overlap`, because the runner's closure then reaches the guest through it.
@@ -295,6 +296,7 @@ rec {
       status=0
       ${storedisk}/bin/storedisk verify ${storeDisk} --closure ${guestClosure} \
         --runner ${runner} --runner-closure ${runnerClosure} ${allowFlags} \
+        --require complete,integrity,runner_overlap${if allow == [ ] then "" else ",policy"} \
         > $out/report.txt || status=$?
       cat $out/report.txt
       if [ "$status" = 1 ] && ${if allowLeaks then "true" else "false"}; then
