@@ -85,8 +85,8 @@ in
 
   config = lib.mkIf enabled {
     microvm.storeDisk = lib.mkForce storeDisk;
-    # microvm.nix's own default is already `!storeOnDisk`; this keeps it off for versions
-    # whose default was on. A definition by the user (`= true`) wins over mkDefault.
+    # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
+    # check's expectations do not depend on it. A definition by the user (`= true`) wins.
     microvm.systemSymlink = lib.mkDefault false;
     microvm.storeDiskCheck = storediskLib.checkRunner {
       runner = config.microvm.declaredRunner;
