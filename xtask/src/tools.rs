@@ -316,18 +316,8 @@ pub fn mkfs_erofs_with_fragments() -> Option<PathBuf> {
         return Some(private);
     }
     let on_path = which("mkfs.erofs")?;
-    let version = Cmd::new(&on_path).arg("-V").quiet().read().ok()?;
-    let (major, minor) = parse_erofs_version(&version)?;
-    ((major, minor) >= (1, 6)).then_some(on_path)
-}
-
-/// `(major, minor)` from `mkfs.erofs -V` output such as `mkfs.erofs (erofs-utils) 1.8.6`.
-fn parse_erofs_version(text: &str) -> Option<(u32, u32)> {
-    let version = text
-        .split_whitespace()
-        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
-    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??))
+    let probed = storedisk_builder::erofs::MkfsErofs::probe(&on_path).ok()?;
+    probed.supports_fragments().then_some(on_path)
 }
 
 /// `STOREDISK_VM_KERNEL` (a bzImage) and `STOREDISK_VM_MODULES` (its `lib/modules/<release>`
@@ -495,21 +485,6 @@ impl Toolchain {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn reads_erofs_utils_versions() {
-        assert_eq!(
-            parse_erofs_version("mkfs.erofs (erofs-utils) 1.8.6\navailable compressors: lz4"),
-            Some((1, 8))
-        );
-        assert_eq!(parse_erofs_version("mkfs.erofs 1.5"), Some((1, 5)));
-        assert_eq!(
-            parse_erofs_version("mkfs.erofs (erofs-utils) 1.9-rc1"),
-            Some((1, 9))
-        );
-        assert_eq!(parse_erofs_version("no version here"), None);
-    }
-
     use super::*;
 
     #[test]

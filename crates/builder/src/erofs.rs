@@ -146,6 +146,11 @@ impl MkfsErofs {
         }
     }
 
+    /// `(major, minor, patch)` of [`MkfsErofs::version`].
+    pub fn version_parts(&self) -> (u32, u32, u32) {
+        self.version_parts
+    }
+
     pub fn supports_ztailpacking(&self) -> bool {
         self.version_parts >= (1, 5, 0)
     }
@@ -636,6 +641,9 @@ mod tests {
             ["lz4hc", "lz4"]
         );
         assert_eq!(parse_version("mkfs.erofs: invalid option -- 'V'"), None);
+        assert_eq!(version_parts("1.8.6"), (1, 8, 6));
+        assert_eq!(version_parts("1.9-rc1"), (1, 9, 0));
+        assert_eq!(version_parts("1.5"), (1, 5, 0));
     }
 
     fn tool(version: &str) -> MkfsErofs {

@@ -77,31 +77,13 @@ pub fn newest_erofs_utils() -> ErofsUtils {
         })
 }
 
-/// mkfs.erofs's `(major, minor)`: from `-V`, or, for 1.5, which has no `-V`, from the banner
-/// it prints when it builds.
+/// mkfs.erofs's `(major, minor)`, as the builder probes it (`-V`, or for 1.5, which has no
+/// `-V`, the banner of a build).
 fn erofs_version(mkfs: &Path) -> (u32, u32) {
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    let out = std::process::Command::new(mkfs).arg("-V").output().unwrap();
-    let printed = if out.status.success() {
-        text(&out.stdout)
-    } else {
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::create_dir(scratch.path().join("d")).unwrap();
-        let out = std::process::Command::new(mkfs)
-            .arg(scratch.path().join("x.img"))
-            .arg(scratch.path().join("d"))
-            .output()
-            .unwrap();
-        text(&out.stdout)
-    };
-    let word = printed
-        .split_whitespace()
-        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
-        .unwrap_or_else(|| panic!("no version in {mkfs:?}'s output: {printed}"));
-    let mut parts = word
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    let probed = storedisk_builder::erofs::MkfsErofs::probe(mkfs)
+        .unwrap_or_else(|e| panic!("cannot tell the version of {}: {e}", mkfs.display()));
+    let (major, minor, _) = probed.version_parts();
+    (major, minor)
 }
 
 /// The path of the external tool `name`, from `$STOREDISK_TOOL_<NAME>` (upper case, `-` and `.`
