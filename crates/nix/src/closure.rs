@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_json::Value;
 
 use crate::hash::NarHash;
-use crate::registration;
 use crate::store_path::{StoreDir, StorePath};
 
 /// What Nix knows about one valid store path.
@@ -107,11 +106,6 @@ impl Closure {
             .map(|(path, v)| path_info_from_json(path, v, store_dir))
             .collect::<Result<Vec<_>, _>>()?;
         Closure::new(store_dir.clone(), infos)
-    }
-
-    /// Parses registration text (closureInfo's `registration`, `nix-store --load-db` input).
-    pub fn from_registration(text: &str, store_dir: &StoreDir) -> Result<Self, ClosureError> {
-        Closure::new(store_dir.clone(), registration::parse(text, store_dir)?)
     }
 
     pub fn len(&self) -> usize {

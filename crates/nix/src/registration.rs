@@ -8,6 +8,14 @@ use std::fmt::Write as _;
 use crate::closure::{Closure, ClosureError, PathInfo};
 use crate::store_path::StoreDir;
 
+impl Closure {
+    /// Parses registration text (closureInfo's `registration`, `nix-store --load-db` input).
+    /// Defined here, beside the parser, so that the closure module does not depend on this one.
+    pub fn from_registration(text: &str, store_dir: &StoreDir) -> Result<Self, ClosureError> {
+        Closure::new(store_dir.clone(), parse(text, store_dir)?)
+    }
+}
+
 /// Parses registration text into path infos (in file order).
 pub fn parse(text: &str, store_dir: &StoreDir) -> Result<Vec<PathInfo>, ClosureError> {
     let mut lines = text.lines().enumerate().peekable();
