@@ -114,7 +114,7 @@ pub struct Transfer {
 pub struct RunnerFacts {
     /// The guest's closure (toplevel and closure info): what the store disk packs.
     pub guest_closure: BTreeSet<String>,
-    /// The runner's closure paths it reaches by itself (see [`classify::runner_own_paths`]).
+    /// The runner's closure paths it reaches by itself (see [`classify::RunnerClosure`]).
     pub runner_own: BTreeSet<String>,
 }
 
@@ -535,7 +535,6 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
     // Group runs by boot key; boot the first of each group (the `fixed` variant sorts early
     // enough that a group's representative is usually a plain variant).
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut disk_hash_cache: BTreeMap<String, String> = BTreeMap::new();
     for (i, run) in runs.iter().enumerate() {
         if run.plan.kind != RunKind::Run && !args.boot_all {
             continue; // updates are booted as their own scenario only with --boot-all
@@ -543,9 +542,7 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
         let key = if args.boot_all {
             format!("{i}")
         } else {
-            let key = boot_key(&run.plan)?;
-            disk_hash_cache.insert(run.plan.store_disk.clone(), key.clone());
-            key
+            boot_key(&run.plan)?
         };
         groups.entry(key).or_default().push(i);
     }
@@ -672,11 +669,14 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
             }
         };
         let runner_json = closure_json(toolchain, &[run.plan.deployed()])?;
-        let runner_own = classify::runner_own_paths(&runner_json, &run.plan)?;
-        let with_kernel_modules: Vec<String> = closure_paths(&runner_json)?
-            .into_iter()
+        let runner_closure = classify::RunnerClosure::read(&runner_json, &run.plan)?;
+        let with_kernel_modules: Vec<String> = runner_closure
+            .all
+            .iter()
             .filter(|p| Path::new(p).join("lib/modules").is_dir())
+            .cloned()
             .collect();
+        let runner_own = runner_closure.own;
         if n == 0 || (n + 1) % 20 == 0 || n + 1 == count {
             eprintln!("[closures {}/{count}] {}", n + 1, run.label());
         }

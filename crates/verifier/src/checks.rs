@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use globset::{Glob, GlobSetBuilder};
-use storedisk_nix::{Closure, ReferenceScanner, StoreDir, StorePath};
+use storedisk_nix::{Closure, StoreDir, StorePath};
 
 use crate::error::VerifyError;
 use crate::inventory::{InvalidEntry, Inventory};
@@ -226,21 +226,6 @@ pub fn check_integrity(
         invalid_entries,
         unchecked,
     }
-}
-
-/// The store paths whose hash part occurs in `bytes`: what Nix would record as references of
-/// a build output with these bytes, among `candidates`. Streams in 8 MiB pieces.
-pub fn predict_references(
-    bytes: &[u8],
-    candidates: impl IntoIterator<Item = StorePath>,
-    progress: &(dyn Fn(u64) + Sync),
-) -> BTreeSet<StorePath> {
-    let mut scanner = ReferenceScanner::new(candidates);
-    for piece in bytes.chunks(8 << 20) {
-        scanner.scan(piece);
-        progress(piece.len() as u64);
-    }
-    scanner.into_found()
 }
 
 /// `self_contained`: the image's store path has no references in the Nix database.

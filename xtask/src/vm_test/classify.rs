@@ -27,32 +27,42 @@ pub enum PathClass {
     Runner,
 }
 
-/// The paths a runner (or the host system of a `host` entry) reaches by itself: its closure
-/// (from `nix path-info --json --recursive`), never entering a guest root and ignoring the store
-/// disk's references.
-pub fn runner_own_paths(runner_closure_json: &str, plan: &PlanEntry) -> Result<BTreeSet<String>> {
-    let store_dir = StoreDir::default();
-    let deployed = plan.deployed();
-    let mut closure = Closure::from_json(runner_closure_json, None, &store_dir)
-        .with_context(|| format!("reading the closure of {deployed}"))?;
-    let parse = |p: &str| -> Result<StorePath> {
-        store_dir
-            .parse_path(p)
-            .with_context(|| format!("{p} is not a store path"))
-    };
-    let disk = parse(&plan.store_disk)?;
-    if closure.contains(&disk) {
-        closure.clear_references(&disk);
+/// A runner's (or, for a `host` entry, the host system's) closure, from `nix path-info --json
+/// --recursive`: every path, and the paths it reaches by itself, never entering a guest root and
+/// ignoring the store disk's references.
+#[derive(Debug)]
+pub struct RunnerClosure {
+    pub all: BTreeSet<String>,
+    pub own: BTreeSet<String>,
+}
+
+impl RunnerClosure {
+    pub fn read(runner_closure_json: &str, plan: &PlanEntry) -> Result<RunnerClosure> {
+        let store_dir = StoreDir::default();
+        let deployed = plan.deployed();
+        let mut closure = Closure::from_json(runner_closure_json, None, &store_dir)
+            .with_context(|| format!("reading the closure of {deployed}"))?;
+        let all = closure.iter().map(|i| closure.display(&i.path)).collect();
+        let parse = |p: &str| -> Result<StorePath> {
+            store_dir
+                .parse_path(p)
+                .with_context(|| format!("{p} is not a store path"))
+        };
+        let disk = parse(&plan.store_disk)?;
+        if closure.contains(&disk) {
+            closure.clear_references(&disk);
+        }
+        let cut = plan
+            .guest_roots()
+            .into_iter()
+            .map(parse)
+            .collect::<Result<BTreeSet<_>>>()?;
+        let reached = closure
+            .reachable_avoiding([parse(deployed)?], &cut)
+            .with_context(|| format!("walking the closure of {deployed}"))?;
+        let own = reached.iter().map(|p| closure.display(p)).collect();
+        Ok(RunnerClosure { all, own })
     }
-    let cut = plan
-        .guest_roots()
-        .into_iter()
-        .map(parse)
-        .collect::<Result<BTreeSet<_>>>()?;
-    let reached = closure
-        .reachable_avoiding([parse(deployed)?], &cut)
-        .with_context(|| format!("walking the closure of {deployed}"))?;
-    Ok(reached.iter().map(|p| closure.display(p)).collect())
 }
 
 /// One copied path's place in the picture.
@@ -198,13 +208,17 @@ mod tests {
 
     #[test]
     fn the_runner_needs_its_shell_and_kernel_but_not_the_guest() {
-        let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
+        let own = RunnerClosure::read(&upstream_closure(), &plan())
+            .unwrap()
+            .own;
         assert_eq!(own, set(&[BUSYBOX, DISK, KERNEL, RUNNER, SCRIPT]));
     }
 
     #[test]
     fn a_verifier_that_agrees_with_nix_copy_passes() {
-        let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
+        let own = RunnerClosure::read(&upstream_closure(), &plan())
+            .unwrap()
+            .own;
         let copied = set(&[
             RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
         ]);
@@ -225,7 +239,9 @@ mod tests {
 
     #[test]
     fn a_verifier_that_misses_or_invents_a_leak_is_caught() {
-        let own = runner_own_paths(&upstream_closure(), &plan()).unwrap();
+        let own = RunnerClosure::read(&upstream_closure(), &plan())
+            .unwrap()
+            .own;
         let copied = set(&[
             RUNNER, SCRIPT, BUSYBOX, KERNEL, REGINFO, TOPLEVEL, APP, DISK,
         ]);
@@ -253,7 +269,7 @@ mod tests {
         ]);
         let mut p = plan();
         p.variant = Variant::Fixed;
-        let own = runner_own_paths(&closure, &p).unwrap();
+        let own = RunnerClosure::read(&closure, &p).unwrap().own;
         let copied = set(&[RUNNER, SCRIPT, BUSYBOX, image, DISK]);
         let guest = set(&[TOPLEVEL, REGINFO, APP, BUSYBOX, KERNEL]);
         let v = verdict(&[], &[BUSYBOX]);
