@@ -13,6 +13,7 @@
 //! temp file beside `output` and renamed into place only when complete.
 
 pub mod erofs;
+pub mod layers;
 pub mod squashfs;
 pub mod tree;
 

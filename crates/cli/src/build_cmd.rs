@@ -2,12 +2,14 @@
 //! asking Nix), hands it to `storedisk_builder::build_image` and prints the one-line summary (or
 //! JSON).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use storedisk_builder::layers::{build_layers, manifest_json, plan_layers, MANIFEST_NAME};
 use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
-use storedisk_nix::{StoreDir, StorePath};
+use storedisk_nix::{Closure, PathInfo, StoreDir, StorePath};
 use storedisk_verifier::report::human_bytes;
 
 use crate::closure_file;
@@ -45,26 +47,29 @@ pub struct BuildArgs {
     #[arg(long)]
     compression_level: Option<u32>,
 
-    /// The closure, as exportReferencesGraph / `nix path-info --json` JSON or registration text.
-    /// Without it, Nix is asked (`nix path-info --json --recursive`).
-    #[arg(long, value_name = "FILE")]
-    closure: Option<PathBuf>,
-
-    /// The attribute of a structured-attrs JSON file that holds the closure.
-    #[arg(long, value_name = "KEY", requires = "closure")]
-    closure_key: Option<String>,
-
-    /// Where the store paths physically are; names in the image keep /nix/store.
-    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
-    store_dir: PathBuf,
+    #[command(flatten)]
+    source: ClosureArgs,
 
     /// The mkfs.erofs to run for erofs images.
     #[arg(long, value_name = "PATH", env = "STOREDISK_MKFS_EROFS")]
     mkfs_erofs: Option<PathBuf>,
 
-    /// The image file to write (replaced atomically when the build succeeds).
+    /// The image file to write (replaced atomically when the build succeeds); with --layers, the
+    /// directory to write the layers and their layers.json into.
     #[arg(long, short, value_name = "FILE")]
     output: PathBuf,
+
+    /// Split the closure into at most N images (layers) that together hold it, each a complete
+    /// image of whole store paths, assigned so that unchanged paths keep their layer across
+    /// updates (see `storedisk layers --help`). --output is then a directory.
+    #[arg(long, value_name = "N", conflicts_with = "exact")]
+    layers: Option<usize>,
+
+    /// Pack exactly the ROOTs, not their closure: one layer of a layered store disk built on
+    /// its own (their references may lie in other layers). With --closure, the ROOTs' NAR hashes
+    /// come from it.
+    #[arg(long)]
+    exact: bool,
 
     /// Pass -Efragments to mkfs.erofs, as microvm.nix does. Off by default: with
     /// -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs
@@ -85,10 +90,63 @@ pub struct BuildArgs {
     /// Print the build report as JSON on stdout instead of the summary line.
     #[arg(long)]
     json: bool,
+}
+
+/// Where a closure comes from: shared by `build` and `layers`.
+#[derive(Debug, clap::Args)]
+pub struct ClosureArgs {
+    /// The closure, as exportReferencesGraph / `nix path-info --json` JSON or registration text.
+    /// Without it, Nix is asked (`nix path-info --json --recursive`).
+    #[arg(long, value_name = "FILE")]
+    closure: Option<PathBuf>,
+
+    /// The attribute of a structured-attrs JSON file that holds the closure.
+    #[arg(long, value_name = "KEY", requires = "closure")]
+    closure_key: Option<String>,
+
+    /// Where the store paths physically are; names in the image keep /nix/store.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub store_dir: PathBuf,
 
     /// Store paths whose closure to pack: `/nix/store/<hash>-<name>` or `<hash>-<name>`.
     #[arg(value_name = "ROOT", required = true)]
     roots: Vec<String>,
+}
+
+impl ClosureArgs {
+    /// The roots and their closure. `exact`: the roots alone (references leaving them
+    /// dropped); without --closure the paths are then taken as they are, without asking Nix.
+    pub fn load(&self, exact: bool) -> anyhow::Result<(Vec<StorePath>, Closure)> {
+        let logical = StoreDir::default();
+        let roots = self
+            .roots
+            .iter()
+            .map(|r| parse_root(r, &logical, &self.store_dir))
+            .collect::<anyhow::Result<Vec<StorePath>>>()?;
+        let from_file = || match &self.closure {
+            Some(file) => closure_file::load(file, self.closure_key.as_deref(), &logical),
+            None => closure_file::from_nix(&roots, &logical),
+        };
+        let not_in = || match &self.closure {
+            Some(file) => format!("a ROOT is not in the closure in {}", file.display()),
+            None => "a ROOT is not in the closure Nix reported".to_owned(),
+        };
+        let closure = if exact {
+            let wanted: BTreeSet<StorePath> = roots.iter().cloned().collect();
+            match &self.closure {
+                Some(_) => from_file()?.subset(&wanted).with_context(not_in)?,
+                None => Closure::new(
+                    logical.clone(),
+                    wanted.into_iter().map(PathInfo::new).collect(),
+                )?,
+            }
+        } else {
+            from_file()?
+                .restrict_to(roots.iter().cloned())
+                .with_context(not_in)?
+        };
+        Ok((roots, closure))
+    }
 }
 
 fn parse_compression(text: &str) -> Result<Compression, String> {
@@ -96,28 +154,13 @@ fn parse_compression(text: &str) -> Result<Compression, String> {
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let logical = StoreDir::default();
-    let roots = args
-        .roots
-        .iter()
-        .map(|r| parse_root(r, &logical, &args.store_dir))
-        .collect::<anyhow::Result<Vec<StorePath>>>()?;
-
-    let closure = match &args.closure {
-        Some(file) => closure_file::load(file, args.closure_key.as_deref(), &logical)?,
-        None => closure_file::from_nix(&roots, &logical)?,
-    };
-    let closure = closure
-        .restrict_to(roots.iter().cloned())
-        .with_context(|| match &args.closure {
-            Some(file) => format!("a ROOT is not in the closure in {}", file.display()),
-            None => "a ROOT is not in the closure Nix reported".to_owned(),
-        })?;
+    let (roots, closure) = args.source.load(args.exact)?;
+    let store_dir = &args.source.store_dir;
 
     let mut options = BuildOptions::new(args.format.into());
     options.compression = args.compression;
     options.compression_level = args.compression_level;
-    options.store_dir = args.store_dir.clone();
+    options.store_dir = store_dir.clone();
     options.erofs_fragments = args.erofs_fragments;
     options.threads = args.threads;
     if let Some(mkfs) = &args.mkfs_erofs {
@@ -125,7 +168,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     }
 
     let progress = TerminalProgress::stderr();
-    let read_back = |image: &Path| {
+    let read_back = |image: &Path, closure: &Closure| {
         if args.no_read_back {
             return Ok(());
         }
@@ -135,12 +178,44 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             closure.nar_size_of(closure.iter().map(|i| &i.path)),
         );
         let advance = |n| check.advance(n);
-        let result = storedisk_verifier::read_back(image, &closure, &args.store_dir, &advance);
+        let result = storedisk_verifier::read_back(image, closure, store_dir, &advance);
         check.finish();
         result
     };
-    let report = build_image_checked(&closure, &options, &args.output, &progress, &read_back)
-        .with_context(|| format!("building {}", args.output.display()))?;
+    if let Some(count) = args.layers {
+        let closure = with_nar_sizes(closure, store_dir)?;
+        let roots = roots.into_iter().collect();
+        let plan = plan_layers(&closure, &roots, count)?;
+        let built = build_layers(
+            &closure,
+            &plan,
+            &options,
+            &args.output,
+            &progress,
+            &read_back,
+        )
+        .with_context(|| format!("building the layers in {}", args.output.display()))?;
+        if args.json {
+            println!("{:#}", manifest_json(&plan, &options, &built));
+        } else {
+            for layer in &built {
+                let path = args.output.join(&layer.image);
+                println!("{}", summary_line(&layer.report, &path));
+            }
+            println!(
+                "{} layers in {} ({} total), manifest {}",
+                built.len(),
+                args.output.display(),
+                human_bytes(built.iter().map(|b| b.report.image_bytes).sum()),
+                args.output.join(MANIFEST_NAME).display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = build_image_checked(&closure, &options, &args.output, &progress, &|image| {
+        read_back(image, &closure)
+    })
+    .with_context(|| format!("building {}", args.output.display()))?;
 
     if args.json {
         println!("{}", report_json(&report, &args.output));
@@ -164,6 +239,23 @@ fn parse_root(text: &str, logical: &StoreDir, physical_dir: &Path) -> anyhow::Re
         _ => logical.parse_path_or_base_name(text),
     };
     parsed.with_context(|| format!("ROOT {text:?}"))
+}
+
+/// `closure` with every missing NAR size (registration text has none) measured from the files
+/// under `store_dir`.
+pub fn with_nar_sizes(mut closure: Closure, store_dir: &Path) -> anyhow::Result<Closure> {
+    let unsized_paths: Vec<StorePath> = closure
+        .iter()
+        .filter(|i| i.nar_size.is_none())
+        .map(|i| i.path.clone())
+        .collect();
+    for path in unsized_paths {
+        let physical = closure.store_dir.physical(store_dir, &path);
+        let (hash, size) = storedisk_nix::nar::hash_path(&physical)
+            .with_context(|| format!("measuring the NAR of {}", physical.display()))?;
+        closure.set_nar_hash(&path, hash, size);
+    }
+    Ok(closure)
 }
 
 fn report_json(report: &BuildReport, output: &Path) -> serde_json::Value {

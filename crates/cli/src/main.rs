@@ -7,6 +7,7 @@
 mod build_cmd;
 mod closure_file;
 mod closure_info_cmd;
+mod layers_cmd;
 mod progress;
 mod verify_cmd;
 
@@ -32,6 +33,8 @@ enum Command {
     Build(build_cmd::BuildArgs),
     /// Write nixpkgs closureInfo's files (registration, store-paths, total-nar-size).
     ClosureInfo(closure_info_cmd::ClosureInfoArgs),
+    /// Show how `build --layers N` would split a closure into layers (the plan, no image).
+    Layers(layers_cmd::LayersArgs),
     /// Prove a store disk is complete, intact and self-contained; find what a runner leaks.
     Verify(verify_cmd::VerifyArgs),
 }
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Build(args) => build_cmd::run(args),
         Command::ClosureInfo(args) => closure_info_cmd::run(args),
+        Command::Layers(args) => layers_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
     };
     match outcome {

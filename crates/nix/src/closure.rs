@@ -202,6 +202,80 @@ impl Closure {
         Closure::new(self.store_dir.clone(), infos)
     }
 
+    /// `paths` (members only) as a closure of their own: references to paths outside the set
+    /// are dropped, so the result describes those paths' contents, not their dependencies (one
+    /// layer of a layered store disk). Source order is kept.
+    pub fn subset(&self, paths: &BTreeSet<StorePath>) -> Result<Closure, ClosureError> {
+        if let Some(outside) = paths.iter().find(|p| !self.infos.contains_key(*p)) {
+            return Err(ClosureError::NotInClosure(self.display(outside)));
+        }
+        let infos = self
+            .iter_source_order()
+            .filter(|i| paths.contains(&i.path))
+            .map(|i| {
+                let mut info = i.clone();
+                info.references.retain(|r| paths.contains(r));
+                info
+            })
+            .collect();
+        Closure::new(self.store_dir.clone(), infos)
+    }
+
+    /// For every member, how many members its closure holds (itself included): one pass in
+    /// dependency order over bit sets, so a closure of thousands of paths takes milliseconds.
+    pub fn requisite_counts(&self) -> BTreeMap<StorePath, usize> {
+        let index: BTreeMap<&StorePath, usize> =
+            self.infos.keys().enumerate().map(|(i, p)| (p, i)).collect();
+        let words = self.infos.len().div_ceil(64);
+        let mut reach: Vec<Option<Vec<u64>>> = vec![None; self.infos.len()];
+        let paths: Vec<&StorePath> = self.infos.keys().collect();
+        // Depth-first post-order without recursion: a path's set is the union of its
+        // references' sets, so references are finished first. Reference cycles (only
+        // self-references exist in Nix) are skipped by the `visiting` state.
+        let mut visiting = vec![false; paths.len()];
+        for start in 0..paths.len() {
+            if reach[start].is_some() {
+                continue;
+            }
+            let mut stack = vec![(start, false)];
+            while let Some((at, expanded)) = stack.pop() {
+                if reach[at].is_some() {
+                    continue;
+                }
+                let refs = self.infos[paths[at]].references.iter().map(|r| index[r]);
+                if expanded {
+                    let mut set = vec![0u64; words];
+                    set[at / 64] |= 1 << (at % 64);
+                    for r in refs.filter(|r| *r != at) {
+                        if let Some(sub) = &reach[r] {
+                            for (w, s) in set.iter_mut().zip(sub) {
+                                *w |= s;
+                            }
+                        }
+                    }
+                    reach[at] = Some(set);
+                    visiting[at] = false;
+                } else {
+                    visiting[at] = true;
+                    stack.push((at, true));
+                    for r in refs {
+                        if r != at && reach[r].is_none() && !visiting[r] {
+                            stack.push((r, false));
+                        }
+                    }
+                }
+            }
+        }
+        paths
+            .into_iter()
+            .zip(reach)
+            .map(|(p, set)| {
+                let count = set.map_or(1, |s| s.iter().map(|w| w.count_ones() as usize).sum());
+                (p.clone(), count)
+            })
+            .collect()
+    }
+
     /// For every path reachable from `from`, the shortest reference chain `[from, ..., path]`
     /// (breadth first, ties broken by base name so the answer is stable).
     pub fn shortest_chains(
@@ -447,6 +521,36 @@ mod tests {
         assert_eq!(chains[&sp("glibc")], vec![sp("runner"), via, sp("glibc")]);
         assert_eq!(c.nar_size_of(&[sp("bash"), sp("glibc")]), 50);
         assert_eq!(c.restrict_to([sp("bash")]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn counts_requisites_and_takes_subsets() {
+        let c = Closure::from_json(&graph_json(), None, &StoreDir::default()).unwrap();
+        let counts = c.requisite_counts();
+        // toplevel's self-reference does not count twice.
+        assert_eq!(counts[&sp("runner")], 4);
+        assert_eq!(counts[&sp("toplevel")], 2);
+        assert_eq!(counts[&sp("bash")], 2);
+        assert_eq!(counts[&sp("glibc")], 1);
+        for info in c.iter() {
+            let requisites = c.requisites([info.path.clone()]).unwrap().len();
+            assert_eq!(counts[&info.path], requisites, "{}", info.path);
+        }
+
+        let half = c
+            .subset(&BTreeSet::from([sp("runner"), sp("bash")]))
+            .unwrap();
+        assert_eq!(half.len(), 2);
+        // References leaving the subset are dropped; the one inside stays.
+        assert_eq!(
+            half.get(&sp("runner")).unwrap().references,
+            BTreeSet::from([sp("bash")])
+        );
+        assert!(half.get(&sp("bash")).unwrap().references.is_empty());
+        assert!(matches!(
+            c.subset(&BTreeSet::from([sp("elsewhere")])),
+            Err(ClosureError::NotInClosure(_))
+        ));
     }
 
     #[test]

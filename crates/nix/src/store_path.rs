@@ -133,6 +133,25 @@ impl StorePath {
     pub fn name(&self) -> &str {
         &self.base_name[HASH_PART_LEN + 1..]
     }
+
+    /// The name without its version, as Nix's `builtins.parseDrvName` splits it: the version
+    /// starts after the first `-` that is followed by something other than a letter
+    /// (`hello-2.12.1` -> `hello`, `perl5.38-XML-Parser-2.46` -> `perl5.38-XML-Parser`,
+    /// `unit-foo.service` -> itself).
+    pub fn pname(&self) -> &str {
+        let name = self.name();
+        let bytes = name.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'-'
+                && bytes
+                    .get(i + 1)
+                    .is_some_and(|next| !next.is_ascii_alphabetic())
+            {
+                return &name[..i];
+            }
+        }
+        name
+    }
 }
 
 impl fmt::Display for StorePath {
@@ -194,6 +213,26 @@ mod tests {
                 .unwrap(),
             p
         );
+    }
+
+    #[test]
+    fn splits_names_like_parse_drv_name() {
+        let store = StoreDir::default();
+        for (name, pname) in [
+            ("hello-2.12.1", "hello"),
+            ("perl5.38.2-XML-Parser-2.46", "perl5.38.2-XML-Parser"),
+            ("unit-foo.service", "unit-foo.service"),
+            ("glibc-2.39-52-bin", "glibc"),
+            ("payload-007", "payload"),
+            ("hello-v1", "hello-v1"),
+            ("source", "source"),
+            ("trailing-", "trailing-"),
+        ] {
+            let p = store
+                .parse_path(&format!("/nix/store/{HASH}-{name}"))
+                .unwrap();
+            assert_eq!(p.pname(), pname, "{name}");
+        }
     }
 
     #[test]
