@@ -92,14 +92,20 @@ let
         name = format;
         value = { keeping = disk format false; discarding = disk format true; };
       }) formats);
+      layeredDisk = { format, layers }: lib.layeredStoreDisk {
+        inherit (g) toplevel;
+        inherit regInfo format layers;
+      };
     in
-    { inherit (g) toplevel manifest; inherit regInfo disks; };
+    { inherit (g) toplevel manifest; inherit regInfo disks layeredDisk; };
 
   # The runner of one variant; `hold`: the guest stays up after its result line until the host
   # stops it (the microvm-shutdown test).
-  runnerOf = { scenarioName, sys, format, fixes, hold ? false }:
+  runnerOf = { scenarioName, sys, format, fixes, hold ? false, layers ? null }:
     let
-      storeDisk = if fixes.image then sys.disks.${format}.discarding else sys.disks.${format}.keeping;
+      storeDisk =
+        if layers != null then sys.layeredDisk { inherit format layers; }
+        else if fixes.image then sys.disks.${format}.discarding else sys.disks.${format}.keeping;
     in
     rec {
       inherit storeDisk fixes;
@@ -169,6 +175,46 @@ let
     ) runs.minimal;
   };
 
+  # Layered store disks (ARCHITECTURE.md "Layered store disks"): every guest of the layered
+  # scenario, with all fixes, once with one store disk (`single`) and once with a layered one of
+  # `layerCount` layers. The harness (xtask/src/vm_test/layered.rs) boots `large` both ways and
+  # measures with `nix copy`: a first deployment, an update to `large-update` (hello changed)
+  # and to `large-update-big` (one payload changed), and a fleet of fleet-a, -b and -c on one host.
+  # Every layered guest's runner is named `layered`, every single one `single` (a deployed
+  # MicroVM keeps its name through updates).
+  layerCount = 16;
+  layeredGuests = [ "large" "large-update" "large-update-big" "fleet-a" "fleet-b" "fleet-c" ];
+  layered = builtins.listToAttrs (map (format: {
+    name = format;
+    value = builtins.listToAttrs (map (guestName: {
+      name = guestName;
+      value =
+        let sys = system guestName guestName;
+        in {
+          single = runnerOf { scenarioName = "single"; inherit sys format; fixes = allFixed; };
+          layered = runnerOf {
+            scenarioName = "layered"; inherit sys format; fixes = allFixed; layers = layerCount;
+          };
+        };
+    }) layeredGuests);
+  }) formats);
+  layeredPlan = builtins.concatLists (map (format:
+    builtins.concatLists (map (guestName:
+      map (layout:
+        let r = layered.${format}.${guestName}.${layout}; in {
+          inherit format layout;
+          guest = guestName;
+          runner = r.runner.outPath;
+          toplevel = r.toplevel.outPath;
+          regInfo = if r.regInfo == null then null else r.regInfo.outPath;
+          disks = map (d: d.outPath) r.storeDisk.layers;
+          layers = if layout == "layered"
+            then map (l: { inherit (l) name paths; }) r.storeDisk.plan.layers
+            else [ ];
+        }) [ "single" "layered" ]
+    ) layeredGuests)
+  ) formats);
+
   planOf = kind: set: builtins.concatLists (builtins.attrValues (builtins.mapAttrs (scenario: byFormat:
     builtins.concatLists (builtins.attrValues (builtins.mapAttrs (format: byVariant:
       builtins.attrValues (builtins.mapAttrs (variant: r: {
@@ -183,7 +229,10 @@ let
       }) byVariant)) byFormat))) set));
 in
 {
-  inherit runs updates hosts shutdown initrd kernel hypervisor busybox variants aarch64;
+  inherit runs updates hosts shutdown initrd kernel hypervisor busybox variants aarch64 layered;
+  # What the harness's layered phase reads (`-A layeredPlan`, import from derivation: evaluating
+  # it builds each guest's closure and layer plan) and builds (-A layered.<disk>.<guest>.<layout>).
+  inherit layeredPlan layerCount;
   microvmList = lib.microvmList;
   # What the harness reads (`nix-instantiate --eval --strict --json -A plan`) and builds (-A plan).
   plan = planOf "run" runs ++ planOf "update" updates ++ planOf "host" hosts;

@@ -59,23 +59,63 @@ rec {
   # appears in the image bytes as a runtime reference of the image.
   # The result also carries `guestRoots` (not a derivation attribute): what checkRunner needs.
   storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true }:
-    let roots = [ toplevel ] ++ (if regInfo == null then [ ] else [ regInfo ]);
-      hostTool = mkfsErofs != null && !(builtins.hasContext (toString mkfsErofs));
-      erofsTool = if format == "erofs" && hostTool then {
-        mkfsErofs = builtins.unsafeDiscardStringContext (toString mkfsErofs);
-        mkfsErofsSha256 = builtins.hashFile "sha256" mkfsErofs;
-      } else { };
-      mkfsFlag =
-        if format != "erofs" || mkfsErofs == null then ""
-        else if hostTool then "--mkfs-erofs ${erofsTool.mkfsErofs}"
-        else "--mkfs-erofs ${mkfsErofs}";
+    let roots = guestRootsOf { inherit toplevel regInfo; };
       disk = runStructured "microvm-store-disk.${format}" ({
         exportReferencesGraph.closure = roots;
-      } // erofsTool // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
+      } // (erofsTool format) // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
         ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
-          --closure-key closure ${mkfsFlag} --output "$out" ${toString roots}
+          --closure-key closure ${mkfsFlag format} --output "$out" ${toString roots}
       '';
-    in disk // { guestRoots = roots; };
+    in disk // { guestRoots = roots; layers = [ disk ]; };
+
+  guestRootsOf = { toplevel, regInfo ? null }:
+    [ toplevel ] ++ (if regInfo == null then [ ] else [ regInfo ]);
+
+  # How a store disk derivation gets its mkfs.erofs (see `mkfsErofs` above): the host path and
+  # its hash as attributes, and the flag that passes it to `storedisk build`.
+  hostErofsTool = mkfsErofs != null && !(builtins.hasContext (toString mkfsErofs));
+  erofsTool = format: if format == "erofs" && hostErofsTool then {
+    mkfsErofs = builtins.unsafeDiscardStringContext (toString mkfsErofs);
+    mkfsErofsSha256 = builtins.hashFile "sha256" mkfsErofs;
+  } else { };
+  mkfsFlag = format:
+    if format != "erofs" || mkfsErofs == null then ""
+    else if hostErofsTool then "--mkfs-erofs ${(erofsTool format).mkfsErofs}"
+    else "--mkfs-erofs ${mkfsErofs}";
+
+  # A layered store disk (`storedisk build --layers`, ARCHITECTURE.md "Layered store disks"):
+  # the same closure as storeDisk, split into at most `layers` images that the guest stacks
+  # with overlayfs. Which path goes to which layer is decided by `storedisk layers` in a
+  # derivation of its own and read back at evaluation time (import from derivation); each layer
+  # is then a derivation whose inputs are exactly its store paths (their string context, one by
+  # one), with references discarded: a layer whose paths did not change is the same derivation,
+  # hence the same store path, across updates and across guests, and `nix copy` skips it.
+  # The result is the list of layer images plus `guestRoots` and `plan` (the JSON manifest).
+  layeredStoreDisk = { toplevel, regInfo ? null, format, layers }:
+    let
+      roots = guestRootsOf { inherit toplevel regInfo; };
+      planFile = runStructured "storedisk-layers.json" {
+        exportReferencesGraph.closure = roots;
+        unsafeDiscardReferences.out = true;
+      } ''
+        ${storedisk}/bin/storedisk layers --layers ${toString layers} --closure "$NIX_ATTRS_JSON_FILE" \
+          --closure-key closure --json ${toString roots} > "$out"
+      '';
+      # The plan names paths that exist (building planFile realised the closure); the strings
+      # read from it carry planFile's context (the whole closure), which is exactly what a layer
+      # must not depend on: drop it and give each path its own.
+      plan = builtins.fromJSON (builtins.unsafeDiscardStringContext (builtins.readFile planFile));
+      own = path: builtins.appendContext path { ${path} = { path = true; }; };
+      layer = l: runStructured "storedisk-${l.name}.${format}" ({
+        paths = map own l.paths;
+        unsafeDiscardReferences.out = true;
+      } // (erofsTool format)) ''
+        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} \
+          --output "$out" ${toString (map own l.paths)}
+      '';
+      images = map layer plan.layers;
+    in
+    { layers = images; guestRoots = roots; inherit plan planFile; };
 
   # A script as its own store path, like nixpkgs' writeShellScript (lib/runner.nix turns every
   # `bin/` entry of the runner into one: `binScriptPkgs`, with vmHostPackages.writeShellScript).
@@ -177,6 +217,15 @@ rec {
       # qemu.nix:226-227: x86_64 gets an i8042, through which microvm-shutdown's
       # ctrl-alt-del reaches the guest kernel.
       deviceArgs = optionalString (arch == "x86_64") "-device i8042";
+      # One read-only virtio-blk disk per layer (a plain store disk is one layer); a layered
+      # one also tells stage 1 how many disks to stack (storedisk.layers=N).
+      disks = storeDisk.layers or [ storeDisk ];
+      layered = builtins.length disks > 1;
+      storeDiskArgs = builtins.concatStringsSep " \\\n          " (builtins.genList (i:
+        let id = if layered then "store${toString i}" else "store"; in
+        "-drive id=${id},format=raw,read-only=on,file=${builtins.elemAt disks i},if=none \\\n"
+        + "          -device virtio-blk-device,drive=${id}") (builtins.length disks));
+      layersParam = optionalString layered " storedisk.layers=${toString (builtins.length disks)}";
       qmpKey = key: ''{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"${key}"}}}'';
       run = writeScript "microvm-${hostName}-microvm-run" ''
         # Starts the MicroVM ${hostName}. Generated by storedisk's vm-tests/lib.nix.
@@ -186,9 +235,8 @@ rec {
           ${accelArgs} \
           -kernel ${kernelPath} -initrd ${initrd}/initrd \
           -chardev stdio,id=stdio,signal=off -serial chardev:stdio ${socketArgs} ${deviceArgs} \
-          -append "console=${machine.console} reboot=t panic=-1 ${extraKernelParams} ${initParam} ${regInfoParam}" \
-          -drive id=store,format=raw,read-only=on,file=${storeDisk},if=none \
-          -device virtio-blk-device,drive=store
+          -append "console=${machine.console} reboot=t panic=-1 ${extraKernelParams}${layersParam} ${initParam} ${regInfoParam}" \
+          ${storeDiskArgs}
       '';
       # As upstream's shutdownCommand (qemu.nix:374-420): ctrl-alt-del as QMP key events through
       # the control socket, with socat, then wait until QEMU closes the socket.

@@ -6,6 +6,7 @@
 #   no-reginfo minimal, built with microvm.registerClosure (or nix.enable) off: no closure info
 #              on the disk, no regInfo= on the kernel command line
 #   large      150 payload paths (>= 100 MiB) plus a bundle referencing them
+#   large-update, large-update-big, fleet-a/b/c: the layered scenario's guests (see below)
 #   realistic  (opt-in, with `realisticDir`) a generated closure of NixOS size, see realistic.nix
 { lib, busybox, realisticDir ? "" }:
 
@@ -64,22 +65,24 @@ let
     chmod 0555 $out/bin/nix-db-app
   '';
 
-  # payload-N references payload-(N - N mod 10): 15 groups of ten.
-  payloads = builtins.foldl' (acc: n:
+  # payload-N references payload-(N - N mod 10): 15 groups of ten. `changed`: the payload whose
+  # bytes differ (another seed), for the layered scenario's update of a large package.
+  payloadsWith = changed: builtins.foldl' (acc: n:
     let
       name = "payload-${pad 3 n}";
       mod10 = n - (n / 10) * 10;
       base = if mod10 == 0 then null else builtins.elemAt acc (n - mod10);
+      seedOffset = if n == changed then 7 else 0;
     in
     acc ++ [
       (lib.runCommand name { } (builtins.concatStringsSep "" (map (part:
-        generate { seed = 1000 + n * 4 + part; bytes = 180224; file = "$out/share/${name}/part-${toString part}.txt"; }
+        generate { seed = 1000 + n * 4 + part + seedOffset; bytes = 180224; file = "$out/share/${name}/part-${toString part}.txt"; }
       ) (range 0 3)) + (if base == null then "" else ''
         echo ${base} > $out/share/${name}/depends
       '')))
     ]) [ ] (range 0 149);
 
-  bundle = lib.runCommand "payload-bundle" { } ''
+  bundleOf = payloads: lib.runCommand "payload-bundle" { } ''
     mkdir -p $out/bin $out/share
     for p in ${toString payloads}; do echo $p; done > $out/share/payloads
     {
@@ -90,6 +93,31 @@ let
     } > $out/bin/payload-bundle
     chmod 0555 $out/bin/payload-bundle
   '';
+
+  bundle = bundleOf (payloadsWith null);
+
+  largeWith = { helloVersion ? "v1", changedPayload ? null, extra ? [ ] }:
+    let b = if changedPayload == null then bundle else bundleOf (payloadsWith changedPayload); in {
+      packages = [ b (hello helloVersion) ] ++ extra;
+      program = "${b}/bin/payload-bundle";
+      expected = "150 payload paths";
+    };
+
+  # A fleet member: the large guest's packages plus an application of its own (2 MiB of data
+  # and a program), as MicroVMs of one host built from one base system.
+  fleetApp = name: seed: lib.runCommand "app-${name}-1.0" { } (generate {
+    inherit seed; bytes = 2097152; file = "$out/share/app-${name}/data.txt";
+  } + ''
+    mkdir -p $out/bin
+    printf '#!%s\necho "fleet app ${name}"\n' ${busybox}/bin/sh > $out/bin/app-${name}
+    chmod 0555 $out/bin/app-${name}
+  '');
+  fleet = name: seed:
+    let app = fleetApp name seed; in
+    largeWith { extra = [ app ]; } // {
+      program = "${app}/bin/app-${name}";
+      expected = "fleet app ${name}";
+    };
 in
 {
   minimal = minimal "v1";
@@ -104,11 +132,16 @@ in
     checkDb = true;
   };
 
-  large = {
-    packages = [ bundle (hello "v1") ];
-    program = "${bundle}/bin/payload-bundle";
-    expected = "150 payload paths";
-  };
+  large = largeWith { };
+
+  # The layered scenario's guests (default.nix `layered`): the large guest after a one-package
+  # update (hello, a small package), after an update of one large package (payload-017, 704 KiB),
+  # and three fleet members sharing its packages.
+  large-update = largeWith { helloVersion = "v2"; };
+  large-update-big = largeWith { changedPayload = 17; };
+  fleet-a = fleet "a" 7001;
+  fleet-b = fleet "b" 7002;
+  fleet-c = fleet "c" 7003;
 } // (if realisticDir == "" then { } else {
   realistic = minimal "v1" // {
     packages = [ (import ./realistic.nix { inherit lib; dir = realisticDir; }).root (hello "v1") words ];

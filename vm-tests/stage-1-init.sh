@@ -1,6 +1,7 @@
 #!/bin/sh
 # Stage 1 of a storedisk test MicroVM (the busybox initramfs built by lib.nix): load the modules
-# a store disk needs, mount the disk read-only at /nix/.ro-store and onto /nix/store inside a tmpfs
+# a store disk needs, mount the disk read-only at /nix/.ro-store (a layered store disk: each of
+# its storedisk.layers=N disks, stacked there with overlayfs) and onto /nix/store inside a tmpfs
 # root, and hand over to init= from the kernel command line (the guest toplevel's init, read from
 # the store disk itself). Any failure prints a STOREDISK-RESULT line and stops the machine.
 export PATH=/bin
@@ -20,31 +21,63 @@ for module in $(cat /lib/modules/load-order); do
 done
 
 init=
+layers=1
 for word in $(cat /proc/cmdline); do
     case "$word" in
         init=*) init="${word#init=}" ;;
+        storedisk.layers=*) layers="${word#storedisk.layers=}" ;;
     esac
 done
 [ -n "$init" ] || fail "no init= on the kernel command line"
 
-tries=0
-while [ ! -b /dev/vda ]; do
-    tries=$((tries + 1))
-    [ "$tries" -le 100 ] || fail "no /dev/vda after 10 s"
-    sleep 0.1
+# The disks: /dev/vda for a store disk, /dev/vda.. for the N layers of a layered one.
+disks=
+count=0
+for letter in a b c d e f g h i j k l m n o p q r s t; do
+    [ "$count" -lt "$layers" ] || break
+    disks="$disks /dev/vd$letter"
+    count=$((count + 1))
 done
+[ "$count" -eq "$layers" ] || fail "storedisk.layers=$layers: at most 20 layers"
+for disk in $disks; do
+    tries=0
+    while [ ! -b "$disk" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -le 100 ] || fail "no $disk after 10 s"
+        sleep 0.1
+    done
+done
+
+mount_image() { # DISK DIR: mount a store disk image read-only, whichever format it has
+    for fstype in erofs squashfs; do
+        if mount -t "$fstype" -o ro "$1" "$2" 2>/dev/null; then
+            mounted="$fstype"
+            return 0
+        fi
+    done
+    fail "$1 is neither erofs nor squashfs"
+}
 
 mount -t tmpfs -o mode=0755 tmpfs /mnt-root || fail "mounting the tmpfs root"
 mkdir -p /mnt-root/nix/.ro-store /mnt-root/nix/store /mnt-root/dev /mnt-root/proc /mnt-root/sys /mnt-root/tmp
 mounted=
-for fstype in erofs squashfs; do
-    if mount -t "$fstype" -o ro /dev/vda /mnt-root/nix/.ro-store 2>/dev/null; then
-        mounted="$fstype"
-        break
-    fi
-done
-[ -n "$mounted" ] || fail "/dev/vda is neither erofs nor squashfs"
-echo "stage 1: store disk ($mounted) mounted at /nix/.ro-store"
+if [ "$layers" -eq 1 ]; then
+    mount_image /dev/vda /mnt-root/nix/.ro-store
+    echo "stage 1: store disk ($mounted) mounted at /nix/.ro-store"
+else
+    # Layers hold disjoint sets of store paths: stacked as overlayfs lower layers (no upper
+    # layer: read-only), in any order, they show the whole store.
+    lower=
+    for disk in $disks; do
+        dir="/mnt-root/nix/.ro-layers/${disk#/dev/}"
+        mkdir -p "$dir"
+        mount_image "$disk" "$dir"
+        lower="${lower:+$lower:}$dir"
+    done
+    mount -t overlay overlay -o "ro,lowerdir=$lower" /mnt-root/nix/.ro-store \
+        || fail "stacking the $layers layers with overlayfs"
+    echo "stage 1: store disk of $layers layers ($mounted) stacked at /nix/.ro-store"
+fi
 mount -o bind,ro /mnt-root/nix/.ro-store /mnt-root/nix/store || fail "bind-mounting /nix/store"
 [ -x "/mnt-root$init" ] || fail "init $init is not on the store disk"
 mount --move /dev /mnt-root/dev

@@ -13,8 +13,9 @@ use crate::cmd::Cmd;
 /// Oldest Nix with `unsafeDiscardReferences` and the JSON formats we read.
 pub const MIN_NIX: (u32, u32) = (2, 18);
 
-/// Kernel modules the stage-1 initrd loads (with their dependencies) to mount a store disk.
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "squashfs", "erofs"];
+/// Kernel modules the stage-1 initrd loads (with their dependencies) to mount a store disk
+/// (overlay: to stack the layers of a layered one).
+pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "squashfs", "erofs", "overlay"];
 
 /// The checkout's root directory.
 pub fn workspace_root() -> PathBuf {

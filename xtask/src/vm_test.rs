@@ -9,6 +9,7 @@ mod aarch64;
 mod boot;
 mod classify;
 mod host;
+mod layered;
 mod microvm_list;
 mod plan;
 mod report;
@@ -35,8 +36,8 @@ use storedisk_verifier::ImageFormat;
 /// `cargo xtask vm-test`
 #[derive(Debug, clap::Args)]
 pub struct VmTestArgs {
-    /// Only this scenario (minimal, nix-db, no-reginfo, large, aarch64); repeatable. Default: all
-    /// of these. `realistic` (a generated closure of NixOS size, about 26 minutes more) runs only
+    /// Only this scenario (minimal, nix-db, no-reginfo, large, aarch64, layered); repeatable.
+    /// Default: all of these. `realistic` (a generated closure of NixOS size, about 26 minutes more) runs only
     /// when named.
     #[arg(long, value_name = "S")]
     pub scenario: Vec<String>,
@@ -262,6 +263,16 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     } else {
         Vec::new()
     };
+    let layered = layered::run_all(
+        &toolchain,
+        &nix_args,
+        &args,
+        &storedisk,
+        &work,
+        &logs,
+        accel,
+        &mut phases,
+    )?;
     let aarch64 = aarch64::run_all(
         &toolchain,
         &nix_args,
@@ -284,6 +295,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             list_checks: &list_checks,
             shutdown: shutdown.as_ref(),
             aarch64: &aarch64,
+            layered: &layered,
             phases: &phases,
             total_seconds: total,
             accel,
@@ -473,10 +485,13 @@ fn nix_build_attrs(
 /// The x86_64 runs the selection asks for: none when `--scenario` names only the aarch64 guest,
 /// whose runs have a plan of their own (aarch64.rs).
 fn x86_64_plan(plan: Vec<PlanEntry>, args: &VmTestArgs) -> Result<Vec<PlanEntry>> {
-    if aarch64::only_aarch64(&args.scenario) {
-        return Ok(Vec::new());
+    let scenarios: Vec<String> = aarch64::x86_64_scenarios(&args.scenario)
+        .into_iter()
+        .filter(|s| s != layered::SCENARIO)
+        .collect();
+    if !args.scenario.is_empty() && scenarios.is_empty() {
+        return Ok(Vec::new()); // only the aarch64 guest or the layered scenario: own plans
     }
-    let scenarios = aarch64::x86_64_scenarios(&args.scenario);
     plan::select(
         plan,
         &Selection {
@@ -709,7 +724,7 @@ fn verify_all(
         let verdict = verify::verify(&verify::VerifyInputs {
             storedisk,
             nix: &toolchain.nix,
-            image: &run.plan.store_disk,
+            images: std::slice::from_ref(&run.plan.store_disk),
             closure_file: &closure_file,
             runner: Some(run.plan.deployed()),
         })?;

@@ -5,6 +5,7 @@
 //! report.json's `runs`, their own table, `golden/aarch64-<disk>.snap`, the same assertions.
 
 use super::aarch64;
+use super::layered;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -27,6 +28,7 @@ pub struct Outcome<'a> {
     pub list_checks: &'a [ListCheck],
     pub shutdown: Option<&'a ShutdownOutcome>,
     pub aarch64: &'a aarch64::Outcome,
+    pub layered: &'a layered::Outcome,
     pub phases: &'a Phases,
     pub total_seconds: f64,
     pub accel: Accel,
@@ -45,6 +47,7 @@ pub fn finish(
         list_checks,
         shutdown,
         aarch64,
+        layered,
         phases,
         total_seconds,
         accel,
@@ -57,6 +60,7 @@ pub fn finish(
         "shutdown": shutdown,
         "microvm_list": list_checks,
         "aarch64_elf_machine": aarch64.elf_machine,
+        "layered": layered,
         "runs": every_run.iter().map(|r| json!({
             "kind": r.plan.kind,
             "arch": r.plan.arch,
@@ -82,6 +86,7 @@ pub fn finish(
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let mut markdown = markdown_summary(&every_run, phases, total_seconds, accel);
+    markdown.push_str(&layered.markdown());
     if let Some(s) = shutdown {
         let _ = writeln!(
             markdown,
@@ -99,7 +104,14 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let (compared_snapshots, changed_snapshots) = check_snapshots(&every_run, list_checks, golden);
+    let (mut compared_snapshots, mut changed_snapshots) =
+        check_snapshots(&every_run, list_checks, golden);
+    for (name, description, text) in layered.snapshots() {
+        if snapshot_differs(golden, &name, description, text) {
+            changed_snapshots.push(name.clone());
+        }
+        compared_snapshots.push(name);
+    }
     let not_compared = uncompared_snapshots(&every_run, golden, &compared_snapshots, selection);
     for (name, why) in &not_compared {
         eprintln!("snapshot {name}: NOT compared: {why}");
@@ -113,6 +125,7 @@ pub fn finish(
     }
     failed_assertions.extend(hard_assertions(&aarch64.runs));
     failed_assertions.extend(aarch64.assertions());
+    failed_assertions.extend(layered.assertions());
     for failure in &failed_assertions {
         eprintln!("ASSERTION FAILED: {failure}");
     }

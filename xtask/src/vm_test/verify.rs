@@ -71,7 +71,8 @@ impl Verdict {
 pub struct VerifyInputs<'a> {
     pub storedisk: &'a Path,
     pub nix: &'a Nix,
-    pub image: &'a str,
+    /// The store disk's images: one, or every layer of a layered one.
+    pub images: &'a [String],
     pub closure_file: &'a Path,
     /// The runner to check for overlap; `None` checks the image alone.
     pub runner: Option<&'a str>,
@@ -80,10 +81,13 @@ pub struct VerifyInputs<'a> {
 pub fn verify(inputs: &VerifyInputs<'_>) -> Result<Verdict> {
     let mut cmd = Cmd::new(inputs.storedisk)
         .arg("verify")
-        .arg(inputs.image)
+        .args(inputs.images)
         .arg("--closure")
         .arg(inputs.closure_file)
-        .args(["--image-path", inputs.image, "--json"]);
+        .arg("--json");
+    for image in inputs.images {
+        cmd = cmd.args(["--image-path", image]);
+    }
     if let Some(runner) = inputs.runner {
         cmd = cmd.args(["--runner", runner]);
     }
