@@ -76,11 +76,20 @@
             };
           };
           symlinkCheck = withSymlink.config.microvm.storeDiskCheck;
+          # storedisk.layers: the store disk as layers, checked as one disk (not evaluated in
+          # this project's CI, which has no nixpkgs; the harness's layered scenario boots the
+          # same lib.nix functions).
+          layered = exampleGuest {
+            buildSystem = system;
+            extraConfig.storedisk.layers = 6;
+          };
         in
         {
           storedisk = self.packages.${system}.storedisk;
           example-runner = guest.config.microvm.declaredRunner;
           example-store-disk-check = guest.config.microvm.storeDiskCheck;
+          example-layered-store-disk-check = layered.config.microvm.storeDiskCheck;
+          example-layered-runner = layered.config.microvm.declaredRunner;
           example-system-symlink-reported = pkgs.runCommand "system-symlink-leak-reported" { } ''
             grep '^runner_overlap: ' ${symlinkCheck}/report.txt
             grep -- '-nixos-system-storedisk-example-' ${symlinkCheck}/report.txt

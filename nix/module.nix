@@ -5,7 +5,8 @@
 #   2. `microvm.systemSymlink` defaults to off (a user may still turn it on);
 #   3./4. `init=` and `regInfo=` (every microvm.kernelParams entry) lose their string context:
 #      the guest reads them from its own store, the disk, so the runner must not reference them;
-# and adds `config.microvm.storeDiskCheck`, a derivation that runs `storedisk verify` on the disk
+# `storedisk.layers = N` makes it a layered store disk (opt-in); the module
+# adds `config.microvm.storeDiskCheck`, a derivation that runs `storedisk verify` on the disk
 # and the runner and fails on any finding. The derivations come from vm-tests/lib.nix (through
 # nix/lib.nix), the file `cargo xtask vm-test` builds with real Nix.
 { config, lib, pkgs, ... }:
@@ -28,6 +29,30 @@ let
     format = config.microvm.storeDiskType;
     discardReferences = true;
   };
+
+  # storedisk.layers: the closure split into layers (vm-tests/lib.nix layeredStoreDisk; the
+  # plan is read at evaluation time, import from derivation). The first layer is
+  # microvm.storeDisk, which the runner attaches first (`-drive id=store`, microvm.nix
+  # lib/runners/qemu.nix:235), so the guest sees it as /dev/vda (the device upstream mounts for
+  # squashfs, nixos-modules/microvm/mounts.nix:21-26); the others are read-only volumes
+  # (qemu.nix:275-285) with a serial each, found as /dev/disk/by-id/virtio-<serial>. Every
+  # layer is mounted under /nix/.ro-layers and stacked with overlayfs where microvm.nix
+  # mounts the store disk (mounts.nix:16-19,38-79: /nix/store, or /nix/.ro-store under a
+  # writable overlay); erofs layers all carry the label nix-store, so the by-label mount
+  # upstream makes is replaced.
+  layered = cfg.layers != null;
+  layeredDisk = storediskLib.layeredStoreDisk {
+    inherit toplevel;
+    regInfo = if config.nix.enable then regInfo else null;
+    format = config.microvm.storeDiskType;
+    layers = cfg.layers;
+  };
+  layerImages = layeredDisk.layers;
+  layerSerial = i: "storedisk-layer-${toString i}";
+  layerDevice = i: if i == 0 then "/dev/vda" else "/dev/disk/by-id/virtio-${layerSerial i}";
+  layerMount = i: "/nix/.ro-layers/${toString i}";
+  storeMount =
+    if config.microvm.writableStoreOverlay == null then "/nix/store" else "/nix/.ro-store";
 in
 {
   options.storedisk = {
@@ -44,6 +69,18 @@ in
       default = pkgs.buildPackages.callPackage ./package.nix { };
       defaultText = lib.literalExpression "pkgs.buildPackages.callPackage <storedisk>/nix/package.nix { }";
       description = "The storedisk package (for the build machine) that builds and verifies the disk.";
+    };
+    layers = lib.mkOption {
+      type = lib.types.nullOr (lib.types.ints.between 2 20);
+      default = null;
+      example = 12;
+      description = ''
+        Split the store disk into at most this many read-only images (layers) that the guest
+        stacks with overlayfs, so that an update copies only the layers whose contents changed
+        and guests built from one base share the layers holding it (storedisk's ARCHITECTURE.md,
+        "Layered store disks"). The layer plan is computed at evaluation time (import from
+        derivation). Each layer is a virtio disk; null: one store disk.
+      '';
     };
     check.allowLeaks = lib.mkOption {
       type = lib.types.bool;
@@ -83,15 +120,44 @@ in
       if enabled then map builtins.unsafeDiscardStringContext params else params;
   };
 
-  config = lib.mkIf enabled {
-    microvm.storeDisk = lib.mkForce storeDisk;
+  config = lib.mkIf enabled (lib.mkMerge [ {
+    microvm.storeDisk = lib.mkForce (if layered then builtins.head layerImages else storeDisk);
     # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
     # check's expectations do not depend on it. A definition by the user (`= true`) wins.
     microvm.systemSymlink = lib.mkDefault false;
     microvm.storeDiskCheck = storediskLib.checkRunner {
       runner = config.microvm.declaredRunner;
-      inherit storeDisk;
+      storeDisk = if layered then layeredDisk else storeDisk;
       inherit (cfg.check) allowLeaks allow;
     };
-  };
+  } (lib.mkIf layered {
+    microvm.volumes = lib.imap0 (i: image: {
+      image = "${image}";
+      serial = layerSerial (i + 1);
+      readOnly = true;
+      autoCreate = false;
+      mountPoint = null;
+      size = 0;
+    }) (builtins.tail layerImages);
+    boot.initrd.availableKernelModules = [ "overlay" ];
+    fileSystems = builtins.listToAttrs (lib.imap0 (i: _: {
+      name = layerMount i;
+      value = {
+        device = layerDevice i;
+        fsType = config.microvm.storeDiskType;
+        options = [ "ro" "x-systemd.after=systemd-modules-load.service" ];
+        neededForBoot = true;
+        noCheck = true;
+      };
+    }) layerImages) // {
+      ${storeMount} = lib.mkForce {
+        device = "overlay";
+        fsType = "overlay";
+        overlay.lowerdir = lib.imap0 (i: _: layerMount i) layerImages;
+        options = [ "ro" ];
+        neededForBoot = true;
+        depends = lib.imap0 (i: _: layerMount i) layerImages;
+      };
+    };
+  }) ]);
 }

@@ -323,8 +323,8 @@ rec {
     cp "$NIX_ATTRS_JSON_FILE" "$out"
   '';
 
-  # The check: `storedisk verify` on a store disk (made by storeDisk above) and the runner that
-  # boots it, with both closures from exportReferencesGraph (no Nix database inside a build).
+  # The check: `storedisk verify` on a store disk (made by storeDisk or layeredStoreDisk above)
+  # and the runner that boots it, with both closures from exportReferencesGraph (no Nix database inside a build).
   # Fails on any finding, and when complete, integrity or runner_overlap (or policy, with
   # `allow`) could not run (`--require`); the report (leaked paths with their bytes and reference chains) is
   # printed to the build log and kept in $out/report.txt. `self_contained` needs the Nix
@@ -338,13 +338,16 @@ rec {
       guestClosure = closureJson "storedisk-guest-closure.json" storeDisk.guestRoots;
       runnerClosure = closureJson "storedisk-runner-closure.json" [ runner ];
       allowFlags = toString (map (glob: "--allow '${glob}'") allow);
+      # A layered store disk (layeredStoreDisk) is checked as one: all its layers together.
+      images = storeDisk.layers or [ storeDisk ];
     in
     runCommand "storedisk-check-${runner.name or "runner"}" { } ''
       mkdir -p $out
       status=0
-      ${storedisk}/bin/storedisk verify ${storeDisk} --closure ${guestClosure} \
+      ${storedisk}/bin/storedisk verify ${toString images} --closure ${guestClosure} \
         --runner ${runner} --runner-closure ${runnerClosure} ${allowFlags} \
-        --require complete,integrity,runner_overlap${if allow == [ ] then "" else ",policy"} \
+        --require complete,integrity,runner_overlap${if allow == [ ] then "" else ",policy"}${
+          optionalString (builtins.length images > 1) ",disjoint"} \
         > $out/report.txt || status=$?
       cat $out/report.txt
       if [ "$status" = 1 ] && ${if allowLeaks then "true" else "false"}; then

@@ -183,13 +183,11 @@ pub fn run_all(
         return Ok(Outcome::default());
     }
     let entries: Vec<Entry> = phases.time("layered evaluate", || {
-        let cmd = nix_args.apply(toolchain.nix.cmd("nix-instantiate").args([
-            "--eval",
-            "--strict",
-            "--json",
-            "-A",
-            "layeredPlan",
-        ]));
+        // `nix eval`, not `nix-instantiate --eval`: the latter opens the store read-only,
+        // and the layer plans are built while evaluating.
+        let cmd = nix_args
+            .apply(toolchain.nix.cmd("nix").args(["eval", "--json", "--file"]))
+            .arg("layeredPlan");
         let json = cmd.timeout(Duration::from_secs(3600)).read()?;
         serde_json::from_str(&json)
             .context("vm-tests/default.nix's layeredPlan is not the expected JSON")
@@ -304,11 +302,11 @@ fn verify_all(
     let mut out = BTreeMap::new();
     for (n, entry) in entries.iter().enumerate() {
         eprintln!("[verify {}/{}] {}", n + 1, entries.len(), entry.label());
-        let closure_file = dir.join(format!("{}.json", transfer::redact(&entry.toplevel)));
-        if !closure_file.exists() {
-            let json = super::closure_json(toolchain, &entry.guest_roots())?;
-            crate::setup::write_atomically(&closure_file, json.as_bytes())?;
-        }
+        // Named by the toplevel's base name, hash included: the guests share names.
+        let base = entry.toplevel.rsplit('/').next().unwrap_or(&entry.toplevel);
+        let closure_file = dir.join(format!("layered-{base}.json"));
+        let json = super::closure_json(toolchain, &entry.guest_roots())?;
+        crate::setup::write_atomically(&closure_file, json.as_bytes())?;
         let verdict = verify::verify(&verify::VerifyInputs {
             storedisk,
             nix: &toolchain.nix,
