@@ -36,6 +36,8 @@
       });
 
       nixosModules.default = ./nix/module.nix;
+      # For hosts that declare MicroVMs (microvm.vms): the host fix (nix/host-module.nix).
+      nixosModules.host = ./nix/host-module.nix;
 
       lib = {
         # closureInfo, storeDisk, checkRunner, ... built from nixpkgs' busybox and erofs-utils.

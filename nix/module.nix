@@ -2,7 +2,9 @@
 # Import it next to microvm.nix's guest module. It closes the four ways a runner drags the
 # guest's uncompressed closure into a deployment (README "Nix users", DESIGN.md section 1):
 #   1. the store disk is built by `storedisk build` with its references discarded;
-#   2. `microvm.systemSymlink` defaults to off (a user may still turn it on);
+#   2. `microvm.systemSymlink` defaults to off (a user may still turn it on), and the runner
+#      gets the symlink without string context instead (storedisk.systemSymlink), so
+#      `microvm -l` still tells current from outdated;
 #   3./4. `init=` and `regInfo=` (every microvm.kernelParams entry) lose their string context:
 #      the guest reads them from its own store, the disk, so the runner must not reference them;
 # `storedisk.layers = N` makes it a layered store disk (opt-in); the module
@@ -23,8 +25,17 @@ let
   # regInfo= it puts on the kernel command line: that is the path the disk must hold.
   regInfo = pkgs.closureInfo { rootPaths = [ toplevel ]; };
 
+  # microvm.nix's mkfs options, read as storedisk build flags (nix/flags.nix: what storedisk
+  # cannot honour stops the evaluation with an error naming the flag).
+  flags = import ./flags.nix;
+  buildFlags =
+    if config.microvm.storeDiskType == "erofs"
+    then flags.erofs config.microvm.storeDiskErofsFlags
+    else flags.squashfs config.microvm.storeDiskSquashfsFlags;
+  kernelAtLeast = lib.versionAtLeast config.boot.kernelPackages.kernel.version;
+
   storeDisk = storediskLib.storeDisk {
-    inherit toplevel;
+    inherit toplevel buildFlags;
     regInfo = if config.nix.enable then regInfo else null;
     format = config.microvm.storeDiskType;
     discardReferences = true;
@@ -40,9 +51,19 @@ let
   # mounts the store disk (mounts.nix:16-19,38-79: /nix/store, or /nix/.ro-store under a
   # writable overlay); erofs layers all carry the label nix-store, so the by-label mount
   # upstream makes is replaced.
+  # The runner as microvm.nix declares it (options.nix:1010-1015, lib/runner.nix), plus the
+  # system symlink without context (lib/runner.nix:230-232 writes it with context).
+  upstreamRunner = config.microvm.runner.${config.microvm.hypervisor};
+  runnerWithSymlink = upstreamRunner.overrideAttrs (old: {
+    buildCommand = old.buildCommand + ''
+      mkdir -p $out/share/microvm
+      ln -sfn ${builtins.unsafeDiscardStringContext "${toplevel}"} $out/share/microvm/system
+    '';
+  });
+
   layered = cfg.layers != null;
   layeredDisk = storediskLib.layeredStoreDisk {
-    inherit toplevel;
+    inherit toplevel buildFlags;
     regInfo = if config.nix.enable then regInfo else null;
     format = config.microvm.storeDiskType;
     layers = cfg.layers;
@@ -82,6 +103,17 @@ in
         derivation). Each layer is a virtio disk; null: one store disk.
       '';
     };
+    systemSymlink = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Write the runner's `share/microvm/system` symlink (what `microvm -l` reads to tell
+        current from outdated VMs) without string context, while microvm.nix's own
+        `microvm.systemSymlink` (which references the toplevel, so a deployment copies the whole
+        guest closure) stays off. Nix records no reference for it: the runner's build does not
+        have the toplevel among its inputs. Without effect when `microvm.systemSymlink` is on.
+      '';
+    };
     check.allowLeaks = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -113,18 +145,27 @@ in
   };
 
   # A second declaration of microvm.nix's option, adding only `apply` (the module system merges
-  # declarations that do not both set it): every definition, microvm.nix's init= and regInfo=
-  # included, reaches the runner without string context when the store is on a disk.
+  # declarations that do not both set it): init= and regInfo= (microvm.nix's system.nix and
+  # store-disk.nix put them there) reach the runner without string context when the store is
+  # on a disk, which holds those paths; every other parameter keeps its context, so a user's
+  # own store path is still built and still travels with the runner (nix/flags.nix).
   options.microvm.kernelParams = lib.mkOption {
-    apply = params:
-      if enabled then map builtins.unsafeDiscardStringContext params else params;
+    apply = params: if enabled then flags.kernelParams params else params;
   };
 
   config = lib.mkIf enabled (lib.mkMerge [ {
     microvm.storeDisk = lib.mkForce (if layered then builtins.head layerImages else storeDisk);
+    microvm.declaredRunner = lib.mkIf (cfg.systemSymlink && !config.microvm.systemSymlink)
+      (lib.mkDefault runnerWithSymlink);
     # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
     # check's expectations do not depend on it. A definition by the user (`= true`) wins.
     microvm.systemSymlink = lib.mkDefault false;
+    # microvm.nix's default (options.nix:1042-1047) without -Efragments: with -Eztailpacking it
+    # makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs (storedisk's
+    # read-back check would then fail the build). A user's own list, -Efragments included, is
+    # honoured as written.
+    microvm.storeDiskErofsFlags = lib.mkDefault
+      ([ "-zlz4hc" ] ++ lib.optional (kernelAtLeast "5.16") "-Eztailpacking");
     microvm.storeDiskCheck = storediskLib.checkRunner {
       runner = config.microvm.declaredRunner;
       storeDisk = if layered then layeredDisk else storeDisk;

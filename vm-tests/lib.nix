@@ -58,13 +58,15 @@ rec {
   # discardReferences = false reproduces leak 1: Nix then records every store path whose hash
   # appears in the image bytes as a runtime reference of the image.
   # The result also carries `guestRoots` (not a derivation attribute): what checkRunner needs.
-  storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true }:
+  # buildFlags: more `storedisk build` flags (the module's translation of microvm.nix's
+  # storeDiskErofsFlags/storeDiskSquashfsFlags, nix/flags.nix).
+  storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true, buildFlags ? [ ] }:
     let roots = guestRootsOf { inherit toplevel regInfo; };
       disk = runStructured "microvm-store-disk.${format}" ({
         exportReferencesGraph.closure = roots;
       } // (erofsTool format) // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
         ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
-          --closure-key closure ${mkfsFlag format} --output "$out" ${toString roots}
+          --closure-key closure ${mkfsFlag format} ${toString buildFlags} --output "$out" ${toString roots}
       '';
     in disk // { guestRoots = roots; layers = [ disk ]; };
 
@@ -91,7 +93,7 @@ rec {
   # one), with references discarded: a layer whose paths did not change is the same derivation,
   # hence the same store path, across updates and across guests, and `nix copy` skips it.
   # The result is the list of layer images plus `guestRoots` and `plan` (the JSON manifest).
-  layeredStoreDisk = { toplevel, regInfo ? null, format, layers }:
+  layeredStoreDisk = { toplevel, regInfo ? null, format, layers, buildFlags ? [ ] }:
     let
       roots = guestRootsOf { inherit toplevel regInfo; };
       planFile = runStructured "storedisk-layers.json" {
@@ -110,7 +112,7 @@ rec {
         paths = map own l.paths;
         unsafeDiscardReferences.out = true;
       } // (erofsTool format)) ''
-        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} \
+        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} ${toString buildFlags} \
           --output "$out" ${toString (map own l.paths)}
       '';
       images = map layer plan.layers;

@@ -185,7 +185,8 @@ impl MkfsErofs {
     }
 
     /// The command-line options (before `IMAGE SOURCE`) for an image of `compression`.
-    /// `fragments` asks for `-Efragments` (when the version has it): microvm.nix passes it, but
+    /// `ztailpacking` asks for `-Eztailpacking` (when the version has it; microvm.nix passes it
+    /// for guest kernels 5.16 and newer, which can read it). `fragments` asks for `-Efragments` (when the version has it): microvm.nix passes it, but
     /// with `-Eztailpacking` it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some
     /// inputs (the test `erofs_fragments_corruption_is_caught_by_the_read_back` in
     /// crates/cli/tests/build.rs reproduces it), so it is opt-in here.
@@ -193,6 +194,7 @@ impl MkfsErofs {
         &self,
         compression: Compression,
         level: Option<u32>,
+        ztailpacking: bool,
         fragments: bool,
         uuid: &str,
     ) -> Result<Vec<String>, BuildError> {
@@ -233,7 +235,7 @@ impl MkfsErofs {
                 Some(level) => format!("-z{},{level}", compression.name()),
                 None => format!("-z{}", compression.name()),
             });
-            if self.supports_ztailpacking() {
+            if ztailpacking && self.supports_ztailpacking() {
                 args.push("-Eztailpacking".to_owned());
             }
             if fragments && self.supports_fragments() {
@@ -273,6 +275,7 @@ pub(crate) fn write(
     let args = tool.arguments(
         compression,
         options.compression_level,
+        options.erofs_ztailpacking,
         options.erofs_fragments,
         &closure_uuid(tree),
     )?;
@@ -662,7 +665,7 @@ mod tests {
     fn picks_microvm_flags_the_version_supports() {
         let uuid = "00000000-0000-8000-8000-000000000000";
         let new = tool("1.8.6")
-            .arguments(Compression::Lz4hc, None, true, uuid)
+            .arguments(Compression::Lz4hc, None, true, true, uuid)
             .unwrap();
         assert_eq!(
             new.join(" "),
@@ -671,18 +674,24 @@ mod tests {
             )
         );
         let safe = tool("1.8.6")
-            .arguments(Compression::Lz4hc, None, false, uuid)
+            .arguments(Compression::Lz4hc, None, true, false, uuid)
             .unwrap();
         assert!(!safe.iter().any(|a| a == "-Efragments"), "{safe:?}");
+        // A guest kernel older than 5.16 cannot read tail-packed files: microvm.nix leaves the
+        // flag out for it, and so can we.
+        let plain = tool("1.8.6")
+            .arguments(Compression::Lz4hc, None, false, false, uuid)
+            .unwrap();
+        assert!(!plain.iter().any(|a| a.starts_with("-E")), "{plain:?}");
         let old = tool("1.5")
-            .arguments(Compression::Lz4hc, Some(12), true, uuid)
+            .arguments(Compression::Lz4hc, Some(12), true, true, uuid)
             .unwrap();
         assert_eq!(
             old.join(" "),
             format!("-zlz4hc,12 -Eztailpacking -T 0 --all-root -U {uuid} -x -1")
         );
         let none = tool("1.8.6")
-            .arguments(Compression::None, None, true, uuid)
+            .arguments(Compression::None, None, true, true, uuid)
             .unwrap();
         assert!(
             !none
@@ -691,10 +700,10 @@ mod tests {
             "{none:?}"
         );
         assert!(tool("1.5")
-            .arguments(Compression::Zstd, None, false, uuid)
+            .arguments(Compression::Zstd, None, true, false, uuid)
             .is_err());
         assert!(tool("1.5")
-            .arguments(Compression::Lz4, Some(3), false, uuid)
+            .arguments(Compression::Lz4, Some(3), true, false, uuid)
             .is_err());
     }
 }

@@ -159,6 +159,9 @@ pub struct BuildOptions {
     pub store_dir: PathBuf,
     /// The `mkfs.erofs` to run for erofs images (a bare name is looked up on `PATH`).
     pub mkfs_erofs: PathBuf,
+    /// Pass `-Eztailpacking` to mkfs.erofs (when it has it), as microvm.nix does for guest
+    /// kernels 5.16 and newer; off for older guest kernels, which cannot mount such images.
+    pub erofs_ztailpacking: bool,
     /// Pass `-Efragments` to mkfs.erofs, as microvm.nix does. Off by default: together with
     /// `-Eztailpacking` it corrupts file data with erofs-utils 1.8.6 and 1.9.4 on some inputs.
     pub erofs_fragments: bool,
@@ -174,6 +177,7 @@ impl BuildOptions {
             compression_level: None,
             store_dir: PathBuf::from(storedisk_nix::store_path::DEFAULT_STORE_DIR),
             mkfs_erofs: PathBuf::from("mkfs.erofs"),
+            erofs_ztailpacking: true,
             erofs_fragments: false,
             threads: None,
         }

@@ -71,6 +71,12 @@ pub struct BuildArgs {
     #[arg(long)]
     exact: bool,
 
+    /// Pass -Eztailpacking to mkfs.erofs (default true, when the installed one has it); false
+    /// for guest kernels older than 5.16, which cannot mount tail-packed images (microvm.nix
+    /// passes the flag only for 5.16 and newer).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    erofs_ztailpacking: bool,
+
     /// Pass -Efragments to mkfs.erofs, as microvm.nix does. Off by default: with
     /// -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs
     /// (the read-back check catches it).
@@ -161,6 +167,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     options.compression = args.compression;
     options.compression_level = args.compression_level;
     options.store_dir = store_dir.clone();
+    options.erofs_ztailpacking = args.erofs_ztailpacking;
     options.erofs_fragments = args.erofs_fragments;
     options.threads = args.threads;
     if let Some(mkfs) = &args.mkfs_erofs {

@@ -852,6 +852,42 @@ fn erofs_compressions_give_the_same_content() {
     }
 }
 
+/// `feature_incompat` of an erofs superblock (at byte 1024 of the image; the field is at 0x50
+/// of the superblock, erofs_fs.h).
+fn erofs_incompat_features(image: &Path) -> u32 {
+    let bytes = fs::read(image).unwrap();
+    u32::from_le_bytes(bytes[1024 + 0x50..1024 + 0x54].try_into().unwrap())
+}
+
+#[test]
+fn erofs_tail_packing_can_be_left_out_for_old_guest_kernels() {
+    const ZTAILPACKING: u32 = 0x10; // EROFS_FEATURE_INCOMPAT_ZTAILPACKING
+    let utils = storedisk_testkit::newest_erofs_utils();
+    let store = store_for(&utils);
+    let work = tempfile::tempdir().unwrap();
+    let mut features = BTreeMap::new();
+    for setting in ["true", "false"] {
+        let image = work.path().join(format!("{setting}.erofs"));
+        assert_success(&build(
+            &store,
+            "erofs",
+            &image,
+            &[
+                "--mkfs-erofs",
+                utils.mkfs.to_str().unwrap(),
+                "--erofs-ztailpacking",
+                setting,
+            ],
+        ));
+        let extracted = work.path().join(format!("{setting}.x"));
+        extract_erofs(&utils.fsck, &image, &extracted);
+        assert_holds_closure(&extracted, store.closure());
+        features.insert(setting, erofs_incompat_features(&image) & ZTAILPACKING);
+    }
+    assert_eq!(features["true"], ZTAILPACKING, "the default packs tails");
+    assert_eq!(features["false"], 0, "--erofs-ztailpacking false must not");
+}
+
 #[test]
 fn without_mkfs_erofs_the_newest_installed_one_is_used_whatever_the_path_order() {
     let all = erofs_utils();

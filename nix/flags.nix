@@ -1,0 +1,121 @@
+# How the NixOS module (nix/module.nix) reads microvm.nix's store-disk options: pure functions
+# over strings, with builtins only (no nixpkgs), so `cargo xtask test` evaluates them with real
+# Nix (nix/tests.nix) on a machine without nixpkgs.
+#
+#   erofs FLAGS       microvm.storeDiskErofsFlags (mkfs.erofs flags) -> `storedisk build` flags
+#   squashfs FLAGS    microvm.storeDiskSquashfsFlags (gensquashfs flags) -> the same
+#   kernelParams P    microvm.kernelParams with the string context of init= and regInfo= (the
+#                     paths the store disk holds) discarded, every other parameter kept as is
+#
+# What storedisk cannot do is refused with an evaluation error naming the option and the flag;
+# flags that storedisk sets itself (timestamps, ownership, label, UUID) are accepted and left to
+# it, as the image must stay reproducible.
+let
+  startsWith = prefix: s: builtins.substring 0 (builtins.stringLength prefix) s == prefix;
+  dropPrefix = prefix: s:
+    builtins.substring (builtins.stringLength prefix) (builtins.stringLength s) s;
+  stripPrefix = prefix: s: if startsWith prefix s then dropPrefix prefix s else s;
+  splitComma = s: builtins.filter builtins.isString (builtins.split "," s);
+  isDigits = s: builtins.match "[0-9]+" s != null;
+
+  refuse = option: flag: why: throw
+    "storedisk: ${option} holds \"${flag}\", which storedisk cannot honour: ${why}. Remove it, or set storedisk.enable = false to build the store disk with microvm.nix's own tools.";
+
+  erofsOption = "microvm.storeDiskErofsFlags";
+  squashfsOption = "microvm.storeDiskSquashfsFlags";
+
+  # storedisk's erofs compressions (mkfs.erofs names).
+  erofsCompressions = [ "lz4" "lz4hc" "zstd" "lzma" "deflate" ];
+  # Set by storedisk itself, for reproducible images: accepted, not passed on.
+  erofsOwnFlags = [ "--all-root" "-T0" "-Uclear" "--mount-point=/nix/store" "-Lnix-store" ];
+
+  # "-zlz4hc", "-zlz4hc,12", "-zlz4hc,level=12" -> { compression; level; }
+  erofsCompression = flag:
+    let
+      parts = splitComma (dropPrefix "-z" flag);
+      algorithm = builtins.head parts;
+      rest = builtins.tail parts;
+      levelText = if rest == [ ] then null else stripPrefix "level=" (builtins.head rest);
+    in
+    if !(builtins.elem algorithm erofsCompressions) then
+      refuse erofsOption flag "storedisk's erofs compressions are ${toString erofsCompressions}"
+    else if builtins.length rest > 1 || (levelText != null && !(isDigits levelText)) then
+      refuse erofsOption flag "only -zALGORITHM or -zALGORITHM,LEVEL is understood"
+    else { compression = algorithm; level = levelText; };
+
+  # "-Eztailpacking,fragments" -> [ "ztailpacking" "fragments" ]
+  erofsExtended = flag:
+    let features = splitComma (dropPrefix "-E" flag);
+    in map (feature:
+      if builtins.elem feature [ "ztailpacking" "fragments" ] then feature
+      else if feature == "dedupe" then
+        refuse erofsOption flag "storedisk streams the closure to mkfs.erofs as tar, where -Ededupe does not apply (hard links are kept, so identical files within a store path are stored once)"
+      else refuse erofsOption flag "of mkfs.erofs's extended options storedisk passes ztailpacking and fragments only"
+    ) features;
+
+  compressionArgs = c:
+    if c == null then [ ]
+    else [ "--compression" c.compression ]
+      ++ (if c.level == null then [ ] else [ "--compression-level" c.level ]);
+
+  last = list: builtins.elemAt list (builtins.length list - 1);
+in
+{
+  erofs = flags:
+    let
+      compressions = map erofsCompression (builtins.filter (startsWith "-z") flags);
+      extended = builtins.concatLists (map erofsExtended (builtins.filter (startsWith "-E") flags));
+      unknown = builtins.filter (f:
+        !(startsWith "-z" f) && !(startsWith "-E" f) && !(builtins.elem f erofsOwnFlags)
+      ) flags;
+    in
+    if unknown != [ ] then
+      refuse erofsOption (builtins.head unknown) "storedisk understands -zALGORITHM[,LEVEL] and -Eztailpacking/-Efragments (and sets timestamps, ownership, label and UUID itself)"
+    else
+      compressionArgs (if compressions == [ ] then null else last compressions)
+      ++ [ "--erofs-ztailpacking" (if builtins.elem "ztailpacking" extended then "true" else "false") ]
+      ++ (if builtins.elem "fragments" extended then [ "--erofs-fragments" ] else [ ]);
+
+  squashfs = flags:
+    let
+      # gensquashfs takes options with their value as the next word.
+      go = acc: rest:
+        if rest == [ ] then acc
+        else
+          let
+            flag = builtins.head rest;
+            tail = builtins.tail rest;
+            value = if tail == [ ] then refuse squashfsOption flag "it needs a value" else builtins.head tail;
+            after = builtins.tail tail;
+          in
+          if flag == "-c" || flag == "--compressor" then
+            (if builtins.elem value [ "zstd" "xz" "gzip" "lz4" ]
+             then go (acc // { compression = value; }) after
+             else refuse squashfsOption "${flag} ${value}" "storedisk's squashfs compressions are zstd, xz, gzip and lz4")
+          else if flag == "-X" || flag == "--comp-extra" then
+            (let level = dropPrefix "level=" value; in
+             if startsWith "level=" value && isDigits level
+             then go (acc // { inherit level; }) after
+             else refuse squashfsOption "${flag} ${value}" "of the compressor options storedisk understands level=N only")
+          else if flag == "-j" || flag == "--num-jobs" then
+            # Compression threads: storedisk uses every core, and the image does not depend on it.
+            go acc after
+          else if flag == "-b" || flag == "--block-size" then
+            (if value == "131072" then go acc after
+             else refuse squashfsOption "${flag} ${value}" "storedisk writes 128 KiB blocks")
+          else if flag == "--all-root" || flag == "-q" || flag == "--quiet" then go acc tail
+          else refuse squashfsOption flag "storedisk understands -c, -X level=N, -j and -b 131072";
+      parsed = go { compression = null; level = null; } flags;
+    in
+    if parsed.compression == null && parsed.level == null then [ ]
+    else compressionArgs {
+      compression = if parsed.compression == null then "zstd" else parsed.compression;
+      inherit (parsed) level;
+    };
+
+  kernelParams = params: map (p:
+    if startsWith "init=" p || startsWith "regInfo=" p
+    then builtins.unsafeDiscardStringContext p
+    else p
+  ) params;
+}
