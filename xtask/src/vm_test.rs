@@ -263,25 +263,16 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let layered = layered::run_all(
-        &toolchain,
-        &nix_args,
-        &args,
-        &storedisk,
-        &work,
-        &logs,
-        accel,
-        &mut phases,
-    )?;
-    let aarch64 = aarch64::run_all(
-        &toolchain,
-        &nix_args,
-        &args,
-        &storedisk,
-        &work,
-        &logs,
-        &mut phases,
-    )?;
+    let harness = Harness {
+        toolchain: &toolchain,
+        nix_args: &nix_args,
+        args: &args,
+        storedisk: &storedisk,
+        work: &work,
+        logs: &logs,
+    };
+    let layered = layered::run_all(&harness, accel, &mut phases)?;
+    let aarch64 = aarch64::run_all(&harness, &mut phases)?;
 
     let total = started.elapsed().as_secs_f64();
     eprintln!("\nphases:");
@@ -343,6 +334,18 @@ fn build_storedisk() -> Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
+}
+
+/// What the harness's later phases (aarch64.rs, layered.rs) work with.
+pub struct Harness<'a> {
+    pub toolchain: &'a Toolchain,
+    nix_args: &'a NixArgs,
+    pub args: &'a VmTestArgs,
+    /// The `storedisk` binary the verify steps run.
+    pub storedisk: &'a Path,
+    /// target/vm-test
+    pub work: &'a Path,
+    pub logs: &'a Path,
 }
 
 struct NixArgs {

@@ -15,14 +15,12 @@ use std::process::Output;
 use sha2::{Digest, Sha256};
 use storedisk_nix::nar::hash_path;
 use storedisk_nix::{Closure, StoreDir};
-use storedisk_testkit::{store_path_for, tool, ErofsUtils, SyntheticStore};
+use storedisk_testkit::{
+    assert_success, listing, store_path_for, text, tool, ErofsUtils, SyntheticStore,
+};
 
 fn storedisk() -> assert_cmd::Command {
     assert_cmd::Command::new(env!("CARGO_BIN_EXE_storedisk"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -42,16 +40,6 @@ fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) ->
         .args(extra)
         .args(store.roots().iter().map(|r| store.logical(r)));
     cmd.output().unwrap()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "storedisk failed ({}):\nstdout: {}\nstderr: {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
 }
 
 /// Every erofs-utils the tests can reach; microvm.nix's flags need one of 1.6+ among them.
@@ -433,16 +421,6 @@ fn images_are_byte_identical_whatever_the_root_order_directory_threads_or_listin
             "{format} images of the same closure differ"
         );
     }
-}
-
-/// Files in `dir`, for checking that nothing (output or temp file) was left behind.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Runs a build expected to fail: exit code 2, stderr naming `culprit`, `out_dir` left empty.

@@ -8,16 +8,12 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use storedisk_testkit::{tool, SyntheticStore};
+use storedisk_testkit::{text, tool, SyntheticStore};
 
 const FILES: [&str; 3] = ["registration", "store-paths", "total-nar-size"];
 
 fn storedisk() -> assert_cmd::Command {
     assert_cmd::Command::new(env!("CARGO_BIN_EXE_storedisk"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn closure_info(closure: &Path, output: &Path, extra: &[&str]) -> Output {

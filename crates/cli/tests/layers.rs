@@ -13,24 +13,14 @@ use std::path::Path;
 use std::process::Output;
 
 use storedisk_nix::nar::hash_path;
-use storedisk_testkit::{newest_erofs_utils, tool, SyntheticStore};
+use storedisk_testkit::{assert_success, listing, newest_erofs_utils, text, tool, SyntheticStore};
 
 fn storedisk() -> assert_cmd::Command {
     assert_cmd::Command::new(env!("CARGO_BIN_EXE_storedisk"))
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn ok(output: Output) -> Output {
-    assert!(
-        output.status.success(),
-        "storedisk failed ({}):\nstdout: {}\nstderr: {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
+    assert_success(&output);
     output
 }
 
@@ -183,14 +173,6 @@ fn layered_builds_are_byte_identical_and_replace_only_an_earlier_build() {
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     ok(build(&a));
     ok(build(&b));
-    let listing = |dir: &Path| {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
     assert_eq!(listing(&a), listing(&b));
     for name in listing(&a) {
         assert_eq!(

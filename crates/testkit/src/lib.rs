@@ -1,6 +1,7 @@
 //! Test fixtures shared by storedisk's test suites: a synthetic Nix store holding every case a
 //! store disk must get right, written to a temp directory with its closure as
-//! exportReferencesGraph JSON, and a lookup for the external tools tests use as oracles.
+//! exportReferencesGraph JSON, a lookup for the external tools tests use as oracles, and helpers
+//! to read what a command under test printed.
 //!
 //! Everything here is deterministic: the same code gives the same store paths and bytes on
 //! every machine. The NAR hashes in the closure come from `storedisk_nix::nar::hash_path`, which
@@ -8,9 +9,11 @@
 
 #![allow(clippy::unwrap_used)] // Test support: a failure to set up a fixture should panic loudly.
 
+mod output;
 mod synthetic;
 mod tools;
 
+pub use output::{assert_success, listing, text};
 pub use synthetic::{
     pseudo_random_bytes, store_path_for, StorePathSpec, SyntheticStore, SyntheticStoreBuilder,
 };

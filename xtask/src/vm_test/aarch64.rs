@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::boot::{Accel, AccelChoice};
 use super::plan::{self, PlanEntry, Selection};
-use super::{NixArgs, Phases, Run, VmTestArgs};
-use crate::tools::{self, Toolchain, ELF_MACHINE_AARCH64};
+use super::{Harness, Phases, Run, VmTestArgs};
+use crate::tools::{self, ELF_MACHINE_AARCH64};
 
 /// The scenario name of the aarch64 runs (plan entries, labels, snapshot names).
 pub const SCENARIO: &str = "aarch64";
@@ -87,30 +87,28 @@ pub fn x86_64_scenarios(scenarios: &[String]) -> Vec<String> {
 
 /// Evaluates, builds, boots, verifies and copies the aarch64 guest's runs, each step timed as
 /// its own phase.
-pub fn run_all(
-    toolchain: &Toolchain,
-    nix_args: &NixArgs,
-    args: &VmTestArgs,
-    storedisk: &Path,
-    work: &Path,
-    logs: &Path,
-    phases: &mut Phases,
-) -> Result<Outcome> {
-    if !selected(&args.scenario) {
+pub fn run_all(harness: &Harness<'_>, phases: &mut Phases) -> Result<Outcome> {
+    if !selected(&harness.args.scenario) {
         eprintln!("aarch64 guest: not selected (--scenario)");
         return Ok(Outcome::default());
     }
     let plan = phases.time("aarch64 evaluate", || {
-        super::evaluate(toolchain, nix_args, "aarch64.plan")
+        super::evaluate(harness.toolchain, harness.nix_args, "aarch64.plan")
     })?;
-    let plan = select(plan, args)?;
+    let plan = select(plan, harness.args)?;
     if plan.is_empty() {
         eprintln!("aarch64 guest: no run selected (--disk/--variant)");
         return Ok(Outcome::default());
     }
     eprintln!("{} aarch64 runs selected", plan.len());
     phases.time("aarch64 nix build", || {
-        super::build(toolchain, nix_args, &plan, logs, "nix-build-aarch64.log")
+        super::build(
+            harness.toolchain,
+            harness.nix_args,
+            &plan,
+            harness.logs,
+            "nix-build-aarch64.log",
+        )
     })?;
     let mut runs: Vec<Run> = plan.into_iter().map(Run::new).collect();
     // The runners pin `-accel tcg -cpu max` themselves; the boot settings are the user's, with
@@ -120,21 +118,26 @@ pub fn run_all(
         disk: Vec::new(),
         variant: Vec::new(),
         accel: AccelChoice::Tcg,
-        boot_all: args.boot_all,
-        boot_timeout: args.boot_timeout.max(MIN_BOOT_TIMEOUT.as_secs()),
-        jobs: args.jobs,
+        boot_all: harness.args.boot_all,
+        boot_timeout: harness.args.boot_timeout.max(MIN_BOOT_TIMEOUT.as_secs()),
+        jobs: harness.args.jobs,
     };
     phases.time("aarch64 boot", || {
-        super::boot_all(&mut runs, Accel::Tcg, &boot_args, logs)
+        super::boot_all(&mut runs, Accel::Tcg, &boot_args, harness.logs)
     })?;
     phases.time("aarch64 closures", || {
-        super::runner_facts_all(&mut runs, toolchain, work)
+        super::runner_facts_all(&mut runs, harness.toolchain, harness.work)
     })?;
     phases.time("aarch64 verify", || {
-        super::verify_all(&mut runs, toolchain, storedisk, work)
+        super::verify_all(
+            &mut runs,
+            harness.toolchain,
+            harness.storedisk,
+            harness.work,
+        )
     })?;
     phases.time("aarch64 transfer", || {
-        super::transfer_all(&mut runs, toolchain, work)
+        super::transfer_all(&mut runs, harness.toolchain, harness.work)
     })?;
     // The guest's `sw/bin/busybox` links to the packed arm64 busybox.
     let toplevel = Path::new(&runs[0].plan.toplevel);

@@ -25,7 +25,7 @@ use storedisk_verifier::ImageFormat;
 use super::boot::{self, Accel, BootOutcome};
 use super::transfer::{self, CachedPath};
 use super::verify::{self, Verdict};
-use super::{NixArgs, Phases, VmTestArgs};
+use super::{Harness, Phases, VmTestArgs};
 use crate::tools::Toolchain;
 
 /// The scenario name (`--scenario layered`, snapshot names).
@@ -168,25 +168,23 @@ pub fn selected(scenarios: &[String]) -> bool {
 
 /// Evaluates (import from derivation: the layer plans are computed then), builds, boots,
 /// verifies and copies the layered scenario's runners, each step a phase.
-pub fn run_all(
-    toolchain: &Toolchain,
-    nix_args: &NixArgs,
-    args: &VmTestArgs,
-    storedisk: &Path,
-    work: &Path,
-    logs: &Path,
-    accel: Accel,
-    phases: &mut Phases,
-) -> Result<Outcome> {
-    if !selected(&args.scenario) {
+pub fn run_all(harness: &Harness<'_>, accel: Accel, phases: &mut Phases) -> Result<Outcome> {
+    if !selected(&harness.args.scenario) {
         eprintln!("layered scenario: not selected (--scenario)");
         return Ok(Outcome::default());
     }
     let entries: Vec<Entry> = phases.time("layered evaluate", || {
         // `nix eval`, not `nix-instantiate --eval`: the latter opens the store read-only,
         // and the layer plans are built while evaluating.
-        let cmd = nix_args
-            .apply(toolchain.nix.cmd("nix").args(["eval", "--json", "--file"]))
+        let cmd = harness
+            .nix_args
+            .apply(
+                harness
+                    .toolchain
+                    .nix
+                    .cmd("nix")
+                    .args(["eval", "--json", "--file"]),
+            )
             .arg("layeredPlan");
         let json = cmd.timeout(Duration::from_secs(3600)).read()?;
         serde_json::from_str(&json)
@@ -194,7 +192,10 @@ pub fn run_all(
     })?;
     let entries: Vec<Entry> = entries
         .into_iter()
-        .filter(|e| args.disk.is_empty() || args.disk.iter().any(|d| *d == e.format.to_string()))
+        .filter(|e| {
+            harness.args.disk.is_empty()
+                || harness.args.disk.iter().any(|d| *d == e.format.to_string())
+        })
         .collect();
     if entries.is_empty() {
         eprintln!("layered scenario: no disk selected (--disk)");
@@ -211,19 +212,21 @@ pub fn run_all(
         }
         let attrs: Vec<&str> = attrs.iter().map(String::as_str).collect();
         super::nix_build_attrs(
-            toolchain,
-            nix_args,
+            harness.toolchain,
+            harness.nix_args,
             &attrs,
-            &logs.join("nix-build-layered.log"),
+            &harness.logs.join("nix-build-layered.log"),
         )
         .map(drop)
     })?;
-    let boots = phases.time("layered boot", || boot_base(&entries, accel, args, logs))?;
+    let boots = phases.time("layered boot", || {
+        boot_base(&entries, accel, harness.args, harness.logs)
+    })?;
     let verdicts = phases.time("layered verify", || {
-        verify_all(&entries, toolchain, storedisk, work)
+        verify_all(&entries, harness.toolchain, harness.storedisk, harness.work)
     })?;
     let mut measured = phases.time("layered transfer", || {
-        transfer_all(&entries, toolchain, work)
+        transfer_all(&entries, harness.toolchain, harness.work)
     })?;
     for m in &mut measured {
         m.boot = boots.get(&(m.format, m.layout)).cloned();
