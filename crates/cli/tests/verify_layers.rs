@@ -2,8 +2,9 @@
 //! halves of the synthetic store's closure (each from a closure file listing exactly its half,
 //! without references), checked as one store disk: complete and disjoint when together they hold
 //! the closure once, `complete` naming what a missing layer held, `disjoint` naming a path
-//! packed twice and both images, exit 2 naming a corrupt or missing layer, a layer of another
-//! format, or a miscounted `--image-path`; every layer's store path travels with the runner.
+//! packed twice and both images, a mismatch naming its layer, exit 2 naming a corrupt or
+//! missing layer, a layer of another format, or a miscounted `--image-path`; every layer's store
+//! path travels with the runner.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
 
@@ -64,6 +65,11 @@ fn paths(store: &SyntheticStore, names: &[&str]) -> Vec<StorePath> {
 /// Builds a `format` image of exactly `paths`: from a closure file that lists them with their
 /// recorded hashes and no references, so the builder packs nothing else.
 fn layer(store: &SyntheticStore, name: &str, format: &str, paths: &[StorePath]) -> PathBuf {
+    layer_with(store, name, &["--format", format], paths)
+}
+
+/// [`layer`] with `storedisk build` flags of the caller's choice.
+fn layer_with(store: &SyntheticStore, name: &str, flags: &[&str], paths: &[StorePath]) -> PathBuf {
     let entries: Vec<Value> = paths
         .iter()
         .map(|p| {
@@ -81,7 +87,9 @@ fn layer(store: &SyntheticStore, name: &str, format: &str, paths: &[StorePath]) 
     let image = store.scratch().join(format!("{name}.img"));
     Cmd::cargo_bin("storedisk")
         .unwrap()
-        .args(["build", "--format", format, "--closure"])
+        .arg("build")
+        .args(flags)
+        .arg("--closure")
         .arg(&closure)
         .arg("--store-dir")
         .arg(store.store_dir())
@@ -259,6 +267,52 @@ fn a_path_in_two_layers_is_a_disjoint_finding_naming_both_images() {
             s(&image_a),
             s(&image_b)
         )),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_the_second_layer_is_a_mismatch_naming_that_layer() {
+    let store = SyntheticStore::tricky();
+    let image_a = layer(&store, "a", "erofs", &paths(&store, &HALF_A));
+    // Uncompressed, so config.json's bytes are in the file as they are.
+    let flags = ["--format", "erofs", "--compression", "none"];
+    let image_b = layer_with(&store, "b", &flags, &paths(&store, &HALF_B));
+    let mut bytes = fs::read(&image_b).unwrap();
+    let needle = b"{\"answer\": 42}";
+    let found: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "config.json's bytes occur once in the image"
+    );
+    bytes[found[0] + 2] ^= 0x20; // "answer" -> "Answer"
+    fs::write(&image_b, &bytes).unwrap();
+    let args = [
+        s(&image_a),
+        s(&image_b),
+        "--closure",
+        s(store.closure_json()),
+    ];
+    let out = verify(&[&args[..], &["--json"]].concat());
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let report = out.json();
+    let integrity = &report["checks"]["integrity"];
+    assert_eq!(integrity["ok"], false);
+    let mismatched = integrity["mismatched"].as_array().unwrap();
+    assert_eq!(mismatched.len(), 1, "{integrity}");
+    let config = store.logical(&store.path("config.json"));
+    assert_eq!(mismatched[0]["path"], config.as_str());
+    assert_eq!(mismatched[0]["layer"], 1);
+    assert_eq!(report["checks"]["disjoint"]["ok"], true);
+    let text = verify(&args).stdout;
+    assert!(
+        text.contains(&format!("  {config} (in {})\n", s(&image_b))),
         "{text}"
     );
 }
