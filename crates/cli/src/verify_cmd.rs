@@ -1,7 +1,8 @@
-//! `storedisk verify`: gathers the inputs (image, closures, Nix database answers), runs the
-//! verifier library and prints its report, readable or `--json`. Exit 0 when every check that
-//! ran is ok (the text report says `nothing checked` instead of `OK` when none ran), 1 on
-//! findings (a `--require`d check that did not run is one), 2 when it could not run.
+//! `storedisk verify`: gathers the inputs (the image or the layers of a set, closures, Nix
+//! database answers), runs the verifier library and prints its report, readable or `--json`.
+//! Exit 0 when every check that ran is ok (the text report says `nothing checked` instead of
+//! `OK` when none ran), 1 on findings (a `--require`d check that did not run is one), 2 when it
+//! could not run (a missing or corrupt image, named).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
-use storedisk_verifier::{nix_db, open_image, CheckName, ImageFile, Limits, VerifyInputs};
+use storedisk_verifier::{
+    nix_db, open_image, CheckName, ImageFile, ImageReader, Layer, Limits, VerifyInputs,
+};
 
 use crate::closure_file::{self, NIX};
 use crate::progress::TerminalProgress;
@@ -19,15 +22,21 @@ use crate::EXIT_FINDINGS;
 #[command(
     after_help = "Checks: complete (the closure is in the image), integrity (NAR hashes match), \
 self_contained (the image's store path has no references), runner_overlap (the runner does not drag \
-guest paths along), policy (runner closure paths match --allow). A check without its inputs is \
+guest paths along), policy (runner closure paths match --allow), disjoint (no store path is in two \
+layers). A check without its inputs is \
 reported as null (not checked), with the flag that would enable it; when no check ran, the report \
 says `nothing checked` instead of `OK`. --require makes a check that did not run a finding.\n\n\
 Exit status: 0 every check that ran is ok (also when none ran: use --require to fail then), \
-1 findings, 2 could not run."
+1 findings, 2 could not run.\n\n\
+Layers: several IMAGEs are the layers of one store disk (each a squashfs or erofs image of whole \
+store paths, all of one format, stacked by the guest with overlayfs). They are checked as one: \
+complete, integrity, runner_overlap and policy over the union of their store paths, self_contained \
+for each image, disjoint across them. Give --image-path once per IMAGE, in order, or not at all."
 )]
 pub struct VerifyArgs {
-    /// The squashfs or erofs store disk image.
-    pub image: PathBuf,
+    /// The squashfs or erofs store disk image; several: the layers of one store disk.
+    #[arg(value_name = "IMAGE", required = true, num_args = 1..)]
+    pub images: Vec<PathBuf>,
     /// The guest closure the image must hold: exportReferencesGraph or `nix path-info --json`
     /// output. Without it, the closure-info registration packed in the image is used, if any.
     #[arg(long, value_name = "FILE")]
@@ -36,9 +45,10 @@ pub struct VerifyArgs {
     /// path). Default: the store directory itself when it exists.
     #[arg(long, value_name = "DIR")]
     pub store_dir: Option<PathBuf>,
-    /// The image's own store path (default: IMAGE itself when it lies in the Nix store).
+    /// The image's own store path (default: IMAGE itself when it lies in the Nix store). With
+    /// layers, repeat it: one per IMAGE, in order.
     #[arg(long, value_name = "STOREPATH")]
-    pub image_path: Option<String>,
+    pub image_path: Vec<String>,
     /// The runner (microvm.nix's `microvm.declaredRunner`); its closure is read from Nix unless
     /// --runner-closure is given.
     #[arg(long, value_name = "STOREPATH")]
@@ -70,6 +80,7 @@ pub enum RequiredCheck {
     #[value(name = "runner_overlap", alias = "runner-overlap")]
     RunnerOverlap,
     Policy,
+    Disjoint,
     All,
 }
 
@@ -81,6 +92,7 @@ impl RequiredCheck {
             RequiredCheck::SelfContained => &[CheckName::SelfContained],
             RequiredCheck::RunnerOverlap => &[CheckName::RunnerOverlap],
             RequiredCheck::Policy => &[CheckName::Policy],
+            RequiredCheck::Disjoint => &[CheckName::Disjoint],
             RequiredCheck::All => &CheckName::ALL,
         }
     }
@@ -88,25 +100,53 @@ impl RequiredCheck {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let store_dir = StoreDir::default();
-    let file = ImageFile::open(&args.image)?;
-    let image = file.source();
-    let reader = open_image(image, &Limits::default())
-        .with_context(|| format!("{}", args.image.display()))?;
+    if !args.image_path.is_empty() && args.image_path.len() != args.images.len() {
+        anyhow::bail!(
+            "--image-path given {} time(s) for {} IMAGE(s): give it once per IMAGE, in order, \
+             or not at all",
+            args.image_path.len(),
+            args.images.len()
+        );
+    }
+    let files = args
+        .images
+        .iter()
+        .map(|image| ImageFile::open(image))
+        .collect::<Result<Vec<_>, _>>()?;
+    let readers = files
+        .iter()
+        .map(|file| {
+            open_image(file, &Limits::default())
+                .with_context(|| format!("{}", file.path().display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut layers = Vec::with_capacity(files.len());
+    for (i, (file, reader)) in files.iter().zip(&readers).enumerate() {
+        let image_path = match args.image_path.get(i) {
+            Some(text) => Some(
+                store_dir
+                    .parse_path_or_base_name(text)
+                    .with_context(|| format!("--image-path {text:?}"))?,
+            ),
+            None => store_path_containing(file.path(), &store_dir),
+        };
+        let image_references = image_path.as_ref().map(|p| {
+            nix_db::query_references(NIX, &store_dir.display(p), &store_dir)
+                .map_err(|e| e.to_string())
+        });
+        let reader: &dyn ImageReader = reader.as_ref();
+        layers.push(Layer {
+            label: file.path().display().to_string(),
+            image: file.source(),
+            reader,
+            image_path,
+            image_references,
+        });
+    }
 
-    let recorded = storedisk_verifier::recorded_closure(reader.as_ref(), &store_dir)?;
+    let recorded = storedisk_verifier::recorded_closure(&layers, &store_dir)?;
     let registration_path = recorded.as_ref().map(|(path, _)| path.clone());
     let guest = guest_closure(&args, recorded, &store_dir)?;
-    let image_path = match &args.image_path {
-        Some(text) => Some(
-            store_dir
-                .parse_path_or_base_name(text)
-                .with_context(|| "--image-path".to_owned())?,
-        ),
-        None => store_path_containing(&args.image, &store_dir),
-    };
-    let image_references = image_path.as_ref().map(|p| {
-        nix_db::query_references(NIX, &store_dir.display(p), &store_dir).map_err(|e| e.to_string())
-    });
     let runner = runner(&args, &store_dir)?;
     let physical_store = args
         .store_dir
@@ -116,24 +156,16 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let inputs = VerifyInputs {
         store_dir: store_dir.clone(),
         guest,
-        image_path,
-        image_references,
         registration_path,
         runner,
         allow: args.allow.clone(),
         physical_store,
     };
     let progress = TerminalProgress::stderr();
-    progress.phase(
-        "verifying",
-        storedisk_verifier::progress_total(reader.as_ref(), image),
-    );
-    let label = args.image.display().to_string();
-    let report = storedisk_verifier::verify(&label, image, reader.as_ref(), &inputs, &|n| {
-        progress.advance(n)
-    });
+    progress.phase("verifying", storedisk_verifier::progress_total(&layers));
+    let report = storedisk_verifier::verify(&layers, &inputs, &|n| progress.advance(n));
     progress.finish();
-    let mut report = report.with_context(|| format!("{}", args.image.display()))?;
+    let mut report = report?;
     let required: Vec<CheckName> = args
         .require
         .iter()

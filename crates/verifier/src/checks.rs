@@ -1,5 +1,9 @@
-//! The five checks, as pure functions over data: the inventory, closures, the image's recorded
+//! The six checks, as pure functions over data: the inventory, closures, the image's recorded
 //! references and the reference scanner's prediction. Nothing here starts a process.
+//!
+//! A set of layers is checked as one store disk: `complete`, `integrity`, `runner_overlap` and
+//! `policy` see the layers' merged [`Inventory`]; `self_contained` is checked per image and
+//! merged ([`merge_self_contained`]); `disjoint` compares the layers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -11,8 +15,8 @@ use crate::error::VerifyError;
 use crate::inventory::{InvalidEntry, Inventory};
 use crate::locate::locate_reference;
 use crate::report::{
-    Complete, Integrity, InvalidEntryReport, Leak, Mismatch, Missing, Policy, RunnerOverlap,
-    SelfContained, Violation,
+    Complete, Disjoint, Duplicate, Integrity, InvalidEntryReport, Leak, Mismatch, Missing, Policy,
+    RunnerOverlap, SelfContained, Violation,
 };
 
 /// Where the guest closure came from.
@@ -139,12 +143,14 @@ pub fn check_complete(
             needed_by,
         });
     }
-    let extra = inventory
+    let mut extra: Vec<String> = inventory
         .paths
         .iter()
         .filter(|p| !closure.contains(&p.path))
         .map(|p| store_dir.display(&p.path))
         .collect();
+    // A path in two layers is one extra path.
+    extra.dedup();
     Complete {
         ok: Some(missing.is_empty()),
         why: None,
@@ -164,8 +170,9 @@ pub fn check_integrity(
     let invalid_entries: Vec<InvalidEntryReport> = inventory
         .invalid
         .iter()
-        .map(|InvalidEntry { name, why }| InvalidEntryReport {
+        .map(|InvalidEntry { name, why, layer }| InvalidEntryReport {
             name: name.clone(),
+            layer: *layer,
             why: why.clone(),
         })
         .collect();
@@ -198,6 +205,7 @@ pub fn check_integrity(
         if expected != packed.nar_hash || size_differs {
             mismatched.push(Mismatch {
                 path: store_dir.display(&packed.path),
+                layer: packed.layer,
                 expected: expected.to_nix32(),
                 actual: packed.nar_hash.to_nix32(),
                 expected_size: info.nar_size,
@@ -242,6 +250,10 @@ pub fn check_self_contained(
         .collect();
     let base = SelfContained {
         image_path: image_path.map(|p| store_dir.display(p)),
+        image_paths: image_path
+            .map(|p| store_dir.display(p))
+            .into_iter()
+            .collect(),
         would_reference_count: would.len(),
         would_reference: would,
         ..SelfContained::default()
@@ -271,6 +283,89 @@ pub fn check_self_contained(
                 ..base
             }
         }
+    }
+}
+
+/// `self_contained` of a set of layers from each image's own (`(label, result)`, in layer
+/// order): failed when any image has references, passed when every image passed, otherwise not
+/// checked, with the first image's reason. References are the union of the images'. A single
+/// image's result is returned as it is.
+pub fn merge_self_contained(per_image: Vec<(String, SelfContained)>) -> SelfContained {
+    if per_image.len() == 1 {
+        if let Some((_, only)) = per_image.into_iter().next() {
+            return only;
+        }
+        return SelfContained::default();
+    }
+    let oks: Vec<Option<bool>> = per_image.iter().map(|(_, s)| s.ok).collect();
+    let ok = if oks.contains(&Some(false)) {
+        Some(false)
+    } else if !oks.is_empty() && oks.iter().all(|ok| *ok == Some(true)) {
+        Some(true)
+    } else {
+        None
+    };
+    let why = if ok.is_none() {
+        per_image
+            .iter()
+            .find(|(_, s)| s.ok.is_none())
+            .map(|(label, s)| format!("{label}: {}", s.why.as_deref().unwrap_or("not checked")))
+    } else {
+        None
+    };
+    let image_path = per_image.first().and_then(|(_, s)| s.image_path.clone());
+    let mut image_paths = Vec::new();
+    let mut references = BTreeSet::new();
+    let mut would = BTreeSet::new();
+    for (_, s) in per_image {
+        image_paths.extend(s.image_path);
+        references.extend(s.references);
+        would.extend(s.would_reference);
+    }
+    SelfContained {
+        ok,
+        why,
+        image_path,
+        image_paths,
+        references: references.into_iter().collect(),
+        would_reference_count: would.len(),
+        would_reference: would.into_iter().collect(),
+    }
+}
+
+/// `disjoint`: no store path is at the root of two of the layers named `labels` (indexed by
+/// [`crate::PackedPath::layer`]). Not checked for a single image.
+pub fn check_disjoint(inventory: &Inventory, labels: &[String], store_dir: &StoreDir) -> Disjoint {
+    if labels.len() < 2 {
+        return Disjoint {
+            why: Some("one image: nothing to compare".to_owned()),
+            layers: labels.len(),
+            ..Disjoint::default()
+        };
+    }
+    let label = |layer: usize| {
+        labels
+            .get(layer)
+            .cloned()
+            .unwrap_or_else(|| format!("layer {layer}"))
+    };
+    let mut duplicates = Vec::new();
+    // The inventory is sorted by path, then layer: copies of a path are neighbours.
+    for copies in inventory.paths.chunk_by(|a, b| a.path == b.path) {
+        if let [first, ..] = copies {
+            if copies.len() > 1 {
+                duplicates.push(Duplicate {
+                    path: store_dir.display(&first.path),
+                    images: copies.iter().map(|p| label(p.layer)).collect(),
+                });
+            }
+        }
+    }
+    Disjoint {
+        ok: Some(duplicates.is_empty()),
+        why: None,
+        layers: labels.len(),
+        duplicates,
     }
 }
 
@@ -307,11 +402,12 @@ pub fn guest_roots(
 }
 
 /// `runner_overlap`: what the runner's closure holds only through the guest side.
+/// `image_paths` are the store paths of the image, or of every layer of a set.
 pub fn check_runner_overlap(
     inventory: &Inventory,
     guest: Option<&GuestClosure>,
     runner: Option<&Runner>,
-    image_path: Option<&StorePath>,
+    image_paths: &[StorePath],
     registration_path: Option<&StorePath>,
     physical_store: Option<&Path>,
     store_dir: &StoreDir,
@@ -331,13 +427,14 @@ pub fn check_runner_overlap(
     );
     // The image itself is meant to travel with the runner; what it references (leak 1) is what
     // leaks, so its edges are cut rather than the paths it points to: a path the runner also
-    // needs by itself (the busybox of its script) stays shared, not leaked.
-    if let Some(me) = image_path {
+    // needs by itself (the busybox of its script) stays shared, not leaked. So does each layer
+    // of a set: every one travels with the runner.
+    for me in image_paths {
         cut.remove(me);
     }
     cut.remove(&runner.path);
     let mut graph = closure.clone();
-    if let Some(me) = image_path {
+    for me in image_paths {
         graph.clear_references(me);
     }
     let all = closure.requisites([runner.path.clone()])?;

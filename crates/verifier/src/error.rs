@@ -32,17 +32,39 @@ pub enum VerifyError {
     /// Inputs that do not fit together (a runner not in its closure, a bad pattern...).
     #[error("{0}")]
     Input(String),
+    /// One image of a store disk (a layer of a set) could not be read: which one, and why
+    /// (shown in the message, like `Io`'s cause).
+    #[error("{image}: {cause}")]
+    InImage {
+        image: String,
+        cause: Box<VerifyError>,
+    },
 }
 
 impl VerifyError {
     /// True for errors caused by the image bytes themselves (what a fuzzer may provoke).
     pub fn is_image_error(&self) -> bool {
-        matches!(
-            self,
-            VerifyError::UnknownFormat { .. }
-                | VerifyError::CorruptImage { .. }
-                | VerifyError::LimitExceeded { .. }
-        )
+        match self {
+            VerifyError::InImage { cause, .. } => cause.is_image_error(),
+            other => matches!(
+                other,
+                VerifyError::UnknownFormat { .. }
+                    | VerifyError::CorruptImage { .. }
+                    | VerifyError::LimitExceeded { .. }
+            ),
+        }
+    }
+
+    /// This error, naming the image `label` it happened in; an I/O error already names the
+    /// file and is left as it is.
+    pub fn in_image(self, label: &str) -> Self {
+        match self {
+            VerifyError::Io { .. } | VerifyError::InImage { .. } => self,
+            cause => VerifyError::InImage {
+                image: label.to_owned(),
+                cause: Box::new(cause),
+            },
+        }
     }
 
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {

@@ -22,6 +22,8 @@ pub struct PackedPath {
     /// records for it, as far as they are packed. What the graph checks use when no closure
     /// says; empty unless the inventory was taken with `scan_references`.
     pub references: BTreeSet<StorePath>,
+    /// The image it was read from: its index in a set of layers (0 for a single image).
+    pub layer: usize,
 }
 
 /// An entry at the image root that cannot be a valid store path.
@@ -29,26 +31,52 @@ pub struct PackedPath {
 pub struct InvalidEntry {
     pub name: String,
     pub why: String,
+    /// The image it is a root entry of (see [`PackedPath::layer`]).
+    pub layer: usize,
 }
 
-/// What the image holds.
+/// What the image holds, or what a set of layers holds together ([`Inventory::merge`]).
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
-    /// Sorted by base name.
+    /// Sorted by base name, then layer. A path at the root of several layers (which the
+    /// `disjoint` check reports) has one entry per layer, so every copy is hashed and compared.
     pub paths: Vec<PackedPath>,
     pub invalid: Vec<InvalidEntry>,
 }
 
 impl Inventory {
     pub fn contains(&self, path: &StorePath) -> bool {
-        self.paths.binary_search_by(|p| p.path.cmp(path)).is_ok()
+        self.get(path).is_some()
     }
 
+    /// The path's entry; of several copies, the one of the first layer.
     pub fn get(&self, path: &StorePath) -> Option<&PackedPath> {
-        self.paths
-            .binary_search_by(|p| p.path.cmp(path))
-            .ok()
-            .map(|i| &self.paths[i])
+        let at = self.paths.partition_point(|p| p.path < *path);
+        self.paths.get(at).filter(|p| p.path == *path)
+    }
+
+    /// The union of the inventories of a set of layers, `layers[i]` becoming layer `i`: the
+    /// view through which the checks see the layers as one store disk.
+    pub fn merge(layers: Vec<Inventory>) -> Inventory {
+        let mut merged = Inventory::default();
+        for (layer, inventory) in layers.into_iter().enumerate() {
+            merged.paths.extend(
+                inventory
+                    .paths
+                    .into_iter()
+                    .map(|p| PackedPath { layer, ..p }),
+            );
+            merged.invalid.extend(
+                inventory
+                    .invalid
+                    .into_iter()
+                    .map(|e| InvalidEntry { layer, ..e }),
+            );
+        }
+        merged
+            .paths
+            .sort_by(|a, b| a.path.cmp(&b.path).then(a.layer.cmp(&b.layer)));
+        merged
     }
 }
 
@@ -71,12 +99,14 @@ pub fn root_store_paths(reader: &dyn ImageReader) -> (Vec<(StorePath, NodeId)>, 
                         "{} is {kind}, which a Nix store path cannot contain",
                         tree.path_of(bad)
                     ),
+                    layer: 0,
                 }),
                 None => valid.push((path, id)),
             },
             Err(why) => invalid.push(InvalidEntry {
                 name,
                 why: format!("not a store path name: {why}"),
+                layer: 0,
             }),
         }
     }
@@ -153,15 +183,31 @@ pub fn take_inventory_with(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Inventory, VerifyError> {
+    let candidates: Vec<StorePath> = if scan_references {
+        root_store_paths(reader)
+            .0
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    take_inventory_scanning(reader, &candidates, threads, progress)
+}
+
+/// [`take_inventory`] finding, for each packed path, which of `candidates` it references: the
+/// image's own paths for a single image, every layer's for a layer of a set (a path in one
+/// layer may reference paths in another). No candidates, no scan.
+pub fn take_inventory_scanning(
+    reader: &dyn ImageReader,
+    candidates: &[StorePath],
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Inventory, VerifyError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     let (valid, invalid) = root_store_paths(reader);
-    let candidates: Vec<StorePath> = if scan_references {
-        valid.iter().map(|(p, _)| p.clone()).collect()
-    } else {
-        Vec::new()
-    };
     let tree = reader.tree();
     let mut schedule: Vec<(u64, usize)> = valid
         .iter()
@@ -181,7 +227,7 @@ pub fn take_inventory_with(
             return;
         }
         let (_, index) = schedule[at];
-        let result = hash_node(reader, valid[index].1, &candidates, progress);
+        let result = hash_node(reader, valid[index].1, candidates, progress);
         if result.is_err() {
             first_failure.fetch_min(at, Ordering::Relaxed);
         }
@@ -217,6 +263,7 @@ pub fn take_inventory_with(
             nar_hash,
             nar_size,
             references,
+            layer: 0,
         });
     }
     paths.sort_by(|a, b| a.path.cmp(&b.path));

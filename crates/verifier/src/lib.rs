@@ -1,7 +1,13 @@
 //! storedisk-verifier: opens a squashfs or erofs Nix store disk image (a file read with
 //! positioned reads, or a buffer), inventories the store paths at its root with NAR hashes computed by streaming
 //! the image's files (nothing is extracted), and runs the checks that prove the image is
-//! self-contained: `complete`, `integrity`, `self_contained`, `runner_overlap`, `policy`.
+//! self-contained: `complete`, `integrity`, `self_contained`, `runner_overlap`, `policy`, and
+//! for a set of layers `disjoint`.
+//!
+//! A store disk may also be a set of *layers*: several images of the same format, each holding
+//! whole store paths, disjoint, together the closure (the guest stacks them with overlayfs).
+//! [`verify`] takes the images as [`Layer`]s and checks the set as one store disk: their
+//! inventories are merged ([`Inventory::merge`]) and the `disjoint` check compares them.
 //!
 //! Invariants: read-only; every size, offset and count read from an image is bounded
 //! ([`Limits`]) before it drives an allocation or a loop, and a panic inside a format library
@@ -32,6 +38,31 @@ pub use limits::Limits;
 pub use reader::{open_image, ImageReader};
 pub use report::{CheckName, Report};
 
+/// One image of the store disk to verify: the image, or one layer of a set.
+pub struct Layer<'a> {
+    /// How to name the image in the report and in errors (the IMAGE argument as given).
+    pub label: String,
+    /// The image's bytes.
+    pub image: ImageSource<'a>,
+    /// The image opened over them.
+    pub reader: &'a (dyn ImageReader + 'a),
+    /// The image's own store path, when it is one.
+    pub image_path: Option<StorePath>,
+    /// The image's references from the Nix database, or why they are unknown.
+    pub image_references: Option<Result<BTreeSet<StorePath>, String>>,
+}
+
+impl std::fmt::Debug for Layer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("label", &self.label)
+            .field("format", &self.reader.format())
+            .field("image_path", &self.image_path)
+            .field("image_references", &self.image_references)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything besides the image that the checks use. Each missing input makes the checks that
 /// need it `null`.
 #[derive(Debug, Clone, Default)]
@@ -39,10 +70,6 @@ pub struct VerifyInputs {
     /// The logical store directory (`/nix/store`).
     pub store_dir: StoreDir,
     pub guest: Option<GuestClosure>,
-    /// The image's own store path.
-    pub image_path: Option<StorePath>,
-    /// The image's references from the Nix database, or why they are unknown.
-    pub image_references: Option<Result<BTreeSet<StorePath>, String>>,
     pub runner: Option<Runner>,
     /// The closure-info packed in the image, if any ([`recorded_closure`]): its registration
     /// lists the closure rather than using it, which matters for the guest roots.
@@ -54,14 +81,33 @@ pub struct VerifyInputs {
 }
 
 /// Bytes the progress callback will be told about in total for [`verify`]: file data hashed
-/// plus image bytes scanned for references.
-pub fn progress_total(reader: &dyn ImageReader, image: ImageSource<'_>) -> u64 {
-    reader.tree().file_bytes().saturating_add(image.len())
+/// plus image bytes scanned for references, over every layer.
+pub fn progress_total(layers: &[Layer<'_>]) -> u64 {
+    layers.iter().fold(0u64, |total, layer| {
+        total
+            .saturating_add(layer.reader.tree().file_bytes())
+            .saturating_add(layer.image.len())
+    })
 }
 
-/// The closure recorded in the image: the `registration` file of a packed closure-info path
-/// (nixpkgs `closureInfo`), if there is one. Returns the closure-info path and its closure.
+/// The closure recorded in the store disk: the `registration` file of a packed closure-info
+/// path (nixpkgs `closureInfo`) in the first layer that has one. Returns the closure-info path
+/// and its closure.
 pub fn recorded_closure(
+    layers: &[Layer<'_>],
+    store_dir: &StoreDir,
+) -> Result<Option<(StorePath, Closure)>, VerifyError> {
+    for layer in layers {
+        let found =
+            recorded_closure_in(layer.reader, store_dir).map_err(|e| e.in_image(&layer.label))?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+fn recorded_closure_in(
     reader: &dyn ImageReader,
     store_dir: &StoreDir,
 ) -> Result<Option<(StorePath, Closure)>, VerifyError> {
@@ -82,38 +128,87 @@ pub fn recorded_closure(
     Ok(None)
 }
 
-/// Runs every check. `image` is where the image's bytes are, `reader` the opened image over them,
-/// `label` how to name the image in the report. `progress` receives byte counts (it may be
-/// called from two threads: hashing and reference scanning run in parallel).
+/// Runs every check over the store disk made of `layers` (one image, or the layers of a set,
+/// all of one format; their order gives the report's layer indexes). `progress` receives byte counts (it
+/// may be called from two threads: hashing and reference scanning run in parallel).
+///
+/// Each layer is inventoried and scanned for references on its own; an error names the layer.
 pub fn verify(
-    label: &str,
-    image: ImageSource<'_>,
-    reader: &dyn ImageReader,
+    layers: &[Layer<'_>],
     inputs: &VerifyInputs,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report, VerifyError> {
     let store_dir = &inputs.store_dir;
-    // Candidates for "what would Nix record": everything the build of the image could see.
-    let mut candidates: BTreeSet<StorePath> = inventory::root_store_paths(reader)
-        .0
-        .into_iter()
+    let Some(first) = layers.first() else {
+        return Err(VerifyError::Input("no image to verify".to_owned()));
+    };
+    let format = first.reader.format();
+    if let Some(odd) = layers.iter().find(|l| l.reader.format() != format) {
+        return Err(VerifyError::Input(format!(
+            "{} is {}, but {} is {}: the layers of one store disk must share a format",
+            odd.label,
+            odd.reader.format(),
+            first.label,
+            format
+        )));
+    }
+    // Every layer's root store paths: a path in one layer may reference one in another.
+    let packed: BTreeSet<StorePath> = layers
+        .iter()
+        .flat_map(|l| inventory::root_store_paths(l.reader).0)
         .map(|(p, _)| p)
         .collect();
+    // Candidates for "what would Nix record": everything the build of an image could see.
+    let mut candidates = packed.clone();
     if let Some(guest) = &inputs.guest {
         candidates.extend(guest.closure.iter().map(|i| i.path.clone()));
     }
-    let (inventory, would_reference) = std::thread::scope(|scope| {
-        let scan = scope.spawn(|| inventory::predict_references(image, candidates, progress));
-        // Packed paths' own references are needed only when no guest closure records them.
-        let inventory = take_inventory(reader, inputs.guest.is_none(), progress);
+    // Packed paths' own references are needed only when no guest closure records them.
+    let scan_for: Vec<StorePath> = match inputs.guest {
+        Some(_) => Vec::new(),
+        None => packed.into_iter().collect(),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (inventories, would_reference) = std::thread::scope(|scope| {
+        let scan = scope.spawn(|| {
+            layers
+                .iter()
+                .map(|l| {
+                    inventory::predict_references(l.image, candidates.iter().cloned(), progress)
+                        .map_err(|e| e.in_image(&l.label))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let inventories = layers
+            .iter()
+            .map(|l| {
+                inventory::take_inventory_scanning(l.reader, &scan_for, threads, progress)
+                    .map_err(|e| e.in_image(&l.label))
+            })
+            .collect::<Result<Vec<_>, _>>();
         let would = scan
             .join()
             .map_err(|_| VerifyError::Input("the reference scanner thread panicked".to_owned()));
-        (inventory, would)
+        (inventories, would)
     });
-    let inventory = inventory?;
+    let inventory = Inventory::merge(inventories?);
     let would_reference = would_reference??;
+    let labels: Vec<String> = layers.iter().map(|l| l.label.clone()).collect();
+    let image_paths: Vec<StorePath> = layers.iter().filter_map(|l| l.image_path.clone()).collect();
     let guest = inputs.guest.as_ref();
+    let self_contained = layers
+        .iter()
+        .zip(&would_reference)
+        .map(|(l, would)| {
+            let checked = checks::check_self_contained(
+                l.image_path.as_ref(),
+                l.image_references.clone(),
+                would,
+                store_dir,
+            );
+            (l.label.clone(), checked)
+        })
+        .collect();
     let checks = report::Checks {
         complete: checks::check_complete(
             &inventory,
@@ -122,49 +217,56 @@ pub fn verify(
             store_dir,
         ),
         integrity: checks::check_integrity(&inventory, guest, store_dir),
-        self_contained: checks::check_self_contained(
-            inputs.image_path.as_ref(),
-            inputs.image_references.clone(),
-            &would_reference,
-            store_dir,
-        ),
+        self_contained: checks::merge_self_contained(self_contained),
         runner_overlap: checks::check_runner_overlap(
             &inventory,
             guest,
             inputs.runner.as_ref(),
-            inputs.image_path.as_ref(),
+            &image_paths,
             inputs.registration_path.as_ref(),
             inputs.physical_store.as_deref(),
             store_dir,
         )?,
         policy: checks::check_policy(&inventory, inputs.runner.as_ref(), &inputs.allow, store_dir)?,
+        disjoint: checks::check_disjoint(&inventory, &labels, store_dir),
     };
     let findings = checks.complete.missing.len()
         + checks.integrity.mismatched.len()
         + checks.integrity.invalid_entries.len()
         + checks.self_contained.references.len()
         + checks.runner_overlap.paths.len()
-        + checks.policy.violations.len();
-    let ok = [
-        checks.complete.ok,
-        checks.integrity.ok,
-        checks.self_contained.ok,
-        checks.runner_overlap.ok,
-        checks.policy.ok,
-    ]
-    .iter()
-    .all(|c| *c != Some(false));
+        + checks.policy.violations.len()
+        + checks.disjoint.duplicates.len();
+    let ok = checks
+        .statuses()
+        .iter()
+        .all(|(_, ok, _)| *ok != Some(false));
     let checked = checks.ran();
+    let images = labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            let mine = || inventory.paths.iter().filter(|p| p.layer == i);
+            report::ImageEntry {
+                image: label.clone(),
+                format,
+                paths: mine().count(),
+                nar_bytes: mine().map(|p| p.nar_size).sum(),
+            }
+        })
+        .collect();
     Ok(Report {
         ok,
         findings,
-        format: reader.format(),
-        image: label.to_owned(),
+        format,
+        image: first.label.clone(),
+        images,
         paths: inventory
             .paths
             .iter()
             .map(|p| report::PathEntry {
                 path: store_dir.display(&p.path),
+                layer: p.layer,
                 nar_size: p.nar_size,
                 nar_hash: p.nar_hash.to_nix32(),
             })

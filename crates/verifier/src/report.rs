@@ -19,9 +19,13 @@ pub struct Report {
     pub findings: usize,
     /// `"squashfs"` or `"erofs"`.
     pub format: ImageFormat,
-    /// The IMAGE argument as given.
+    /// The IMAGE argument as given; the first one when the store disk is a set of layers.
     pub image: String,
-    /// Store paths at the image root, sorted by base name, hashed from the image contents.
+    /// Every image of the store disk, in the order given: one, or the layers of a set.
+    #[serde(default)]
+    pub images: Vec<ImageEntry>,
+    /// Store paths at the images' roots, sorted by base name (then layer), hashed from the
+    /// image contents. A path at the root of two layers is listed once per layer.
     pub paths: Vec<PathEntry>,
     pub checks: Checks,
     /// The checks that ran (`ok` true or false), in the order of `checks`; empty when nothing
@@ -34,7 +38,7 @@ pub struct Report {
     pub required_not_run: Vec<NotRun>,
 }
 
-/// The five checks by name, as the keys of `checks` and the values of `--require`.
+/// The six checks by name, as the keys of `checks` and the values of `--require`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckName {
@@ -43,16 +47,18 @@ pub enum CheckName {
     SelfContained,
     RunnerOverlap,
     Policy,
+    Disjoint,
 }
 
 impl CheckName {
     /// Every check, in the order of `checks`.
-    pub const ALL: [CheckName; 5] = [
+    pub const ALL: [CheckName; 6] = [
         CheckName::Complete,
         CheckName::Integrity,
         CheckName::SelfContained,
         CheckName::RunnerOverlap,
         CheckName::Policy,
+        CheckName::Disjoint,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +68,7 @@ impl CheckName {
             CheckName::SelfContained => "self_contained",
             CheckName::RunnerOverlap => "runner_overlap",
             CheckName::Policy => "policy",
+            CheckName::Disjoint => "disjoint",
         }
     }
 }
@@ -80,17 +87,32 @@ pub struct NotRun {
     pub why: String,
 }
 
+/// One image of the store disk: the image, or one layer of a set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageEntry {
+    /// The IMAGE argument as given.
+    pub image: String,
+    pub format: ImageFormat,
+    /// Number of store paths at its root.
+    pub paths: usize,
+    /// Sum of the NAR sizes of the store paths at its root.
+    pub nar_bytes: u64,
+}
+
 /// One store path packed in the image.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathEntry {
     pub path: String,
+    /// The image holding it: an index into `images` (0 for a single image).
+    #[serde(default)]
+    pub layer: usize,
     /// NAR size of the path's contents as read from the image.
     pub nar_size: u64,
     /// NAR hash of the path's contents as read from the image (`sha256:<nix32>`).
     pub nar_hash: String,
 }
 
-/// The five checks. Each has `ok`: `true`, `false`, or `null` with `why` when its inputs were
+/// The six checks. Each has `ok`: `true`, `false`, or `null` with `why` when its inputs were
 /// not given. The other fields are always present (empty when the check did not run).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checks {
@@ -99,11 +121,14 @@ pub struct Checks {
     pub self_contained: SelfContained,
     pub runner_overlap: RunnerOverlap,
     pub policy: Policy,
+    /// Absent from reports written before layer sets.
+    #[serde(default)]
+    pub disjoint: Disjoint,
 }
 
 impl Checks {
     /// Each check's name, `ok` and `why`, in schema order.
-    pub fn statuses(&self) -> [(CheckName, Option<bool>, Option<&str>); 5] {
+    pub fn statuses(&self) -> [(CheckName, Option<bool>, Option<&str>); 6] {
         [
             (
                 CheckName::Complete,
@@ -129,6 +154,11 @@ impl Checks {
                 CheckName::Policy,
                 self.policy.ok,
                 self.policy.why.as_deref(),
+            ),
+            (
+                CheckName::Disjoint,
+                self.disjoint.ok,
+                self.disjoint.why.as_deref(),
             ),
         ]
     }
@@ -191,6 +221,9 @@ pub struct Integrity {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {
     pub path: String,
+    /// The image holding this copy: an index into `images`.
+    #[serde(default)]
+    pub layer: usize,
     /// Recorded narHash (`sha256:<nix32>`).
     pub expected: String,
     /// NAR hash of the image's contents.
@@ -204,6 +237,9 @@ pub struct Mismatch {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InvalidEntryReport {
     pub name: String,
+    /// The image it is the root entry of: an index into `images`.
+    #[serde(default)]
+    pub layer: usize,
     pub why: String,
 }
 
@@ -216,9 +252,12 @@ pub struct SelfContained {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
-    /// The image's store path, when known.
+    /// The image's store path, when known (the first image's, for a set of layers).
     pub image_path: Option<String>,
-    /// References Nix recorded for the image (its own path excluded).
+    /// The store paths of every image whose store path is known (each layer of a set).
+    #[serde(default)]
+    pub image_paths: Vec<String>,
+    /// References Nix recorded for the images (each one's own path excluded).
     pub references: Vec<String>,
     /// What Nix *would* record if the image were built without `unsafeDiscardReferences`:
     /// the closure's and the image's store paths whose hash part occurs in the image bytes
@@ -286,6 +325,27 @@ pub struct Violation {
     pub chain: Vec<String>,
 }
 
+/// No store path is at the root of two layers: the guest stacks the layers with overlayfs, so
+/// a second copy would be hidden by (or, for a directory, merged with) the first.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Disjoint {
+    /// `false` when a store path is in two layers; `null` for a single image.
+    pub ok: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// Number of images compared.
+    pub layers: usize,
+    pub duplicates: Vec<Duplicate>,
+}
+
+/// A store path at the root of several layers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Duplicate {
+    pub path: String,
+    /// The images holding it, in the order given.
+    pub images: Vec<String>,
+}
+
 /// `1.5 MiB`-style sizes (binary units, one decimal).
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -320,6 +380,14 @@ impl Report {
             self.findings += not_run.len();
         }
         self.required_not_run.extend(not_run);
+    }
+
+    /// ` (in LABEL)` naming layer `index` of a set; empty for a single image.
+    fn in_layer(&self, index: usize) -> String {
+        match self.images.get(index) {
+            Some(layer) if self.images.len() > 1 => format!(" (in {})", layer.image),
+            _ => String::new(),
+        }
     }
 
     /// True when no check ran: every check is `null`.
@@ -382,12 +450,21 @@ impl Report {
             for m in &c.integrity.mismatched {
                 let _ = writeln!(
                     out,
-                    "  {}\n    expected {}\n    actual   {}",
-                    m.path, m.expected, m.actual
+                    "  {}{}\n    expected {}\n    actual   {}",
+                    m.path,
+                    self.in_layer(m.layer),
+                    m.expected,
+                    m.actual
                 );
             }
             for e in &c.integrity.invalid_entries {
-                let _ = writeln!(out, "  invalid root entry {:?}: {}", e.name, e.why);
+                let _ = writeln!(
+                    out,
+                    "  invalid root entry {:?}{}: {}",
+                    e.name,
+                    self.in_layer(e.layer),
+                    e.why
+                );
             }
         }
         if c.self_contained.ok == Some(false) {
@@ -395,7 +472,15 @@ impl Report {
                 out,
                 "\nself_contained: Nix records {} reference(s) from the image {}",
                 c.self_contained.references.len(),
-                c.self_contained.image_path.as_deref().unwrap_or("?")
+                if c.self_contained.image_paths.len() > 1 {
+                    c.self_contained.image_paths.join(", ")
+                } else {
+                    c.self_contained
+                        .image_path
+                        .as_deref()
+                        .unwrap_or("?")
+                        .to_owned()
+                }
             );
             for r in &c.self_contained.references {
                 let _ = writeln!(out, "  {r}");
@@ -439,15 +524,45 @@ impl Report {
                 );
             }
         }
+        if c.disjoint.ok == Some(false) {
+            let _ = writeln!(
+                out,
+                "\ndisjoint: {} store path(s) are at the root of more than one layer",
+                c.disjoint.duplicates.len()
+            );
+            for d in &c.disjoint.duplicates {
+                let _ = writeln!(out, "  {}\n    in {}", d.path, d.images.join(" and "));
+            }
+        }
         let total: u64 = self.paths.iter().map(|p| p.nar_size).sum();
-        let _ = writeln!(
-            out,
-            "\n{} image {}: {} store paths, {} of NAR content",
-            self.format,
-            self.image,
-            self.paths.len(),
-            human_bytes(total)
-        );
+        if self.images.len() > 1 {
+            let _ = writeln!(
+                out,
+                "\n{} store disk of {} layers: {} store paths, {} of NAR content",
+                self.format,
+                self.images.len(),
+                self.paths.len(),
+                human_bytes(total)
+            );
+            for (i, layer) in self.images.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "  layer {i}: {}: {} store paths, {}",
+                    layer.image,
+                    layer.paths,
+                    human_bytes(layer.nar_bytes)
+                );
+            }
+        } else {
+            let _ = writeln!(
+                out,
+                "\n{} image {}: {} store paths, {} of NAR content",
+                self.format,
+                self.image,
+                self.paths.len(),
+                human_bytes(total)
+            );
+        }
         for (name, ok, why) in c.statuses() {
             let required = self.required_not_run.iter().any(|n| n.check == name);
             let state = match ok {
@@ -466,8 +581,13 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "  without unsafeDiscardReferences Nix would record {} reference(s) from this image",
-            c.self_contained.would_reference_count
+            "  without unsafeDiscardReferences Nix would record {} reference(s) from {}",
+            c.self_contained.would_reference_count,
+            if self.images.len() > 1 {
+                "these images"
+            } else {
+                "this image"
+            }
         );
         if !c.runner_overlap.shared.is_empty() {
             let _ = writeln!(

@@ -8,11 +8,14 @@
 //! - `a -> b c`: a references b and c. Every name is a store path `<hash>-<name>` whose hash
 //!   part sorts like the names, so "ties broken by base name" read alphabetically.
 //! - `packed: a b`: the image holds a and b.
+//! - `layer: a b`: the store disk is a set of layers, and this one (the next, counting from 0)
+//!   holds a and b; the packed paths are every layer's.
 //! - `guest: a b`: the guest closure is everything a and b reach. Without it there is no guest
 //!   closure, and the packed paths' references are the ones the image's bytes show (as the
 //!   verifier scans them then).
 //! - `runner: r`: the runner; its closure is everything r reaches.
-//! - `image: d`: the image's own store path; its edges are what Nix recorded for it.
+//! - `image: d`: the image's own store path; its edges are what Nix recorded for it. `image: d
+//!   e` names a store path per layer.
 //! - `registration: c`: the closure-info packed in the image.
 //! - `allow: glob...`: `--allow` patterns.
 //! - `size: a=4096`: NAR sizes (100 bytes by default).
@@ -36,9 +39,10 @@ struct World {
     /// Every name mentioned, with its references.
     edges: BTreeMap<String, BTreeSet<String>>,
     packed: BTreeSet<String>,
+    layers: Vec<BTreeSet<String>>,
     guest: Option<Vec<String>>,
     runner: Option<String>,
-    image: Option<String>,
+    images: Vec<String>,
     registration: Option<String>,
     allow: Vec<String>,
     sizes: BTreeMap<String, u64>,
@@ -76,9 +80,17 @@ impl World {
                 "packed" => w
                     .packed
                     .extend(words.iter().map(|x| w_node(&mut w.edges, x))),
+                "layer" => {
+                    let layer: BTreeSet<String> =
+                        words.iter().map(|x| w_node(&mut w.edges, x)).collect();
+                    w.packed.extend(layer.iter().cloned());
+                    w.layers.push(layer);
+                }
                 "guest" => w.guest = Some(words.iter().map(|x| w_node(&mut w.edges, x)).collect()),
                 "runner" => w.runner = Some(w_node(&mut w.edges, &one())),
-                "image" => w.image = Some(w_node(&mut w.edges, &one())),
+                "image" => w
+                    .images
+                    .extend(words.iter().map(|x| w_node(&mut w.edges, x))),
                 "registration" => w.registration = Some(w_node(&mut w.edges, &one())),
                 "allow" => w.allow.extend(words),
                 "size" => {
@@ -177,17 +189,34 @@ impl World {
         })
     }
 
-    fn image_path(&self) -> Option<StorePath> {
-        self.image.as_deref().map(|n| self.path(n))
+    fn image_paths(&self) -> Vec<StorePath> {
+        self.images.iter().map(|n| self.path(n)).collect()
+    }
+
+    /// How the layers are named in reports: `layer0.img`, `layer1.img`... (one image without
+    /// `layer:` lines).
+    fn labels(&self) -> Vec<String> {
+        (0..self.layers.len().max(1))
+            .map(|i| format!("layer{i}.img"))
+            .collect()
     }
 
     fn registration_path(&self) -> Option<StorePath> {
         self.registration.as_deref().map(|n| self.path(n))
     }
 
+    /// The image's inventory, or the merged inventories of the layers.
     fn inventory(&self) -> Inventory {
-        let mut paths: Vec<PackedPath> = self
-            .packed
+        if self.layers.is_empty() {
+            return self.inventory_of(&self.packed, true);
+        }
+        // `invalid:` entries are the first layer's.
+        let layers = self.layers.iter().enumerate();
+        Inventory::merge(layers.map(|(i, l)| self.inventory_of(l, i == 0)).collect())
+    }
+
+    fn inventory_of(&self, packed: &BTreeSet<String>, with_invalid: bool) -> Inventory {
+        let mut paths: Vec<PackedPath> = packed
             .iter()
             .map(|name| {
                 let mut nar_hash = Self::recorded_hash(name);
@@ -208,6 +237,7 @@ impl World {
                     nar_hash,
                     nar_size: self.size(name) + u64::from(self.resized.contains(name)),
                     references,
+                    layer: 0,
                 }
             })
             .collect();
@@ -217,9 +247,11 @@ impl World {
             invalid: self
                 .invalid
                 .iter()
+                .filter(|_| with_invalid)
                 .map(|name| InvalidEntry {
                     name: name.clone(),
                     why: "not a store path name".to_owned(),
+                    layer: 0,
                 })
                 .collect(),
         }
@@ -347,7 +379,7 @@ fn runner_overlap(input: &str) -> String {
         &w.inventory(),
         w.guest().as_ref(),
         w.runner().as_ref(),
-        w.image_path().as_ref(),
+        &w.image_paths(),
         w.registration_path().as_ref(),
         None,
         &StoreDir::default(),
@@ -401,6 +433,22 @@ fn policy(input: &str) -> String {
             "violation: {} ({size} B) via {}",
             short(&v.path),
             chain(&v.chain)
+        );
+    }
+    out
+}
+
+fn disjoint(input: &str) -> String {
+    let w = World::parse(input);
+    let d = check_disjoint(&w.inventory(), &w.labels(), &StoreDir::default());
+    let mut out = status(d.ok, &d.why);
+    let _ = writeln!(out, "layers: {}", d.layers);
+    for dup in &d.duplicates {
+        let _ = writeln!(
+            out,
+            "duplicate: {} in {}",
+            short(&dup.path),
+            dup.images.join(" ")
         );
     }
     out
@@ -775,4 +823,192 @@ fn policy_needs_allow_globs_and_a_runner() {
 fn a_bad_glob_is_an_error_naming_it() {
     let input = format!("{GUEST}{HOST_RUNNER}allow: glibc-[");
     assert_snapshot!(policy(&input), @r#"error: --allow "glibc-[": error parsing glob 'glibc-[': unclosed character class; missing ']'"#);
+}
+
+// ---- layers: disjoint, and the other checks over the union ----
+
+// GUEST split into two layers that together hold the closure.
+const LAYERS: &str = "
+    toplevel -> app busybox
+    app -> lib
+    closure-info -> toplevel app lib busybox
+    layer: toplevel app closure-info
+    layer: lib busybox
+    guest: toplevel closure-info
+    registration: closure-info
+";
+
+#[test]
+fn disjoint_layers_holding_the_closure_are_complete_and_disjoint() {
+    assert_snapshot!(disjoint(LAYERS), @r"
+    ok
+    layers: 2
+    ");
+    assert_snapshot!(complete(LAYERS), @r"
+    ok
+    closure: file, 5 paths
+    ");
+}
+
+#[test]
+fn a_path_in_two_layers_names_both() {
+    let input = LAYERS.replace("layer: lib busybox", "layer: lib busybox app");
+    assert_snapshot!(disjoint(&input), @r"
+    FAILED
+    layers: 2
+    duplicate: app in layer0.img layer1.img
+    ");
+    // Both copies are compared.
+    assert_snapshot!(integrity(&input), @r"
+    ok
+    checked: 6
+    ");
+    // A path outside the closure in both layers is one extra path, not two.
+    let input = LAYERS
+        .replace("layer: lib busybox", "layer: lib busybox outside")
+        .replace("layer: toplevel app", "layer: outside toplevel app");
+    assert_snapshot!(complete(&input), @r"
+    ok
+    closure: file, 5 paths
+    extra: outside
+    ");
+}
+
+#[test]
+fn a_path_in_three_layers_is_one_duplicate() {
+    let input = format!("{LAYERS}\n    layer: lib");
+    let input = input.replace(
+        "layer: toplevel app closure-info",
+        "layer: toplevel app closure-info lib",
+    );
+    assert_snapshot!(disjoint(&input), @r"
+    FAILED
+    layers: 3
+    duplicate: lib in layer0.img layer1.img layer2.img
+    ");
+}
+
+#[test]
+fn a_single_image_has_nothing_to_compare() {
+    assert_snapshot!(disjoint(GUEST), @r"
+    not checked
+    why: one image: nothing to compare
+    layers: 1
+    ");
+}
+
+#[test]
+fn a_missing_layer_leaves_its_paths_missing() {
+    let input = LAYERS.replace("layer: lib busybox", "");
+    assert_snapshot!(complete(&input), @r"
+    FAILED
+    closure: file, 5 paths
+    missing: busybox (needed by toplevel)
+    missing: lib (needed by app)
+    ");
+}
+
+#[test]
+fn guest_roots_see_references_across_layers() {
+    // Without a guest closure the packed paths' references come from the layers' bytes; app
+    // (layer 0) referencing lib (layer 1) keeps lib from being a root.
+    let input = "
+        toplevel -> app
+        app -> lib
+        layer: toplevel app
+        layer: lib
+    ";
+    assert_snapshot!(guest_roots_of(input), @"toplevel");
+}
+
+#[test]
+fn every_layers_references_are_cut_as_edges() {
+    // The runner references both layer images, each recording a reference into the guest
+    // (leak 1). Like a single image's, each one's edges are cut: what they reference is
+    // leaked, the images themselves are not, and the runner's own busybox stays shared.
+    let input = format!(
+        "{LAYERS}
+        runner -> script disk-a disk-b
+        script -> busybox
+        disk-a -> toplevel
+        disk-b -> lib
+        image: disk-a disk-b
+        runner: runner"
+    );
+    assert_snapshot!(runner_overlap(&input), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: app (100 B) via runner -> disk-a -> toplevel -> app
+    leaked: lib (100 B) via runner -> disk-b -> lib
+    leaked: toplevel (100 B) via runner -> disk-a -> toplevel
+    shared: busybox
+    runner closure: 8 paths, 300 B duplicated, 100 B shared
+    ");
+    // With only the first layer's store path known, the second one is an ordinary runner path:
+    // lib looks like a runner need.
+    let one = input.replace("image: disk-a disk-b", "image: disk-a");
+    assert_snapshot!(runner_overlap(&one), @r"
+    FAILED
+    guest roots: closure-info toplevel
+    leaked: app (100 B) via runner -> disk-a -> toplevel -> app
+    leaked: toplevel (100 B) via runner -> disk-a -> toplevel
+    shared: busybox lib
+    runner closure: 8 paths, 200 B duplicated, 200 B shared
+    ");
+}
+
+#[test]
+fn self_contained_of_layers_fails_on_any_and_passes_on_all() {
+    let sc = |ok: Option<bool>, image: &str, refs: &[&str], why: Option<&str>| SelfContained {
+        ok,
+        why: why.map(str::to_owned),
+        image_path: Some(image.to_owned()),
+        image_paths: vec![image.to_owned()],
+        references: refs.iter().map(|r| (*r).to_owned()).collect(),
+        would_reference: refs.iter().map(|r| (*r).to_owned()).collect(),
+        would_reference_count: refs.len(),
+    };
+    let render = |s: SelfContained| {
+        let mut out = status(s.ok, &s.why);
+        let _ = writeln!(out, "image_path: {}", s.image_path.unwrap_or_default());
+        let _ = writeln!(out, "image_paths: {}", s.image_paths.join(" "));
+        let _ = writeln!(out, "references: {:?}", s.references);
+        let _ = writeln!(out, "would_reference_count: {}", s.would_reference_count);
+        out
+    };
+    let both_ok = merge_self_contained(vec![
+        ("a.img".to_owned(), sc(Some(true), "A", &[], None)),
+        ("b.img".to_owned(), sc(Some(true), "B", &[], None)),
+    ]);
+    assert_snapshot!(render(both_ok), @r"
+    ok
+    image_path: A
+    image_paths: A B
+    references: []
+    would_reference_count: 0
+    ");
+    let one_bad = merge_self_contained(vec![
+        ("a.img".to_owned(), sc(Some(true), "A", &[], None)),
+        ("b.img".to_owned(), sc(Some(false), "B", &["X", "Y"], None)),
+        ("c.img".to_owned(), sc(None, "C", &["X"], Some("not asked"))),
+    ]);
+    assert_snapshot!(render(one_bad), @r#"
+    FAILED
+    image_path: A
+    image_paths: A B C
+    references: ["X", "Y"]
+    would_reference_count: 2
+    "#);
+    let one_unknown = merge_self_contained(vec![
+        ("a.img".to_owned(), sc(Some(true), "A", &[], None)),
+        ("b.img".to_owned(), sc(None, "B", &[], Some("Nix said no"))),
+    ]);
+    assert_snapshot!(render(one_unknown), @r"
+    not checked
+    why: b.img: Nix said no
+    image_path: A
+    image_paths: A B
+    references: []
+    would_reference_count: 0
+    ");
 }
