@@ -448,6 +448,20 @@ impl Outcome {
                         verdict.summary()
                     ));
                 }
+                // Every check that can run here must have run: a layer set is complete, intact,
+                // disjoint and leaks nothing through the runner.
+                let wanted: &[&str] = match m.layout {
+                    Layout::Single => &["complete", "integrity", "runner_overlap"],
+                    Layout::Layered => &["complete", "integrity", "runner_overlap", "disjoint"],
+                };
+                for check in wanted {
+                    let ok = verdict.checks.get(check).copied().flatten();
+                    if ok != Some(true) {
+                        failures.push(format!(
+                            "{label}: storedisk verify of {guest}: {check} is {ok:?}, not ok"
+                        ));
+                    }
+                }
             }
         }
         for format in self.formats() {
@@ -689,5 +703,187 @@ fn images_text(images: &[String]) -> String {
         format!("{} images", images.len())
     } else {
         images.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(layout: Layout, guest: &str, layers: &[(&str, &str)]) -> Entry {
+        Entry {
+            format: ImageFormat::Erofs,
+            layout,
+            guest: guest.to_owned(),
+            runner: format!("/nix/store/r-{guest}"),
+            toplevel: format!("/nix/store/t-{guest}"),
+            reg_info: None,
+            disks: layers.iter().map(|(_, disk)| (*disk).to_owned()).collect(),
+            layers: layers
+                .iter()
+                .map(|(name, _)| PlannedLayer {
+                    name: (*name).to_owned(),
+                    paths: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn copy(guest: &str, nar_bytes: u64, images: &[&str]) -> Copy {
+        Copy {
+            guest: guest.to_owned(),
+            paths: images.len() + 3,
+            nar_bytes,
+            images: images.iter().map(|i| (*i).to_owned()).collect(),
+            image_bytes: nar_bytes,
+        }
+    }
+
+    fn ok_boot() -> BootOutcome {
+        BootOutcome {
+            ok: true,
+            seconds: 10.0,
+            result: None,
+            error: None,
+            log: String::new(),
+            attempts: 1,
+        }
+    }
+
+    /// A measurement that meets every target: the single disk re-copies its 100 MB image, the
+    /// layered one its changed layers only.
+    fn outcome() -> Outcome {
+        let base = [
+            ("layer-00", "/d/0"),
+            ("layer-01", "/d/1"),
+            ("small", "/d/s"),
+            ("top", "/d/t"),
+        ];
+        let hello = [
+            ("layer-00", "/d/0"),
+            ("layer-01", "/d/1"),
+            ("small", "/d/s2"),
+            ("top", "/d/t2"),
+        ];
+        let big = [
+            ("layer-00", "/d/0b"),
+            ("layer-01", "/d/1"),
+            ("small", "/d/s"),
+            ("top", "/d/t3"),
+        ];
+        let single = Measured {
+            format: ImageFormat::Erofs,
+            layout: Layout::Single,
+            first: copy(BASE, 100_000_000, &["microvm-store-disk.erofs"]),
+            update: copy(UPDATE_SMALL, 100_000_000, &["microvm-store-disk.erofs"]),
+            update_big: copy(UPDATE_BIG, 100_000_000, &["microvm-store-disk.erofs"]),
+            fleet: vec![
+                copy("fleet-a", 100_000_000, &["microvm-store-disk.erofs"]),
+                copy("fleet-b", 100_000_000, &["microvm-store-disk.erofs"]),
+                copy("fleet-c", 100_000_000, &["microvm-store-disk.erofs"]),
+            ],
+            boot: Some(ok_boot()),
+            verify: BTreeMap::new(),
+        };
+        let layered = Measured {
+            layout: Layout::Layered,
+            first: copy(BASE, 100_100_000, &["layer-00", "layer-01", "small", "top"]),
+            update: copy(UPDATE_SMALL, 200_000, &["small", "top"]),
+            update_big: copy(UPDATE_BIG, 10_000_000, &["layer-00", "top"]),
+            fleet: vec![
+                copy(
+                    "fleet-a",
+                    100_100_000,
+                    &["layer-00", "layer-01", "small", "top"],
+                ),
+                copy("fleet-b", 8_000_000, &["layer-01", "top"]),
+                copy("fleet-c", 8_000_000, &["layer-00", "top"]),
+            ],
+            ..single.clone()
+        };
+        Outcome {
+            measured: vec![single, layered],
+            entries: vec![
+                entry(Layout::Layered, BASE, &base),
+                entry(Layout::Layered, UPDATE_SMALL, &hello),
+                entry(Layout::Layered, UPDATE_BIG, &big),
+            ],
+        }
+    }
+
+    #[test]
+    fn targets_met_pass() {
+        assert_eq!(outcome().assertions(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_missed_target_fails() {
+        let mut o = outcome();
+        o.measured[1].update.nar_bytes = 20_000_000; // 20% of the single disk's update
+        o.measured[1].fleet[2].nar_bytes = 60_000_000; // 1.68x one guest
+        o.measured[1].first.nar_bytes = 110_000_000; // 1.1x
+        o.measured[0].fleet[1].nar_bytes = 1_000; // single fleet that does not copy images
+        let failures = o.assertions();
+        for expected in [
+            "one-package update copies 20.0%",
+            "fleet of three copies 1.68x",
+            "first deployment copies 1.100x",
+            "only 2.00x one guest",
+        ] {
+            assert!(
+                failures.iter().any(|f| f.contains(expected)),
+                "{expected}: {failures:#?}"
+            );
+        }
+        assert_eq!(failures.len(), 4, "{failures:#?}");
+    }
+
+    #[test]
+    fn an_update_must_copy_exactly_the_changed_layers() {
+        let mut o = outcome();
+        // An unchanged layer copied again: an update that would not benefit from layers.
+        o.measured[1].update.images = vec!["layer-01".into(), "small".into(), "top".into()];
+        let failures = o.assertions();
+        assert_eq!(failures.len(), 1, "{failures:#?}");
+        assert!(failures[0].contains("the layers that changed are [\"small\", \"top\"]"));
+    }
+
+    #[test]
+    fn failed_boots_and_verdicts_fail() {
+        let mut o = outcome();
+        o.measured[1].boot = None;
+        let mut verdict = Verdict {
+            ok: Some(true),
+            checks: BTreeMap::from([
+                ("complete", Some(true)),
+                ("integrity", Some(true)),
+                ("runner_overlap", Some(true)),
+                ("disjoint", None),
+            ]),
+            leaked: Vec::new(),
+            shared: Vec::new(),
+            packed_paths: 4,
+            duplicated_bytes: 0,
+            unavailable: None,
+        };
+        o.measured[1]
+            .verify
+            .insert(BASE.to_owned(), verdict.clone());
+        let failures = o.assertions();
+        assert!(
+            failures.iter().any(|f| f.contains("was not booted")),
+            "{failures:#?}"
+        );
+        assert!(
+            failures.iter().any(|f| f.contains("disjoint is None")),
+            "{failures:#?}"
+        );
+        // The same verdict is enough for a single disk, which has nothing to be disjoint from.
+        verdict.checks.remove("disjoint");
+        let mut single_only = outcome();
+        single_only.measured[0]
+            .verify
+            .insert(BASE.to_owned(), verdict);
+        assert_eq!(single_only.assertions(), Vec::<String>::new());
     }
 }

@@ -118,13 +118,11 @@ pub fn verify(inputs: &VerifyInputs<'_>) -> Result<Verdict> {
 /// The parts of a `storedisk verify --json` report the harness keeps.
 pub fn verdict_from_report(report: &Report) -> Verdict {
     let c = &report.checks;
-    let checks = BTreeMap::from([
-        ("complete", c.complete.ok),
-        ("integrity", c.integrity.ok),
-        ("self_contained", c.self_contained.ok),
-        ("runner_overlap", c.runner_overlap.ok),
-        ("policy", c.policy.ok),
-    ]);
+    let checks = c
+        .statuses()
+        .iter()
+        .map(|(name, ok, _)| (name.as_str(), *ok))
+        .collect();
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
