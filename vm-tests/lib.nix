@@ -223,10 +223,11 @@ rec {
       # one also tells stage 1 how many disks to stack (storedisk.layers=N).
       disks = storeDisk.layers or [ storeDisk ];
       layered = builtins.length disks > 1;
-      storeDiskArgs = builtins.concatStringsSep " \\\n          " (builtins.genList (i:
+      # (Interpolated text keeps its spaces: two, as the script's own continuation lines have.)
+      storeDiskArgs = builtins.concatStringsSep " \\\n  " (builtins.genList (i:
         let id = if layered then "store${toString i}" else "store"; in
         "-drive id=${id},format=raw,read-only=on,file=${builtins.elemAt disks i},if=none \\\n"
-        + "          -device virtio-blk-device,drive=${id}") (builtins.length disks));
+        + "  -device virtio-blk-device,drive=${id}") (builtins.length disks));
       layersParam = optionalString layered " storedisk.layers=${toString (builtins.length disks)}";
       qmpKey = key: ''{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"${key}"}}}'';
       run = writeScript "microvm-${hostName}-microvm-run" ''

@@ -1,12 +1,13 @@
 //! Where the CLI gets closures: a closure file (any JSON form `Closure::from_json` reads, or
 //! registration text), or Nix itself (`nix path-info --json --recursive`, through the
-//! verifier's `nix_db`, the one module that runs Nix).
+//! CLI's `nix_db`, the one module that runs Nix).
 
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use storedisk_nix::{Closure, StoreDir, StorePath};
-use storedisk_verifier::nix_db;
+
+use crate::nix_db;
 
 /// The `nix` command (found on PATH).
 pub const NIX: &str = "nix";

@@ -8,8 +8,10 @@ mod build_cmd;
 mod closure_file;
 mod closure_info_cmd;
 mod layers_cmd;
+mod nix_db;
 mod progress;
 mod verify_cmd;
+mod verify_text;
 
 use std::process::ExitCode;
 

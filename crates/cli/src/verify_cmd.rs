@@ -11,11 +11,13 @@ use anyhow::Context;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 use storedisk_verifier::checks::{ClosureSource, GuestClosure, Runner};
 use storedisk_verifier::{
-    nix_db, open_image, CheckName, ImageFile, ImageReader, Layer, Limits, VerifyInputs,
+    open_image, CheckName, ImageFile, ImageReader, Layer, Limits, VerifyInputs,
 };
 
 use crate::closure_file::{self, NIX};
+use crate::nix_db;
 use crate::progress::TerminalProgress;
+use crate::verify_text;
 use crate::EXIT_FINDINGS;
 
 #[derive(Debug, clap::Args)]
@@ -132,7 +134,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         };
         let image_references = image_path.as_ref().map(|p| {
             nix_db::query_references(NIX, &store_dir.display(p), &store_dir)
-                .map_err(|e| e.to_string())
+                .map_err(|e| format!("{e:#}"))
         });
         let reader: &dyn ImageReader = reader.as_ref();
         layers.push(Layer {
@@ -176,7 +178,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.to_text());
+        print!("{}", verify_text::render(&report));
     }
     Ok(if report.ok {
         ExitCode::SUCCESS
@@ -231,7 +233,9 @@ fn runner(args: &VerifyArgs, store_dir: &StoreDir) -> anyhow::Result<Option<Runn
         }
         (None, None) => return Ok(None),
     };
-    Ok(Some(Runner::from_closure(closure, named)?))
+    let runner = Runner::from_closure(closure, named)
+        .context("the runner (name it with --runner STOREPATH)")?;
+    Ok(Some(runner))
 }
 
 /// The store path IMAGE lies in, when it is under the store directory (the image file itself

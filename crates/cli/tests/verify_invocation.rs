@@ -141,8 +141,9 @@ fn a_required_check_that_did_not_run_is_a_finding_naming_it_and_why() {
     assert_eq!(text.code, 1, "{}{}", text.stdout, text.stderr);
     assert_eq!(text.first_line(), "1 finding", "{}", text.stdout);
     assert!(
-        text.stdout
-            .contains("self_contained: the image is not a store path: give --image-path STOREPATH"),
+        text.stdout.contains(
+            "self_contained: the image's store path is not known: give --image-path STOREPATH"
+        ),
         "{}",
         text.stdout
     );
@@ -163,8 +164,13 @@ fn a_required_check_that_did_not_run_is_a_finding_naming_it_and_why() {
         report["required_not_run"],
         json!([{
             "check": "self_contained",
-            "why": "the image is not a store path: give --image-path STOREPATH"
+            "why": "the image's store path is not known"
         }])
+    );
+    // What was missing, as a value: the text above turned it into the flag.
+    assert_eq!(
+        report["checks"]["self_contained"]["missing_input"],
+        "image_path"
     );
     // The check itself is reported as before: not checked.
     assert_eq!(report["checks"]["self_contained"]["ok"], Value::Null);

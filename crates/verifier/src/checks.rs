@@ -6,17 +6,15 @@
 //! merged ([`merge_self_contained`]); `disjoint` compares the layers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use globset::{Glob, GlobSetBuilder};
 use storedisk_nix::{Closure, StoreDir, StorePath};
 
 use crate::error::VerifyError;
 use crate::inventory::{InvalidEntry, Inventory};
-use crate::locate::locate_reference;
 use crate::report::{
-    Complete, Disjoint, Duplicate, Integrity, InvalidEntryReport, Leak, Mismatch, Missing, Policy,
-    RunnerOverlap, SelfContained, Violation,
+    Complete, Disjoint, Duplicate, Integrity, InvalidEntryReport, Leak, Mismatch, Missing,
+    MissingInput, Policy, RunnerOverlap, SelfContained, Violation,
 };
 
 /// Where the guest closure came from.
@@ -72,13 +70,13 @@ impl Runner {
                 if roots.is_empty() && !closure.is_empty() {
                     return Err(VerifyError::Input(
                         "the runner closure has no root: every path in it is referenced by \
-                         another (a reference cycle?); name the runner with --runner"
+                         another (a reference cycle?); name the runner"
                             .to_owned(),
                     ));
                 }
                 if roots.len() != 1 {
                     return Err(VerifyError::Input(format!(
-                        "the runner closure has {} roots ({}); name the runner with --runner",
+                        "the runner closure has {} roots ({}); name the runner",
                         roots.len(),
                         roots
                             .iter()
@@ -108,10 +106,8 @@ pub fn check_complete(
 ) -> Complete {
     let Some(guest) = guest else {
         return Complete {
-            why: Some(
-                "no closure: give --closure FILE, or pack a closure-info registration in the image"
-                    .to_owned(),
-            ),
+            why: Some(MissingInput::GuestClosure.to_string()),
+            missing_input: Some(MissingInput::GuestClosure),
             ..Complete::default()
         };
     };
@@ -152,6 +148,7 @@ pub fn check_complete(
     // A path in two layers is one extra path.
     extra.dedup();
     Complete {
+        missing_input: None,
         ok: Some(missing.is_empty()),
         why: None,
         closure_source: Some(guest.source.as_str().to_owned()),
@@ -180,11 +177,8 @@ pub fn check_integrity(
         let bad = !invalid_entries.is_empty();
         return Integrity {
             ok: bad.then_some(false),
-            why: Some(
-                "no closure to compare NAR hashes with: give --closure FILE, or pack a \
-                 closure-info registration in the image"
-                    .to_owned(),
-            ),
+            why: Some(MissingInput::GuestClosure.to_string()),
+            missing_input: Some(MissingInput::GuestClosure),
             invalid_entries,
             ..Integrity::default()
         };
@@ -218,8 +212,7 @@ pub fn check_integrity(
         (Some(false), None)
     } else if !unchecked.is_empty() {
         let why = format!(
-            "{} packed path(s) have no recorded narHash to compare with: give a --closure \
-             that records them (exportReferencesGraph, nix path-info --json)",
+            "{} packed path(s) have no recorded narHash to compare with",
             unchecked.len()
         );
         (None, Some(why))
@@ -228,6 +221,7 @@ pub fn check_integrity(
     };
     Integrity {
         ok,
+        missing_input: why.as_ref().map(|_| MissingInput::RecordedHashes),
         why,
         checked,
         mismatched,
@@ -260,7 +254,8 @@ pub fn check_self_contained(
     };
     match (image_path, references) {
         (None, _) => SelfContained {
-            why: Some("the image is not a store path: give --image-path STOREPATH".to_owned()),
+            why: Some(MissingInput::ImagePath.to_string()),
+            missing_input: Some(MissingInput::ImagePath),
             ..base
         },
         (Some(_), None) => SelfContained {
@@ -305,13 +300,16 @@ pub fn merge_self_contained(per_image: Vec<(String, SelfContained)>) -> SelfCont
     } else {
         None
     };
-    let why = if ok.is_none() {
-        per_image
-            .iter()
-            .find(|(_, s)| s.ok.is_none())
-            .map(|(label, s)| format!("{label}: {}", s.why.as_deref().unwrap_or("not checked")))
-    } else {
-        None
+    let not_run = per_image.iter().find(|(_, s)| s.ok.is_none());
+    let (why, missing_input) = match (ok, not_run) {
+        (None, Some((label, s))) => (
+            Some(format!(
+                "{label}: {}",
+                s.why.as_deref().unwrap_or("not checked")
+            )),
+            s.missing_input,
+        ),
+        _ => (None, None),
     };
     let image_path = per_image.first().and_then(|(_, s)| s.image_path.clone());
     let mut image_paths = Vec::new();
@@ -323,6 +321,7 @@ pub fn merge_self_contained(per_image: Vec<(String, SelfContained)>) -> SelfCont
         would.extend(s.would_reference);
     }
     SelfContained {
+        missing_input,
         ok,
         why,
         image_path,
@@ -338,7 +337,8 @@ pub fn merge_self_contained(per_image: Vec<(String, SelfContained)>) -> SelfCont
 pub fn check_disjoint(inventory: &Inventory, labels: &[String], store_dir: &StoreDir) -> Disjoint {
     if labels.len() < 2 {
         return Disjoint {
-            why: Some("one image: nothing to compare".to_owned()),
+            why: Some(MissingInput::SecondLayer.to_string()),
+            missing_input: Some(MissingInput::SecondLayer),
             layers: labels.len(),
             ..Disjoint::default()
         };
@@ -362,6 +362,7 @@ pub fn check_disjoint(inventory: &Inventory, labels: &[String], store_dir: &Stor
         }
     }
     Disjoint {
+        missing_input: None,
         ok: Some(duplicates.is_empty()),
         why: None,
         layers: labels.len(),
@@ -409,12 +410,12 @@ pub fn check_runner_overlap(
     runner: Option<&Runner>,
     image_paths: &[StorePath],
     registration_path: Option<&StorePath>,
-    physical_store: Option<&Path>,
     store_dir: &StoreDir,
 ) -> Result<RunnerOverlap, VerifyError> {
     let Some(runner) = runner else {
         return Ok(RunnerOverlap {
-            why: Some("no runner: give --runner STOREPATH or --runner-closure FILE".to_owned()),
+            why: Some(MissingInput::Runner.to_string()),
+            missing_input: Some(MissingInput::Runner),
             ..RunnerOverlap::default()
         });
     };
@@ -447,25 +448,15 @@ pub fn check_runner_overlap(
             .or_else(|| inventory.get(p).map(|x| x.nar_size))
             .unwrap_or(0)
     };
-    let runner_dir = physical_store.map(|d| store_dir.physical(d, &runner.path));
     let mut paths = Vec::new();
-    let mut located = std::collections::BTreeMap::new();
     for leaked in all.difference(&kept) {
         let chain = chains.get(leaked).cloned().unwrap_or_default();
-        // Most chains share their first hop (the toplevel, the closure-info): search the
-        // runner's files once per hop.
-        let location = match (&runner_dir, chain.get(1)) {
-            (Some(dir), Some(next)) if dir.exists() || dir.is_symlink() => located
-                .entry(next.clone())
-                .or_insert_with(|| locate_reference(dir, next.hash_part()).ok().flatten())
-                .clone(),
-            _ => None,
-        };
         paths.push(Leak {
             path: store_dir.display(leaked),
             nar_size: size_of(leaked),
             chain: chain.iter().map(|p| store_dir.display(p)).collect(),
-            location,
+            // Filled in after the checks, from the runner's files ([`crate::locate`]).
+            location: None,
         });
     }
     // Copied twice: with the image and with the runner. A leaked path the image lacks (an
@@ -477,6 +468,7 @@ pub fn check_runner_overlap(
         .sum();
     let shared: Vec<&StorePath> = kept.iter().filter(|p| inventory.contains(p)).collect();
     Ok(RunnerOverlap {
+        missing_input: None,
         ok: Some(paths.is_empty()),
         why: None,
         runner: Some(store_dir.display(&runner.path)),
@@ -498,16 +490,15 @@ pub fn check_policy(
 ) -> Result<Policy, VerifyError> {
     if allow.is_empty() {
         return Ok(Policy {
-            why: Some("no --allow GLOB given".to_owned()),
+            why: Some(MissingInput::AllowGlobs.to_string()),
+            missing_input: Some(MissingInput::AllowGlobs),
             ..Policy::default()
         });
     }
     let Some(runner) = runner else {
         return Ok(Policy {
-            why: Some(
-                "no runner closure to check: give --runner STOREPATH or --runner-closure FILE"
-                    .to_owned(),
-            ),
+            why: Some(MissingInput::Runner.to_string()),
+            missing_input: Some(MissingInput::Runner),
             allow: allow.to_vec(),
             ..Policy::default()
         });
@@ -515,12 +506,12 @@ pub fn check_policy(
     let mut set = GlobSetBuilder::new();
     for pattern in allow {
         let glob = Glob::new(pattern)
-            .map_err(|e| VerifyError::Input(format!("--allow {pattern:?}: {e}")))?;
+            .map_err(|e| VerifyError::Input(format!("allowed glob {pattern:?}: {e}")))?;
         set.add(glob);
     }
     let set = set
         .build()
-        .map_err(|e| VerifyError::Input(format!("--allow patterns: {e}")))?;
+        .map_err(|e| VerifyError::Input(format!("allowed globs: {e}")))?;
     let chains = runner.closure.shortest_chains(&runner.path)?;
     let mut violations = Vec::new();
     for p in runner.closure.requisites([runner.path.clone()])? {
@@ -537,6 +528,7 @@ pub fn check_policy(
         });
     }
     Ok(Policy {
+        missing_input: None,
         ok: Some(violations.is_empty()),
         why: None,
         allow: allow.to_vec(),

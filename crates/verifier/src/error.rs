@@ -26,9 +26,6 @@ pub enum VerifyError {
     LimitExceeded { what: String },
     #[error(transparent)]
     Closure(#[from] ClosureError),
-    /// Asking the local Nix (`nix path-info`) failed.
-    #[error("asking Nix failed: {0}")]
-    Nix(String),
     /// Inputs that do not fit together (a runner not in its closure, a bad pattern...).
     #[error("{0}")]
     Input(String),

@@ -11,7 +11,7 @@
 //!
 //! Invariants: read-only; every size, offset and count read from an image is bounded
 //! ([`Limits`]) before it drives an allocation or a loop, and a panic inside a format library
-//! becomes [`VerifyError::CorruptImage`]. Only [`nix_db`] starts processes; the checks are pure
+//! becomes [`VerifyError::CorruptImage`]. It starts no process (the CLI asks Nix and passes the answers in); the checks are pure
 //! functions over data. The JSON shape lives in [`report`].
 
 pub mod checks;
@@ -20,7 +20,6 @@ pub mod image;
 pub mod inventory;
 pub mod limits;
 pub mod locate;
-pub mod nix_db;
 pub mod reader;
 pub mod report;
 pub mod tree;
@@ -224,12 +223,21 @@ pub fn verify(
             inputs.runner.as_ref(),
             &image_paths,
             inputs.registration_path.as_ref(),
-            inputs.physical_store.as_deref(),
             store_dir,
         )?,
         policy: checks::check_policy(&inventory, inputs.runner.as_ref(), &inputs.allow, store_dir)?,
         disjoint: checks::check_disjoint(&inventory, &labels, store_dir),
     };
+    let mut checks = checks;
+    // The checks are pure over the data gathered above; where each leak sits in the runner's
+    // files is looked up afterwards, on disk.
+    if let (Some(runner), Some(physical)) = (&inputs.runner, &inputs.physical_store) {
+        locate::locate_leaks(
+            &mut checks.runner_overlap.paths,
+            &store_dir.physical(physical, &runner.path),
+            store_dir,
+        );
+    }
     let findings = checks.complete.missing.len()
         + checks.integrity.mismatched.len()
         + checks.integrity.invalid_entries.len()

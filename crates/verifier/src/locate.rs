@@ -1,6 +1,8 @@
 //! Finding where, inside a referrer's files on disk, the reference to another store path sits:
-//! the file and line holding the path's hash part, or the symlink whose target names it.
+//! the file and line holding the path's hash part, or the symlink whose target names it. Run
+//! after the checks, on the leaks `runner_overlap` found ([`locate_leaks`]).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -134,6 +136,36 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         return None;
     }
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Fills in where the runner (its files at `runner_dir`) references the first hop of each
+/// leak's chain. Most chains share their first hop (the toplevel, the closure info), so each
+/// hop is searched once. A runner whose files are not there leaves every location empty.
+pub fn locate_leaks(
+    leaks: &mut [crate::report::Leak],
+    runner_dir: &Path,
+    store_dir: &storedisk_nix::StoreDir,
+) {
+    if !(runner_dir.exists() || runner_dir.is_symlink()) {
+        return;
+    }
+    let mut located: BTreeMap<String, Option<Location>> = BTreeMap::new();
+    for leak in leaks {
+        let Some(next) = leak.chain.get(1) else {
+            continue;
+        };
+        let Ok(next_path) = store_dir.parse_path(next) else {
+            continue;
+        };
+        leak.location = located
+            .entry(next.clone())
+            .or_insert_with(|| {
+                locate_reference(runner_dir, next_path.hash_part())
+                    .ok()
+                    .flatten()
+            })
+            .clone();
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
-//! The verification report: the JSON schema (`storedisk verify --json`) as serde structs, and
-//! the readable text rendering. Store paths are written in full (`/nix/store/<hash>-<name>`),
+//! The verification report: the JSON schema (`storedisk verify --json`) as serde structs (the
+//! CLI lays it out as text, and the harness reads it back). Store paths are written in full (`/nix/store/<hash>-<name>`),
 //! NAR hashes as `sha256:<nix32>`, sizes in bytes.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +126,53 @@ pub struct Checks {
     pub disjoint: Disjoint,
 }
 
+/// An input a check needs and was not given: a value, so that the library says what was
+/// missing and the front end says how to give it (the CLI names its flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingInput {
+    /// The guest closure (neither given nor packed in the image as a closure-info).
+    GuestClosure,
+    /// NAR hashes for some packed paths (the closure given records none for them).
+    RecordedHashes,
+    /// The image's own store path (the image file is not in the store).
+    ImagePath,
+    /// The runner's closure.
+    Runner,
+    /// Globs of what the runner closure may hold outside the image.
+    AllowGlobs,
+    /// A second image: one image has nothing to be disjoint from.
+    SecondLayer,
+}
+
+impl fmt::Display for MissingInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MissingInput::GuestClosure => {
+                "no guest closure (none given, and no closure-info registration in the image)"
+            }
+            MissingInput::RecordedHashes => "the closure records no NAR hash for some packed paths",
+            MissingInput::ImagePath => "the image's store path is not known",
+            MissingInput::Runner => "no runner closure",
+            MissingInput::AllowGlobs => "no allowed globs",
+            MissingInput::SecondLayer => "one image: nothing to compare",
+        })
+    }
+}
+
 impl Checks {
+    /// Which input kept check `name` from running, if a missing input did.
+    pub fn missing_input(&self, name: CheckName) -> Option<MissingInput> {
+        match name {
+            CheckName::Complete => self.complete.missing_input,
+            CheckName::Integrity => self.integrity.missing_input,
+            CheckName::SelfContained => self.self_contained.missing_input,
+            CheckName::RunnerOverlap => self.runner_overlap.missing_input,
+            CheckName::Policy => self.policy.missing_input,
+            CheckName::Disjoint => self.disjoint.missing_input,
+        }
+    }
+
     /// Each check's name, `ok` and `why`, in schema order.
     pub fn statuses(&self) -> [(CheckName, Option<bool>, Option<&str>); 6] {
         [
@@ -179,6 +225,9 @@ pub struct Complete {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// Where the closure came from: `"file"` (`--closure`), `"nix-db"` (the local Nix
     /// database, for the roots recorded in the image's closure-info registration), or
     /// `"image-registration"` (that registration itself); `null` when there is none.
@@ -208,6 +257,9 @@ pub struct Integrity {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// Number of packed paths compared with a recorded hash.
     pub checked: usize,
     pub mismatched: Vec<Mismatch>,
@@ -252,6 +304,9 @@ pub struct SelfContained {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// The image's store path, when known (the first image's, for a set of layers).
     pub image_path: Option<String>,
     /// The store paths of every image whose store path is known (each layer of a set).
@@ -273,6 +328,9 @@ pub struct RunnerOverlap {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// The runner's store path.
     pub runner: Option<String>,
     /// Number of paths in the runner's closure.
@@ -310,6 +368,9 @@ pub struct Policy {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// The `--allow` globs, matched against a path's name (`glibc-2.40`) and base name
     /// (`<hash>-glibc-2.40`).
     pub allow: Vec<String>,
@@ -333,6 +394,9 @@ pub struct Disjoint {
     pub ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// The input whose absence kept the check from running, when that is why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_input: Option<MissingInput>,
     /// Number of images compared.
     pub layers: usize,
     pub duplicates: Vec<Duplicate>,
@@ -382,222 +446,9 @@ impl Report {
         self.required_not_run.extend(not_run);
     }
 
-    /// ` (in LABEL)` naming layer `index` of a set; empty for a single image.
-    fn in_layer(&self, index: usize) -> String {
-        match self.images.get(index) {
-            Some(layer) if self.images.len() > 1 => format!(" (in {})", layer.image),
-            _ => String::new(),
-        }
-    }
-
     /// True when no check ran: every check is `null`.
     pub fn nothing_checked(&self) -> bool {
         self.checks.ran().is_empty()
-    }
-
-    /// The readable report: `OK`, `nothing checked` (every check lacked its inputs) or
-    /// `N findings` first, then a section per failing check, then a short summary of what was
-    /// checked and, for each check that did not run, why and the flag that would enable it.
-    pub fn to_text(&self) -> String {
-        let mut out = String::new();
-        if self.ok && self.nothing_checked() {
-            out.push_str("nothing checked\n");
-        } else if self.ok {
-            out.push_str("OK\n");
-        } else {
-            let _ = writeln!(
-                out,
-                "{} finding{}",
-                self.findings,
-                if self.findings == 1 { "" } else { "s" }
-            );
-        }
-        let c = &self.checks;
-        if !self.required_not_run.is_empty() {
-            let _ = writeln!(
-                out,
-                "\n{} required check(s) did not run",
-                self.required_not_run.len()
-            );
-            for n in &self.required_not_run {
-                let _ = writeln!(out, "  {}: {}", n.check, n.why);
-            }
-        }
-        if c.complete.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\ncomplete: {} of {} closure paths are missing from the image",
-                c.complete.missing.len(),
-                c.complete.closure_paths
-            );
-            for m in &c.complete.missing {
-                match &m.needed_by {
-                    Some(by) => {
-                        let _ = writeln!(out, "  {}\n    needed by {by}", m.path);
-                    }
-                    None => {
-                        let _ = writeln!(out, "  {} (a root of the closure)", m.path);
-                    }
-                }
-            }
-        }
-        if c.integrity.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\nintegrity: {} path(s) differ from what Nix recorded",
-                c.integrity.mismatched.len()
-            );
-            for m in &c.integrity.mismatched {
-                let _ = writeln!(
-                    out,
-                    "  {}{}\n    expected {}\n    actual   {}",
-                    m.path,
-                    self.in_layer(m.layer),
-                    m.expected,
-                    m.actual
-                );
-            }
-            for e in &c.integrity.invalid_entries {
-                let _ = writeln!(
-                    out,
-                    "  invalid root entry {:?}{}: {}",
-                    e.name,
-                    self.in_layer(e.layer),
-                    e.why
-                );
-            }
-        }
-        if c.self_contained.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\nself_contained: Nix records {} reference(s) from the image {}",
-                c.self_contained.references.len(),
-                if c.self_contained.image_paths.len() > 1 {
-                    c.self_contained.image_paths.join(", ")
-                } else {
-                    c.self_contained
-                        .image_path
-                        .as_deref()
-                        .unwrap_or("?")
-                        .to_owned()
-                }
-            );
-            for r in &c.self_contained.references {
-                let _ = writeln!(out, "  {r}");
-            }
-            let _ = writeln!(
-                out,
-                "  (build the image with __structuredAttrs = true; unsafeDiscardReferences.out = true;)"
-            );
-        }
-        if c.runner_overlap.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\nrunner_overlap: {} path(s) leak into the runner's closure, {} copied twice",
-                c.runner_overlap.paths.len(),
-                human_bytes(c.runner_overlap.duplicated_bytes)
-            );
-            for leak in &c.runner_overlap.paths {
-                let _ = writeln!(out, "  {} ({})", leak.path, human_bytes(leak.nar_size));
-                let _ = writeln!(out, "    chain: {}", leak.chain.join(" -> "));
-                if let Some(at) = &leak.location {
-                    let _ = writeln!(out, "    where: {at}");
-                }
-            }
-        }
-        if c.policy.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\npolicy: {} runner closure path(s) match no --allow pattern",
-                c.policy.violations.len()
-            );
-            for v in &c.policy.violations {
-                let size = v
-                    .nar_size
-                    .map(human_bytes)
-                    .unwrap_or_else(|| "size unknown".to_owned());
-                let _ = writeln!(
-                    out,
-                    "  {} ({size})\n    chain: {}",
-                    v.path,
-                    v.chain.join(" -> ")
-                );
-            }
-        }
-        if c.disjoint.ok == Some(false) {
-            let _ = writeln!(
-                out,
-                "\ndisjoint: {} store path(s) are at the root of more than one layer",
-                c.disjoint.duplicates.len()
-            );
-            for d in &c.disjoint.duplicates {
-                let _ = writeln!(out, "  {}\n    in {}", d.path, d.images.join(" and "));
-            }
-        }
-        let total: u64 = self.paths.iter().map(|p| p.nar_size).sum();
-        if self.images.len() > 1 {
-            let _ = writeln!(
-                out,
-                "\n{} store disk of {} layers: {} store paths, {} of NAR content",
-                self.format,
-                self.images.len(),
-                self.paths.len(),
-                human_bytes(total)
-            );
-            for (i, layer) in self.images.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "  layer {i}: {}: {} store paths, {}",
-                    layer.image,
-                    layer.paths,
-                    human_bytes(layer.nar_bytes)
-                );
-            }
-        } else {
-            let _ = writeln!(
-                out,
-                "\n{} image {}: {} store paths, {} of NAR content",
-                self.format,
-                self.image,
-                self.paths.len(),
-                human_bytes(total)
-            );
-        }
-        for (name, ok, why) in c.statuses() {
-            let required = self.required_not_run.iter().any(|n| n.check == name);
-            let state = match ok {
-                Some(true) => "ok".to_owned(),
-                Some(false) => "FAILED".to_owned(),
-                None if required => format!(
-                    "REQUIRED, not checked: {}",
-                    why.unwrap_or("its inputs were not given")
-                ),
-                None => format!(
-                    "not checked: {}",
-                    why.unwrap_or("its inputs were not given")
-                ),
-            };
-            let _ = writeln!(out, "  {name}: {state}");
-        }
-        let _ = writeln!(
-            out,
-            "  without unsafeDiscardReferences Nix would record {} reference(s) from {}",
-            c.self_contained.would_reference_count,
-            if self.images.len() > 1 {
-                "these images"
-            } else {
-                "this image"
-            }
-        );
-        if !c.runner_overlap.shared.is_empty() {
-            let _ = writeln!(
-                out,
-                "  the runner shares {} packed path(s) ({}) it needs itself",
-                c.runner_overlap.shared.len(),
-                human_bytes(c.runner_overlap.shared_bytes)
-            );
-        }
-        out
     }
 }
 

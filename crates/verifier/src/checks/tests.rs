@@ -381,7 +381,6 @@ fn runner_overlap(input: &str) -> String {
         w.runner().as_ref(),
         &w.image_paths(),
         w.registration_path().as_ref(),
-        None,
         &StoreDir::default(),
     );
     let r = match result {
@@ -654,7 +653,7 @@ fn a_leaked_path_the_image_lacks_is_leaked_but_not_copied_twice() {
 fn runner_overlap_without_a_runner_is_not_checked() {
     assert_snapshot!(runner_overlap(GUEST), @r"
     not checked
-    why: no runner: give --runner STOREPATH or --runner-closure FILE
+    why: no runner closure
     ");
 }
 
@@ -721,7 +720,7 @@ fn complete_passes_when_every_closure_path_is_packed() {
 fn complete_without_a_closure_is_not_checked() {
     assert_snapshot!(complete("packed: app"), @r"
     not checked
-    why: no closure: give --closure FILE, or pack a closure-info registration in the image
+    why: no guest closure (none given, and no closure-info registration in the image)
     ");
 }
 
@@ -758,7 +757,7 @@ fn integrity_with_only_unhashed_paths_is_not_a_pass() {
     ";
     assert_snapshot!(integrity(input), @r"
     not checked
-    why: 1 packed path(s) have no recorded narHash to compare with: give a --closure that records them (exportReferencesGraph, nix path-info --json)
+    why: 1 packed path(s) have no recorded narHash to compare with
     checked: 1
     unchecked: app
     ");
@@ -776,7 +775,7 @@ fn integrity_passes_when_every_hash_matches() {
 fn integrity_without_a_closure_still_fails_on_invalid_entries() {
     assert_snapshot!(integrity("packed: app\ninvalid: .links"), @r"
     FAILED
-    why: no closure to compare NAR hashes with: give --closure FILE, or pack a closure-info registration in the image
+    why: no guest closure (none given, and no closure-info registration in the image)
     checked: 0
     invalid entry: .links (not a store path name)
     ");
@@ -813,16 +812,16 @@ fn policy_needs_allow_globs_and_a_runner() {
     let no_runner = policy(&format!("{GUEST}allow: glibc-*"));
     assert_snapshot!(format!("{no_globs}{no_runner}"), @r"
     not checked
-    why: no --allow GLOB given
+    why: no allowed globs
     not checked
-    why: no runner closure to check: give --runner STOREPATH or --runner-closure FILE
+    why: no runner closure
     ");
 }
 
 #[test]
 fn a_bad_glob_is_an_error_naming_it() {
     let input = format!("{GUEST}{HOST_RUNNER}allow: glibc-[");
-    assert_snapshot!(policy(&input), @r#"error: --allow "glibc-[": error parsing glob 'glibc-[': unclosed character class; missing ']'"#);
+    assert_snapshot!(policy(&input), @r#"error: allowed glob "glibc-[": error parsing glob 'glibc-[': unclosed character class; missing ']'"#);
 }
 
 // ---- layers: disjoint, and the other checks over the union ----
@@ -967,6 +966,7 @@ fn self_contained_of_layers_fails_on_any_and_passes_on_all() {
         references: refs.iter().map(|r| (*r).to_owned()).collect(),
         would_reference: refs.iter().map(|r| (*r).to_owned()).collect(),
         would_reference_count: refs.len(),
+        missing_input: None,
     };
     let render = |s: SelfContained| {
         let mut out = status(s.ok, &s.why);

@@ -1,5 +1,6 @@
-//! Asking the local Nix database (`nix path-info --json`). The only module that starts a
-//! process; the checks take its answers as data.
+//! Asking the local Nix database (`nix path-info --json`), with a timeout: the one place the
+//! `storedisk` binary starts Nix. The verifier library takes its answers as data (closures,
+//! references) and never runs a process.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 
-use crate::error::VerifyError;
+use anyhow::{anyhow, Result};
 
 /// Runs `nix path-info --json [--recursive] PATHS...` and returns its standard output.
 /// How long `nix path-info` may take: a stuck Nix (a locked database, a hung daemon) must not
@@ -60,7 +61,7 @@ fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output>
     })
 }
 
-fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String, VerifyError> {
+fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String> {
     let mut cmd = Command::new(nix);
     cmd.args([
         "--extra-experimental-features",
@@ -72,29 +73,21 @@ fn path_info_json(nix: &str, paths: &[String], recursive: bool) -> Result<String
         cmd.arg("--recursive");
     }
     cmd.arg("--").args(paths);
-    let output = output_within(cmd, NIX_TIMEOUT).map_err(|e| {
-        VerifyError::Nix(format!(
-            "cannot run {nix}: {e} (is Nix installed and on PATH?)"
-        ))
-    })?;
+    let output = output_within(cmd, NIX_TIMEOUT)
+        .map_err(|e| anyhow!("cannot run {nix}: {e} (is Nix installed and on PATH?)"))?;
     if !output.status.success() {
-        return Err(VerifyError::Nix(format!(
+        return Err(anyhow!(
             "`{nix} path-info --json{} {}` failed: {}",
             if recursive { " --recursive" } else { "" },
             paths.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
-        )));
+        ));
     }
-    String::from_utf8(output.stdout)
-        .map_err(|_| VerifyError::Nix("nix path-info printed invalid UTF-8".to_owned()))
+    String::from_utf8(output.stdout).map_err(|_| anyhow!("nix path-info printed invalid UTF-8"))
 }
 
 /// The closure of `paths` as the Nix database records it.
-pub fn query_closure(
-    nix: &str,
-    paths: &[String],
-    store_dir: &StoreDir,
-) -> Result<Closure, VerifyError> {
+pub fn query_closure(nix: &str, paths: &[String], store_dir: &StoreDir) -> Result<Closure> {
     let text = path_info_json(nix, paths, true)?;
     Ok(Closure::from_json(&text, None, store_dir)?)
 }
@@ -104,7 +97,7 @@ pub fn query_references(
     nix: &str,
     path: &str,
     store_dir: &StoreDir,
-) -> Result<BTreeSet<StorePath>, VerifyError> {
+) -> Result<BTreeSet<StorePath>> {
     let text = path_info_json(nix, &[path.to_owned()], false)?;
     references_from_path_info(&text, path, store_dir)
 }
@@ -115,9 +108,8 @@ pub fn references_from_path_info(
     text: &str,
     path: &str,
     store_dir: &StoreDir,
-) -> Result<BTreeSet<StorePath>, VerifyError> {
-    let bad =
-        |why: &str| VerifyError::Nix(format!("unexpected nix path-info output for {path}: {why}"));
+) -> Result<BTreeSet<StorePath>> {
+    let bad = |why: &str| anyhow!("unexpected nix path-info output for {path}: {why}");
     let value: Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
     let info = match &value {
         Value::Array(items) => items
