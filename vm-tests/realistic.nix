@@ -1,7 +1,7 @@
 # The opt-in `realistic` scenario's packages: a closure of NixOS size (over 1 GB of NAR, over 500
 # store paths: ELF-like libraries and programs with their symlinks, Python-like trees of small
 # text files, man pages, data packages, a few large files, a symlink farm), generated
-# deterministically by `cargo xtask vm-test --scenario realistic` (xtask/src/bench/closure_gen.rs,
+# deterministically by `cargo xtask vm-test --scenario realistic` (crates/testkit/src/closure_gen.rs,
 # the benchmarks' generator) into `dir`: `dir/closure.json` (exportReferencesGraph form) and
 # `dir/store/<base name>`. Each generated path is rebuilt here as a derivation with the same
 # references (their real store paths, in nix-support/references), so Nix sees the same graph.

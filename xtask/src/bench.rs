@@ -13,7 +13,7 @@
 //! own CPU time and peak RSS from `wait4`. The page cache is warm for every tool alike: the
 //! generator has just written (or a first pass has read) the closure.
 
-pub mod closure_gen;
+pub use storedisk_testkit::closure_gen;
 mod corpus;
 mod report;
 
@@ -104,21 +104,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// `150M`, `1.5G`: a size as the closure directories and tables name it.
-pub fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1_000_000_000 {
-        format!("{}G", trim_float(bytes as f64 / 1e9))
-    } else if bytes >= 1_000_000 {
-        format!("{}M", trim_float(bytes as f64 / 1e6))
-    } else {
-        format!("{bytes}B")
-    }
-}
-
-fn trim_float(v: f64) -> String {
-    let s = format!("{v:.2}");
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
+pub use storedisk_testkit::closure_gen::size_label;
 
 /// What one run of one tool cost.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -368,7 +354,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => {
                 eprintln!(
                     "bench: generating a {} closure (seed {})",
-                    human_bytes(size),
+                    size_label(size),
                     args.seed
                 );
                 closure_gen::generate_cached(size, args.seed, &bench_dir)?
@@ -379,8 +365,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             closure.store_paths,
             closure.files,
             closure.symlinks,
-            human_bytes(closure.file_bytes),
-            human_bytes(closure.nar_bytes)
+            size_label(closure.file_bytes),
+            size_label(closure.nar_bytes)
         );
         results.add_closure(size, &closure);
         let mut per_tool: Vec<Vec<RunStats>> = vec![Vec::new(); image_tools.len()];
@@ -396,7 +382,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     measured.wall_s,
                     measured.cpu_s,
                     measured.max_rss_mb,
-                    human_bytes(measured.image_bytes)
+                    size_label(measured.image_bytes)
                 );
                 stats.push(measured);
             }
@@ -440,7 +426,7 @@ fn image_path(bench: &Bench, tool: &ImageTool, size: u64) -> PathBuf {
         .collect();
     bench
         .work
-        .join(format!("{}-{name}-{}.img", human_bytes(size), tool.format))
+        .join(format!("{}-{name}-{}.img", size_label(size), tool.format))
 }
 
 /// `storedisk verify --closure` on the image each tool wrote (the last run's), `runs` times.
@@ -594,8 +580,8 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12X").is_err());
         assert!(parse_size("0M").is_err());
-        assert_eq!(human_bytes(1_500_000_000), "1.5G");
-        assert_eq!(human_bytes(40_000_000), "40M");
+        assert_eq!(size_label(1_500_000_000), "1.5G");
+        assert_eq!(size_label(40_000_000), "40M");
     }
 
     #[test]

@@ -310,7 +310,7 @@ fn generate_realistic(work: &Path) -> Result<PathBuf> {
         generated.store_paths,
         generated.files,
         generated.symlinks,
-        crate::bench::human_bytes(generated.nar_bytes)
+        crate::bench::size_label(generated.nar_bytes)
     );
     generated
         .store_dir

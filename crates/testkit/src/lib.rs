@@ -1,4 +1,6 @@
-//! Test fixtures shared by storedisk's test suites: a synthetic Nix store holding every case a
+//! Test fixtures shared by storedisk's test suites and benchmarks: a NixOS-like generated
+//! closure of any size ([`closure_gen`], for `cargo xtask bench` and the harness's realistic
+//! scenario), a synthetic Nix store holding every case a
 //! store disk must get right, written to a temp directory with its closure as
 //! exportReferencesGraph JSON, a lookup for the external tools tests use as oracles, and helpers
 //! to read what a command under test printed.
@@ -9,6 +11,7 @@
 
 #![allow(clippy::unwrap_used)] // Test support: a failure to set up a fixture should panic loudly.
 
+pub mod closure_gen;
 mod output;
 mod synthetic;
 mod tools;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::closure_gen::GeneratedClosure;
-use super::{human_bytes, RunStats};
+use super::{size_label, RunStats};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -240,8 +240,8 @@ impl Report {
         md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|\n");
         for t in &self.tools {
             let closure = self.closures.iter().find(|c| c.size_bytes == t.size_bytes);
-            let label = closure.map_or(human_bytes(t.size_bytes), |c| {
-                format!("{} ({} files)", human_bytes(c.file_bytes), c.files)
+            let label = closure.map_or(size_label(t.size_bytes), |c| {
+                format!("{} ({} files)", size_label(c.file_bytes), c.files)
             });
             let (time_ratio, size_ratio) = match (t.ours, self.ours_for(t.size_bytes, &t.format)) {
                 (false, Some(ours)) => (
@@ -277,7 +277,7 @@ impl Report {
                 let _ = writeln!(
                     md,
                     "| {} | {} {} | {:.2} | {:.0} | {:.0} |",
-                    human_bytes(v.size_bytes),
+                    size_label(v.size_bytes),
                     v.image_tool,
                     v.format,
                     v.stats.wall_s,

@@ -38,12 +38,27 @@ pub struct GeneratedClosure {
     pub nar_bytes: u64,
 }
 
+/// `150M`, `1.5G`: a size as closure directories and benchmark tables name it (SI units).
+pub fn size_label(bytes: u64) -> String {
+    let trim = |v: f64| {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    };
+    if bytes >= 1_000_000_000 {
+        format!("{}G", trim(bytes as f64 / 1e9))
+    } else if bytes >= 1_000_000 {
+        format!("{}M", trim(bytes as f64 / 1e6))
+    } else {
+        format!("{bytes}B")
+    }
+}
+
 /// The closure of about `target_bytes` of file data for `seed`, generated under `cache_dir`
 /// unless an identical one is already there.
 pub fn generate_cached(target_bytes: u64, seed: u64, cache_dir: &Path) -> Result<GeneratedClosure> {
     let dir = cache_dir.join(format!(
         "closure-{}-seed{seed}-v{GENERATOR_VERSION}",
-        super::human_bytes(target_bytes).replace(' ', "")
+        size_label(target_bytes)
     ));
     let stamp = dir.join("generated.json");
     if let Ok(text) = fs::read_to_string(&stamp) {
