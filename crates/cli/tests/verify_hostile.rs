@@ -205,5 +205,9 @@ fn superblocks_with_counts_and_sizes_at_their_maximum_are_refused() {
     fs::write(&file, patched(&valid, sb + 36, 4, u64::from(u32::MAX))).unwrap();
     let out = verify_capped(&file);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("1 store paths"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("1 store paths"),
+        "{}",
+        text(&out.stdout)
+    );
 }

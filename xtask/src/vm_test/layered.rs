@@ -256,37 +256,50 @@ fn layouts(entries: &[Entry]) -> BTreeSet<(ImageFormat, Layout)> {
     entries.iter().map(|e| (e.format, e.layout)).collect()
 }
 
-/// Boots `large` single and layered on every disk, one after the other (their times are
-/// compared, so they do not share the cores with each other).
+/// How many times each of `large`'s machines boots: its boot time is the fastest of these
+/// (a shared 2-core machine makes single boots noisy; the layouts alternate).
+const BOOTS_EACH: usize = 2;
+
+/// Boots `large` single and layered on every disk, one after the other and alternating (their
+/// times are compared, so they do not share the cores with each other), [`BOOTS_EACH`] times
+/// each; keeps a failed boot if there is one, else the fastest.
 fn boot_base(
     entries: &[Entry],
     accel: Accel,
     args: &VmTestArgs,
     logs: &Path,
 ) -> Result<BTreeMap<(ImageFormat, Layout), BootOutcome>> {
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<(ImageFormat, Layout), BootOutcome> = BTreeMap::new();
     let pairs = layouts(entries);
-    for (n, &(format, layout)) in pairs.iter().enumerate() {
-        let entry = find(entries, format, layout, BASE)?;
-        let label = entry.label();
-        eprintln!("[boot {}/{}] {label}", n + 1, pairs.len());
-        let name = label.replace('/', "-");
-        let log = logs.join(format!("boot-{name}.log"));
-        let outcome = boot::boot(
-            Path::new(&entry.runner),
-            accel,
-            &log,
-            &logs.join("state").join(&name),
-            Duration::from_secs(args.boot_timeout),
-        )?;
-        eprintln!(
-            "[boot {}/{}] {label}: {} in {:.1}s",
-            n + 1,
-            pairs.len(),
-            if outcome.ok { "ok" } else { "FAILED" },
-            outcome.seconds
-        );
-        out.insert((format, layout), outcome);
+    let total = pairs.len() * BOOTS_EACH;
+    let mut n = 0;
+    for round in 1..=BOOTS_EACH {
+        for &(format, layout) in &pairs {
+            n += 1;
+            let entry = find(entries, format, layout, BASE)?;
+            let label = entry.label();
+            eprintln!("[boot {n}/{total}] {label} (round {round})");
+            let name = format!("{}-{round}", label.replace('/', "-"));
+            let outcome = boot::boot(
+                Path::new(&entry.runner),
+                accel,
+                &logs.join(format!("boot-{name}.log")),
+                &logs.join("state").join(&name),
+                Duration::from_secs(args.boot_timeout),
+            )?;
+            eprintln!(
+                "[boot {n}/{total}] {label}: {} in {:.1}s",
+                if outcome.ok { "ok" } else { "FAILED" },
+                outcome.seconds
+            );
+            let keep = match out.get(&(format, layout)) {
+                None => true,
+                Some(kept) => kept.ok && (!outcome.ok || outcome.seconds < kept.seconds),
+            };
+            if keep {
+                out.insert((format, layout), outcome);
+            }
+        }
     }
     Ok(out)
 }
@@ -537,6 +550,17 @@ impl Outcome {
         failures
     }
 
+    /// Boots and verifications that succeeded: what the closing line counts as passed.
+    pub fn checks_passed(&self) -> usize {
+        self.measured
+            .iter()
+            .map(|m| {
+                usize::from(m.boot.as_ref().is_some_and(|b| b.ok))
+                    + m.verify.values().filter(|v| v.ok == Some(true)).count()
+            })
+            .sum()
+    }
+
     fn layer_count(&self, format: ImageFormat, guest: &str) -> usize {
         find(&self.entries, format, Layout::Layered, guest).map_or(0, |e| e.disks.len())
     }
@@ -603,7 +627,7 @@ impl Outcome {
             if let (Some(a), Some(b)) = (&s.boot, &l.boot) {
                 let _ = writeln!(
                     out,
-                    "| {format} | boot of {BASE} (s) | {:.1} | {:.1} | {:.2} |",
+                    "| {format} | boot of {BASE} (s, fastest of {BOOTS_EACH}) | {:.1} | {:.1} | {:.2} |",
                     a.seconds,
                     b.seconds,
                     b.seconds / a.seconds.max(0.1)

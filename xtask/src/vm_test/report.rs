@@ -152,7 +152,8 @@ pub fn finish(
         .count();
     let shutdown_ok = usize::from(shutdown.is_some_and(|s| s.ok));
     let failed = (measured.len() - runs_ok) + failed_snapshots.len() + failed_assertions.len();
-    let passed = runs_ok + shutdown_ok + compared_snapshots.len() - changed_snapshots.len();
+    let passed = runs_ok + shutdown_ok + compared_snapshots.len() - changed_snapshots.len()
+        + layered.checks_passed();
     if failed == 0 {
         eprintln!("vm-test: all assertions hold and every snapshot matches");
     }
