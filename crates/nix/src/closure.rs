@@ -31,11 +31,12 @@ impl PathInfo {
     }
 }
 
-/// Why closure input was rejected.
+/// Why closure input was rejected. (Causes are part of the message, not chained as a
+/// `source`: printed once however the error is formatted.)
 #[derive(Debug, thiserror::Error)]
 pub enum ClosureError {
     #[error("closure JSON is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("closure JSON: {0}")]
     Shape(String),
     #[error("registration text, line {line}: {reason}")]
@@ -46,6 +47,12 @@ pub enum ClosureError {
     Dangling { referrer: String, missing: String },
     #[error("{0} is not in the closure")]
     NotInClosure(String),
+}
+
+impl From<serde_json::Error> for ClosureError {
+    fn from(e: serde_json::Error) -> Self {
+        ClosureError::Json(e)
+    }
 }
 
 /// A reference graph of store paths, sorted by base name, closed under references.

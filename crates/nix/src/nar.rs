@@ -17,11 +17,13 @@ use crate::hash::NarHash;
 
 const NAR_MAGIC: &[u8] = b"nix-archive-1";
 
-/// Why a tree could not be serialized.
+/// Why a tree could not be serialized. Causes are shown in the message, not chained as a
+/// `source`, so each is printed once however the error is formatted (the workspace's
+/// convention).
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
-    #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("I/O error on {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("{path}: {kind} cannot be stored in a Nix store path (only regular files, directories and symlinks)")]
     UnsupportedFileType { path: PathBuf, kind: &'static str },
     #[error("{path}: {reason}")]
@@ -29,7 +31,7 @@ pub enum NarError {
     #[error("NAR events out of order: {0}")]
     Order(&'static str),
     #[error("NAR output: {0}")]
-    Output(#[source] io::Error),
+    Output(io::Error),
 }
 
 /// Writes the NAR encoding of a tree reported node by node.
@@ -259,7 +261,7 @@ fn copy_exact(
             Err(e) => {
                 return Err(NarError::Io {
                     path: PathBuf::new(),
-                    source: e,
+                    cause: e,
                 })
             }
         };
@@ -323,16 +325,16 @@ pub fn hash_path(path: &Path) -> Result<(NarHash, u64), NarError> {
 }
 
 fn dump_node<W: Write>(path: &Path, encoder: &mut NarEncoder<W>) -> Result<(), NarError> {
-    let io_err = |source| NarError::Io {
+    let io_err = |cause| NarError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let meta = fs::symlink_metadata(path).map_err(io_err)?;
     let file_type = meta.file_type();
     let with_path = |e: NarError| match e {
-        NarError::Io { path: p, source } if p.as_os_str().is_empty() => NarError::Io {
+        NarError::Io { path: p, cause } if p.as_os_str().is_empty() => NarError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         },
         NarError::Invalid { path: p, reason } if p.as_os_str().is_empty() => NarError::Invalid {
             path: path.to_owned(),

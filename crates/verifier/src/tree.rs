@@ -305,7 +305,7 @@ pub fn dump_node<W: Write>(
 
 fn describe_nar_error(e: NarError) -> String {
     match e {
-        NarError::Io { source, .. } => format!("reading file data failed: {source}"),
+        NarError::Io { cause, .. } => format!("reading file data failed: {cause}"),
         NarError::Invalid { reason, .. } => reason,
         other => other.to_string(),
     }
