@@ -5,11 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
 
+mod common;
+
 use std::fs;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use assert_cmd::Command as Cmd;
+use common::{verify, Outcome};
 use serde_json::{json, Value};
 use storedisk_testkit::SyntheticStore;
 
@@ -30,46 +32,6 @@ fn store_and_image() -> (SyntheticStore, PathBuf) {
         .assert()
         .success();
     (store, image)
-}
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("no JSON report ({e}): {}{}", self.stdout, self.stderr))
-    }
-
-    fn first_line(&self) -> &str {
-        self.stdout.lines().next().unwrap_or_default()
-    }
-}
-
-fn verify(args: &[&str]) -> Outcome {
-    let out = Cmd::cargo_bin("storedisk")
-        .unwrap()
-        .arg("verify")
-        .args(args)
-        // No Nix to ask: the answers must not depend on the machine.
-        .env("PATH", "")
-        .timeout(Duration::from_secs(120))
-        .output()
-        .unwrap();
-    let outcome = Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(
-        !outcome.stderr.contains("panicked"),
-        "verify panicked: {}",
-        outcome.stderr
-    );
-    outcome
 }
 
 // ---- nothing checked, --require ----

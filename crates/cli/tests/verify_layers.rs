@@ -8,11 +8,13 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use assert_cmd::Command as Cmd;
+use common::verify;
 use serde_json::{json, Value};
 use storedisk_nix::StorePath;
 use storedisk_testkit::{store_path_for, SyntheticStore};
@@ -20,43 +22,6 @@ use storedisk_testkit::{store_path_for, SyntheticStore};
 /// The guest closure split in two: the toplevel's own side and what it runs on.
 const HALF_A: [&str; 3] = ["nixos-system-guest", "hello-2.12.1", "current-hello"];
 const HALF_B: [&str; 3] = ["busybox-1.36.1", "glibc-2.40", "config.json"];
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("no JSON report ({e}): {}{}", self.stdout, self.stderr))
-    }
-}
-
-/// Runs `storedisk verify ARGS` with no Nix on PATH (the answers must not depend on the
-/// machine).
-fn verify(args: &[&str]) -> Outcome {
-    let out = Cmd::cargo_bin("storedisk")
-        .unwrap()
-        .arg("verify")
-        .args(args)
-        .env("PATH", "")
-        .timeout(Duration::from_secs(120))
-        .output()
-        .unwrap();
-    let outcome = Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(
-        !outcome.stderr.contains("panicked"),
-        "verify panicked: {}",
-        outcome.stderr
-    );
-    outcome
-}
 
 fn paths(store: &SyntheticStore, names: &[&str]) -> Vec<StorePath> {
     names.iter().map(|n| store.path(n)).collect()
