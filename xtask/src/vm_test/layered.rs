@@ -417,6 +417,20 @@ impl Outcome {
         self.measured.iter().map(|m| m.format).collect()
     }
 
+    /// Per disk format measured both ways: the single disk's measurements and the layered one's.
+    fn side_by_side(&self) -> Vec<(ImageFormat, &Measured, &Measured)> {
+        self.formats()
+            .into_iter()
+            .filter_map(|format| {
+                Some((
+                    format,
+                    self.get(format, Layout::Single)?,
+                    self.get(format, Layout::Layered)?,
+                ))
+            })
+            .collect()
+    }
+
     /// The layers whose image differs between two guests' layered store disks (by name: a
     /// layer that exists in only one of them counts as differing).
     fn changed_layers(&self, format: ImageFormat, from: &str, to: &str) -> Option<Vec<String>> {
@@ -477,13 +491,7 @@ impl Outcome {
                 }
             }
         }
-        for format in self.formats() {
-            let (Some(single), Some(layered)) = (
-                self.get(format, Layout::Single),
-                self.get(format, Layout::Layered),
-            ) else {
-                continue;
-            };
+        for (format, single, layered) in self.side_by_side() {
             let label = format!("{SCENARIO}/{format}");
             let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
             let first = ratio(layered.first.nar_bytes, single.first.nar_bytes);
@@ -580,13 +588,7 @@ impl Outcome {
             out,
             "| disk | measurement | single disk | layered | layered / single |\n|---|---|---:|---:|---:|"
         );
-        for format in self.formats() {
-            let (Some(s), Some(l)) = (
-                self.get(format, Layout::Single),
-                self.get(format, Layout::Layered),
-            ) else {
-                continue;
-            };
+        for (format, s, l) in self.side_by_side() {
             let row = |out: &mut String, what: &str, a: u64, b: u64| {
                 let _ = writeln!(
                     out,
@@ -642,13 +644,7 @@ impl Outcome {
     /// busybox.
     pub fn snapshots(&self) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
-        for format in self.formats() {
-            let (Some(single), Some(layered)) = (
-                self.get(format, Layout::Single),
-                self.get(format, Layout::Layered),
-            ) else {
-                continue;
-            };
+        for (format, single, layered) in self.side_by_side() {
             let Ok(base) = find(&self.entries, format, Layout::Layered, BASE) else {
                 continue;
             };
