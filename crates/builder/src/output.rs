@@ -213,3 +213,77 @@ pub(crate) fn remove_tree(dir: &Path) {
     make_writable(dir);
     let _ = fs::remove_dir_all(dir);
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::io::Read;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_image_file_has_no_name_until_persisted_and_replaces_the_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("store.img");
+        fs::write(&output, b"old").unwrap();
+        let image = ImageFile::create(dir.path(), "store.img").unwrap();
+        assert!(matches!(image.inner, Inner::Unnamed { .. }), "{image:?}");
+        image.file().write_all(b"new image").unwrap();
+        assert_eq!(names(dir.path()), ["store.img"]);
+        // Another process's way in (mkfs.erofs, the read-back) reads what was written.
+        let mut read = String::new();
+        File::open(image.path())
+            .unwrap()
+            .read_to_string(&mut read)
+            .unwrap();
+        assert_eq!(read, "new image");
+        image.persist(&output).unwrap();
+        assert_eq!(fs::read(&output).unwrap(), b"new image");
+        assert_eq!(names(dir.path()), ["store.img"]);
+    }
+
+    #[test]
+    fn a_dropped_image_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(dir.path(), "store.img").unwrap();
+        image.file().write_all(b"partial").unwrap();
+        drop(image);
+        assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_sweep_removes_only_dead_builds_staging() {
+        let parent = tempfile::tempdir().unwrap();
+        let dead = StagingDir::create(parent.path(), ".out.", ".tmp").unwrap();
+        fs::create_dir(dead.path().join("out")).unwrap();
+        fs::write(dead.path().join("out/layer-00.squashfs"), b"x").unwrap();
+        // Its build dies: the lock goes, the directory stays.
+        let dead_path = dead.path().to_owned();
+        let StagingDir { dir, _lock } = dead;
+        drop(_lock);
+        let _ = dir.keep();
+        let live = StagingDir::create(parent.path(), ".out.", ".tmp").unwrap();
+        let unmarked = parent.path().join(".out.mine.tmp");
+        fs::create_dir(&unmarked).unwrap();
+        let other_name = parent.path().join(".other.x.tmp");
+        fs::create_dir(&other_name).unwrap();
+        File::create(other_name.join(STAGING_MARKER)).unwrap();
+
+        sweep_stale(parent.path(), ".out.", ".tmp");
+        assert!(!dead_path.exists());
+        assert!(live.path().join(STAGING_MARKER).is_file());
+        assert!(unmarked.is_dir());
+        assert!(other_name.is_dir());
+        drop(live);
+        assert_eq!(names(parent.path()), [".other.x.tmp", ".out.mine.tmp"]);
+    }
+}
