@@ -251,12 +251,9 @@ pub enum BuildError {
         "the image written to {output} failed its read-back check, so it was not kept: {reason}"
     )]
     ReadBack { output: PathBuf, reason: String },
-    #[error(
-        "no space left on the file system of {output} ({free} bytes free after the failed write)"
-    )]
+    #[error("no space left on the file system of {output}")]
     NoSpace {
         output: PathBuf,
-        free: u64,
         #[source]
         source: Box<BuildError>,
     },
@@ -456,12 +453,13 @@ fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> B
         // Not a failure to write.
         _ => return error,
     };
-    match output::free_bytes(image.file()) {
-        Some(free) if enospc || free < NEARLY_FULL_BYTES => BuildError::NoSpace {
+    let nearly_full = output::free_bytes(image.file()).is_some_and(|f| f < NEARLY_FULL_BYTES);
+    if enospc || nearly_full {
+        BuildError::NoSpace {
             output: output.to_owned(),
-            free,
             source: Box::new(error),
-        },
-        _ => error,
+        }
+    } else {
+        error
     }
 }
