@@ -294,6 +294,7 @@ pub(crate) fn write(
         progress.phase("mkfs.erofs", 0);
         let mut command = Command::new(&tool.path);
         command.args(&args).arg(image).arg(staging.root());
+        die_with_us(&mut command);
         (
             run_tool(&tool.path, &mut command)?,
             "staged copy: this version has no --tar",
@@ -337,6 +338,7 @@ fn stream(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    die_with_us(&mut command);
     let mut child = command.spawn().map_err(|e| cannot_run(&tool.path, &e))?;
     let Some(stdin) = child.stdin.take() else {
         return Err(BuildError::Tool {
@@ -373,6 +375,34 @@ fn stream(
             Ok(output)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Makes the child started by `command` get SIGKILL when this thread (the one waiting for it)
+/// dies, however it dies. Without it a SIGKILLed build leaves mkfs.erofs running: 1.8.6 given a
+/// tar stream cut short loops forever on zero-length writes (seen in
+/// `sigkill_in_the_middle_of_a_build_keeps_the_old_image_and_leaves_nothing`), holding a CPU
+/// and the unnamed image's space; 1.5 would pack a staged copy that the next build removes.
+fn die_with_us(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpid, getppid, set_parent_process_death_signal, Signal};
+        use std::os::unix::process::CommandExt;
+        let parent = getpid();
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe work is allowed: it makes two system calls (prctl, getppid) and
+        // allocates nothing (an errno converts to io::Error without allocating).
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || {
+                set_parent_process_death_signal(Some(Signal::KILL))?;
+                // The parent died before the prctl: no signal will come.
+                if getppid() != Some(parent) {
+                    return Err(rustix::io::Errno::SRCH.into());
+                }
+                Ok(())
+            });
+        }
     }
 }
 

@@ -124,7 +124,8 @@ fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) {
     assert_success(&build_cmd(store, format, output, extra).output().unwrap());
 }
 
-/// Starts `cmd`, SIGKILLs it after `delay` (it must still be running then), waits for it.
+/// Starts `cmd`, SIGKILLs it after `delay` (it must still be running then), waits for it, and
+/// checks that no mkfs.erofs it started outlives it for long.
 fn kill_after(mut cmd: Command, delay: Duration) {
     let mut child = cmd
         .stdout(Stdio::null())
@@ -139,9 +140,44 @@ fn kill_after(mut cmd: Command, delay: Duration) {
             started.elapsed()
         );
     }
+    let pid = child.id();
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let survivors = writers_of(pid);
+        if survivors.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // Not left spinning on the test machine.
+            for survivor in &survivors {
+                let pid = survivor.split(':').next().unwrap_or_default();
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+            panic!("killed after {delay:?}, the build's mkfs.erofs still runs 5 s later: {survivors:?}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// The live processes writing an image through `/proc/<pid>/fd/`: mkfs.erofs started by the
+/// build `pid` (its command line names the build's unnamed image that way).
+fn writers_of(pid: u32) -> Vec<String> {
+    let needle = format!("/proc/{pid}/fd/");
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = text(&cmdline).replace('\0', " ");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if cmdline.contains(&needle) && name.parse::<u32>().is_ok() {
+            found.push(format!("{name}: {cmdline}"));
+        }
+    }
+    found
 }
 
 const KILL_POINTS: [Duration; 3] = [
