@@ -4,7 +4,8 @@
 //! With erofs-utils 1.7 or newer the tree is streamed to `mkfs.erofs --tar=f` on its standard
 //! input ([`tar`]): headers carry the canonical metadata and file data is read once, straight
 //! from the store. Older versions (Debian 12's 1.5) have no tar input, so the tree is staged
-//! into a directory beside the output with canonical modes: staging copies file data
+//! into a directory beside the output with canonical modes (`.storedisk-staging-*.tmp`, marked so
+//! that the next build removes one a killed build left): staging copies file data
 //! (`io::copy`, which uses `copy_file_range` and reflinks where the filesystem can) and
 //! recreates hard links that occur within the closure as hard links. Either way mkfs.erofs
 //! stores a hard-linked file's data once and link counts depend on the closure only.
@@ -34,6 +35,7 @@ use std::process::{Command, Output, Stdio};
 
 use sha2::{Digest, Sha256};
 
+use crate::output::{self, StagingDir};
 use crate::tree::{EntryKind, Tree};
 use crate::{BuildError, BuildOptions, Compression, ImageFormat, ProgressSink};
 
@@ -262,7 +264,9 @@ impl MkfsErofs {
 }
 
 /// Packs `tree` into `image` with mkfs.erofs: streamed as tar when the tool reads tar, else
-/// staged in a directory inside `work_dir`.
+/// staged in a directory inside `work_dir`. `image` is any path mkfs.erofs can open and
+/// truncate; for an unnamed image file, `/proc/<our pid>/fd/<n>` (erofs-utils 1.5 and 1.8
+/// both take it).
 pub(crate) fn write(
     tree: &Tree,
     options: &BuildOptions,
@@ -290,6 +294,7 @@ pub(crate) fn write(
         progress.phase("mkfs.erofs", 0);
         let mut command = Command::new(&tool.path);
         command.args(&args).arg(image).arg(staging.root());
+        die_with_us(&mut command);
         (
             run_tool(&tool.path, &mut command)?,
             "staged copy: this version has no --tar",
@@ -333,6 +338,7 @@ fn stream(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    die_with_us(&mut command);
     let mut child = command.spawn().map_err(|e| cannot_run(&tool.path, &e))?;
     let Some(stdin) = child.stdin.take() else {
         return Err(BuildError::Tool {
@@ -369,6 +375,34 @@ fn stream(
             Ok(output)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Makes the child started by `command` get SIGKILL when this thread (the one waiting for it)
+/// dies, however it dies. Without it a SIGKILLed build leaves mkfs.erofs running: 1.8.6 given a
+/// tar stream cut short loops forever on zero-length writes (seen in
+/// `sigkill_in_the_middle_of_a_build_keeps_the_old_image_and_leaves_nothing`), holding a CPU
+/// and the unnamed image's space; 1.5 would pack a staged copy that the next build removes.
+fn die_with_us(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpid, getppid, set_parent_process_death_signal, Signal};
+        use std::os::unix::process::CommandExt;
+        let parent = getpid();
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe work is allowed: it makes two system calls (prctl, getppid) and
+        // allocates nothing (an errno converts to io::Error without allocating).
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || {
+                set_parent_process_death_signal(Some(Signal::KILL))?;
+                // The parent died before the prctl: no signal will come.
+                if getppid() != Some(parent) {
+                    return Err(rustix::io::Errno::SRCH.into());
+                }
+                Ok(())
+            });
+        }
     }
 }
 
@@ -420,26 +454,43 @@ pub fn closure_uuid(tree: &Tree) -> String {
     )
 }
 
-/// The staging directory; removed (after making its directories writable again) when dropped.
+/// Names of staging directories: `.storedisk-staging-XXXXXX.tmp` beside the output.
+const STAGING_PREFIX: &str = ".storedisk-staging-";
+const STAGING_SUFFIX: &str = ".tmp";
+
+/// Removes the staging directories that killed builds left in `dir` ([`output::sweep_stale`]).
+pub(crate) fn sweep_stale_staging(dir: &Path) {
+    output::sweep_stale(dir, STAGING_PREFIX, STAGING_SUFFIX);
+}
+
+/// The staging directory: a marked [`StagingDir`] (so a build killed while staging leaves
+/// something the next one recognizes and removes) holding the image root, `root/`. Removed
+/// (after making its directories writable again) when dropped.
 struct Staging {
-    dir: tempfile::TempDir,
+    dir: StagingDir,
+    root: PathBuf,
 }
 
 impl Staging {
     fn new(work_dir: &Path) -> Result<Staging, BuildError> {
-        let dir = tempfile::Builder::new()
-            .prefix(".storedisk-staging-")
-            .tempdir_in(work_dir)
-            .map_err(|source| BuildError::Write {
-                path: work_dir.to_owned(),
-                source,
+        let dir =
+            StagingDir::create(work_dir, STAGING_PREFIX, STAGING_SUFFIX).map_err(|source| {
+                BuildError::Write {
+                    path: work_dir.to_owned(),
+                    source,
+                }
             })?;
-        Ok(Staging { dir })
+        let root = dir.path().join("root");
+        fs::create_dir(&root).map_err(|source| BuildError::Write {
+            path: root.clone(),
+            source,
+        })?;
+        Ok(Staging { dir, root })
     }
 
     /// The directory mkfs.erofs packs: the image root.
     fn root(&self) -> &Path {
-        self.dir.path()
+        &self.root
     }
 
     fn fill(&self, tree: &Tree, progress: &dyn ProgressSink) -> Result<(), BuildError> {
@@ -492,18 +543,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         // Without write permission a non-root user could not empty the read-only directories.
-        make_dirs_writable(self.dir.path());
-    }
-}
-
-fn make_dirs_writable(dir: &Path) {
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
-    if let Ok(children) = fs::read_dir(dir) {
-        for child in children.flatten() {
-            if child.file_type().is_ok_and(|t| t.is_dir()) {
-                make_dirs_writable(&child.path());
-            }
-        }
+        output::remove_tree(self.dir.path());
     }
 }
 

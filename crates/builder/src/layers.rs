@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use storedisk_nix::{Closure, StorePath};
 
+use crate::output::{self, StagingDir};
 use crate::{build_image_checked, BuildError, BuildOptions, BuildReport, ProgressSink};
 
 /// The fewest layers `--layers` accepts: one for the top, one for the rest.
@@ -197,7 +198,10 @@ pub struct BuiltLayer {
 /// [`MANIFEST_NAME`]). The directory is assembled beside `output` and renamed into place when
 /// every image is written and read back (`read_back` gets each image and the closure of that
 /// layer's paths); an existing `output` is replaced only when it is an earlier layered build
-/// (it holds a `layers.json`), so no other directory is ever deleted.
+/// (it holds a `layers.json`), so no other directory is ever deleted. The staging directory
+/// (`.NAME.XXXX.tmp`) holds a locked marker; a build killed before its end leaves it, and the
+/// next build into the same parent removes it ([`output::sweep_stale`]): only directories so
+/// named with a marker whose lock is free, never a user's or a live concurrent build's.
 pub fn build_layers(
     closure: &Closure,
     plan: &LayerPlan,
@@ -230,11 +234,14 @@ pub fn build_layers(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempdir_in(&parent)
-        .map_err(|e| write_err(output, e))?;
+    // A killed earlier build left its staging directory: remove it (only ours, only dead ones).
+    let (prefix, suffix) = (format!(".{name}."), ".tmp");
+    output::sweep_stale(&parent, &prefix, suffix);
+    // `.NAME.XXXX.tmp/` holds the marker and `NAME/`, the directory that becomes `output`; the
+    // whole staging directory is removed on error, and after the swap with the old output.
+    let staging = StagingDir::create(&parent, &prefix, suffix).map_err(|e| write_err(output, e))?;
+    let staged = staging.path().join(&name);
+    fs::create_dir(&staged).map_err(|e| write_err(&staged, e))?;
 
     let mut built = Vec::new();
     for layer in &plan.layers {
@@ -246,13 +253,10 @@ pub fn build_layers(
                 message: e.to_string(),
             })?;
         progress.phase(&format!("layer {}", layer.name), 0);
-        let report = build_image_checked(
-            &subset,
-            options,
-            &staging.path().join(&image),
-            progress,
-            &|path| read_back(path, &subset),
-        )?;
+        let report =
+            build_image_checked(&subset, options, &staged.join(&image), progress, &|path| {
+                read_back(path, &subset)
+            })?;
         built.push(BuiltLayer {
             layer: layer.clone(),
             image,
@@ -260,31 +264,57 @@ pub fn build_layers(
         });
     }
     let manifest = manifest_json(plan, options, &built);
-    let manifest_path = staging.path().join(MANIFEST_NAME);
+    let manifest_path = staged.join(MANIFEST_NAME);
     fs::write(&manifest_path, format!("{manifest:#}\n"))
         .map_err(|e| write_err(&manifest_path, e))?;
-    let staged = staging.keep();
     set_dir_mode(&staged).map_err(|e| write_err(&staged, e))?;
-    let replace = || -> io::Result<()> {
-        if output.exists() {
-            // Move the old build aside first: a rename is atomic, a recursive delete is not.
-            let old = tempfile::Builder::new()
-                .prefix(&format!(".{name}.old."))
-                .tempdir_in(&parent)?;
-            let old_path = old.path().join("previous");
-            fs::rename(output, &old_path)?;
-            fs::rename(&staged, output)?;
-            drop(old);
-            Ok(())
-        } else {
-            fs::rename(&staged, output)
-        }
-    };
-    if let Err(e) = replace() {
-        let _ = fs::remove_dir_all(&staged);
-        return Err(write_err(output, e));
-    }
+    replace_dir(&staged, output).map_err(|e| write_err(output, e))?;
+    // Removes the marker and, after a swap, the previous build.
+    drop(staging);
     Ok(built)
+}
+
+/// Moves the complete directory `staged` to `output`. An existing `output` is swapped with it in
+/// one `renameat2(RENAME_EXCHANGE)`, so `output` is at every moment the old build or the new
+/// one, and the old one ends up at `staged`. Where the file system cannot swap, the old build
+/// is first moved to `staged`'s sibling `NAME.previous` (a SIGKILL between the two renames then
+/// leaves no `output`, and the old build in the staging directory).
+fn replace_dir(staged: &Path, output: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(output).is_err() {
+        match fs::rename(staged, output) {
+            // A concurrent build got there first: its build is replaced like an earlier one.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists
+                ) => {}
+            done => return done,
+        }
+    }
+    // Checked again here: `output` may have appeared since the build began.
+    if !output.join(MANIFEST_NAME).is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("it is not an earlier layered build (no {MANIFEST_NAME} in it)"),
+        ));
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, staged, CWD, output, RenameFlags::EXCHANGE) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e == rustix::io::Errno::INVAL
+                    || e == rustix::io::Errno::NOSYS
+                    || e == rustix::io::Errno::OPNOTSUPP => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut previous = staged.as_os_str().to_owned();
+    previous.push(".previous");
+    let previous = PathBuf::from(previous);
+    fs::rename(output, &previous)?;
+    fs::rename(staged, output)
 }
 
 fn set_dir_mode(dir: &Path) -> io::Result<()> {

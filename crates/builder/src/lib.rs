@@ -9,11 +9,13 @@
 //! order of the roots, the working directory, the thread count or the directory order on disk.
 //!
 //! Invariants: this crate never calls Nix (the closure is an input), never prints (progress goes
-//! through [`ProgressSink`]), and never leaves a partial output behind: the image is written to a
-//! temp file beside `output` and renamed into place only when complete.
+//! through [`ProgressSink`]), and never leaves a partial output behind: the image is written to an
+//! unnamed file beside `output` and named only when complete ([`output`]), so an existing output
+//! survives errors, ENOSPC and SIGKILL, and on Linux nothing is left beside it.
 
 pub mod erofs;
 pub mod layers;
+mod output;
 pub mod squashfs;
 pub mod tree;
 
@@ -249,6 +251,12 @@ pub enum BuildError {
         "the image written to {output} failed its read-back check, so it was not kept: {reason}"
     )]
     ReadBack { output: PathBuf, reason: String },
+    #[error("no space left on the file system of {output}")]
+    NoSpace {
+        output: PathBuf,
+        #[source]
+        source: Box<BuildError>,
+    },
     #[error("squashfs writer failed: {0}")]
     Squashfs(String),
     #[error("{tool}: {message}")]
@@ -369,40 +377,29 @@ fn build_image_inner(
         )));
     }
 
+    // What a killed erofs build (1.5, staged) left beside the output; see `output`.
+    erofs::sweep_stale_staging(&output_dir);
     let tree = Tree::walk(closure, &options.store_dir)?;
     let file_name = output
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .tempfile_in(&output_dir)
-        .map_err(write_err)?;
+    let image = output::ImageFile::create(&output_dir, &file_name).map_err(write_err)?;
+    let written = write_image(&tree, options, &image, &output_dir, progress);
+    let (compression_level, tool) = written.map_err(|e| no_space_or(e, &image, output))?;
 
-    let (compression_level, tool) = match options.format {
-        ImageFormat::Squashfs => {
-            check_backhand_limits(&tree)?;
-            let level = squashfs::write(&tree, options, temp.as_file(), progress)?;
-            (level, None)
-        }
-        ImageFormat::Erofs => {
-            let used = erofs::write(&tree, options, temp.path(), &output_dir, progress)?;
-            (used.level, Some(used.tool))
-        }
-    };
-
-    let file = temp.as_file();
+    let file = image.file();
     file.sync_all().map_err(write_err)?;
     let image_bytes = file.metadata().map_err(write_err)?.len();
-    read_back(temp.path()).map_err(|reason| BuildError::ReadBack {
+    read_back(&image.path()).map_err(|reason| BuildError::ReadBack {
         output: output.to_owned(),
         reason,
     })?;
-    // NamedTempFile makes the file 0600; an image is meant to be read by others (a hypervisor
-    // running as another user), like any build output.
-    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644)).map_err(write_err)?;
-    temp.persist(output).map_err(|e| write_err(e.error))?;
+    // A temp file is made 0600; an image is meant to be read by others (a hypervisor running as
+    // another user), like any build output.
+    file.set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(write_err)?;
+    image.persist(output).map_err(write_err)?;
 
     let counts = tree.counts();
     Ok(BuildReport {
@@ -418,4 +415,51 @@ fn build_image_inner(
         image_bytes,
         tool,
     })
+}
+
+/// Runs the format's writer into `image`; returns the compression level and tool used.
+fn write_image(
+    tree: &Tree,
+    options: &BuildOptions,
+    image: &output::ImageFile,
+    output_dir: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<(Option<u32>, Option<String>), BuildError> {
+    match options.format {
+        ImageFormat::Squashfs => {
+            check_backhand_limits(tree)?;
+            let level = squashfs::write(tree, options, image.file(), progress)?;
+            Ok((level, None))
+        }
+        ImageFormat::Erofs => {
+            let used = erofs::write(tree, options, &image.path(), output_dir, progress)?;
+            Ok((used.level, Some(used.tool)))
+        }
+    }
+}
+
+/// Less free space than this after a failed write means the write failed for want of space.
+const NEARLY_FULL_BYTES: u64 = 1 << 20;
+
+/// `error` from a writer, as [`BuildError::NoSpace`] naming `output` when the file system is
+/// (nearly) full: backhand and mkfs.erofs report ENOSPC in their own words (or only as an exit
+/// status), and the partial image still holds its space when this is asked.
+fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> BuildError {
+    let enospc = match &error {
+        BuildError::Write { source, .. } => source.kind() == io::ErrorKind::StorageFull,
+        // Staging a copy for mkfs.erofs 1.5 fails as a read of the store file.
+        BuildError::Read { source, .. } if source.kind() == io::ErrorKind::StorageFull => true,
+        BuildError::Squashfs(_) | BuildError::Tool { .. } => false,
+        // Not a failure to write.
+        _ => return error,
+    };
+    let nearly_full = output::free_bytes(image.file()).is_some_and(|f| f < NEARLY_FULL_BYTES);
+    if enospc || nearly_full {
+        BuildError::NoSpace {
+            output: output.to_owned(),
+            source: Box::new(error),
+        }
+    } else {
+        error
+    }
 }
