@@ -369,7 +369,7 @@ fn stream(
     match fed {
         Ok(()) => Ok(output),
         // mkfs.erofs stopped reading: its own failure says why.
-        Err(BuildError::Write { source, .. })
+        Err(BuildError::Write { cause: source, .. })
             if source.kind() == io::ErrorKind::BrokenPipe && !output.status.success() =>
         {
             Ok(output)
@@ -477,13 +477,13 @@ impl Staging {
             StagingDir::create(work_dir, STAGING_PREFIX, STAGING_SUFFIX).map_err(|source| {
                 BuildError::Write {
                     path: work_dir.to_owned(),
-                    source,
+                    cause: source,
                 }
             })?;
         let root = dir.path().join("root");
         fs::create_dir(&root).map_err(|source| BuildError::Write {
             path: root.clone(),
-            source,
+            cause: source,
         })?;
         Ok(Staging { dir, root })
     }
@@ -497,7 +497,7 @@ impl Staging {
         let root = self.root();
         let write_err = |path: &Path, source| BuildError::Write {
             path: path.to_owned(),
-            source,
+            cause: source,
         };
         let entries = tree.entries();
         for entry in entries {
@@ -551,16 +551,16 @@ impl Drop for Staging {
 fn copy_file(source: &Path, dest: &Path, expected_len: u64) -> Result<(), BuildError> {
     let read_err = |source_err| BuildError::Read {
         path: source.to_owned(),
-        source: source_err,
+        cause: source_err,
     };
     let mut from = fs::File::open(source).map_err(read_err)?;
     let mut to = fs::File::create(dest).map_err(|e| BuildError::Write {
         path: dest.to_owned(),
-        source: e,
+        cause: e,
     })?;
     let copied = io::copy(&mut from, &mut to).map_err(|e| BuildError::Read {
         path: source.to_owned(),
-        source: io::Error::new(e.kind(), format!("copying it to {}: {e}", dest.display())),
+        cause: io::Error::new(e.kind(), format!("copying it to {}: {e}", dest.display())),
     })?;
     if copied != expected_len {
         return Err(BuildError::Changed {

@@ -212,7 +212,7 @@ pub fn build_layers(
 ) -> Result<Vec<BuiltLayer>, BuildError> {
     let write_err = |path: &Path, source| BuildError::Write {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     if output.exists() && !output.join(MANIFEST_NAME).is_file() {
         return Err(write_err(

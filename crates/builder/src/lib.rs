@@ -235,12 +235,12 @@ pub enum BuildError {
     MissingStorePath { path: String, physical: PathBuf },
     #[error("{path} is {kind}, which a Nix store cannot hold")]
     UnsupportedFileType { path: PathBuf, kind: &'static str },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
     #[error("{path} changed while the image was being built: {reason}")]
     Changed { path: PathBuf, reason: String },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: PathBuf, cause: io::Error },
     #[error("{path} cannot be written to a {format} image: {reason}")]
     Unrepresentable {
         path: PathBuf,
@@ -251,11 +251,10 @@ pub enum BuildError {
         "the image written to {output} failed its read-back check, so it was not kept: {reason}"
     )]
     ReadBack { output: PathBuf, reason: String },
-    #[error("no space left on the file system of {output}")]
+    #[error("no space left on the file system of {output}: {cause}")]
     NoSpace {
         output: PathBuf,
-        #[source]
-        source: Box<BuildError>,
+        cause: Box<BuildError>,
     },
     #[error("squashfs writer failed: {0}")]
     Squashfs(String),
@@ -361,7 +360,7 @@ fn build_image_inner(
     };
     let write_err = |source| BuildError::Write {
         path: output.to_owned(),
-        source,
+        cause: source,
     };
     // Checked before the (possibly long) walk so a typo in --output fails at once.
     if output.is_dir() {
@@ -446,9 +445,11 @@ const NEARLY_FULL_BYTES: u64 = 1 << 20;
 /// status), and the partial image still holds its space when this is asked.
 fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> BuildError {
     let enospc = match &error {
-        BuildError::Write { source, .. } => source.kind() == io::ErrorKind::StorageFull,
+        BuildError::Write { cause: source, .. } => source.kind() == io::ErrorKind::StorageFull,
         // Staging a copy for mkfs.erofs 1.5 fails as a read of the store file.
-        BuildError::Read { source, .. } if source.kind() == io::ErrorKind::StorageFull => true,
+        BuildError::Read { cause: source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+            true
+        }
         BuildError::Squashfs(_) | BuildError::Tool { .. } => false,
         // Not a failure to write.
         _ => return error,
@@ -457,7 +458,7 @@ fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> B
     if enospc || nearly_full {
         BuildError::NoSpace {
             output: output.to_owned(),
-            source: Box::new(error),
+            cause: Box::new(error),
         }
     } else {
         error

@@ -98,7 +98,7 @@ impl Tree {
                 Err(source) => {
                     return Err(BuildError::Read {
                         path: physical,
-                        source,
+                        cause: source,
                     })
                 }
             };
@@ -158,7 +158,7 @@ impl Walker<'_> {
         let file_type = meta.file_type();
         let read_err = |source| BuildError::Read {
             path: physical.clone(),
-            source,
+            cause: source,
         };
         if file_type.is_symlink() {
             let target = fs::read_link(&physical).map_err(read_err)?.into_os_string();
@@ -191,7 +191,7 @@ impl Walker<'_> {
                 let child = child.map_err(read_err)?;
                 let meta = child.metadata().map_err(|source| BuildError::Read {
                     path: child.path(),
-                    source,
+                    cause: source,
                 })?;
                 children.push((child.file_name(), meta));
             }

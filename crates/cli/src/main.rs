@@ -52,25 +52,10 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("storedisk: error: {}", describe(&err));
+            // Libraries put each cause in their message once and never also chain it as a
+            // `source` (the workspace's error convention), so the chain reads without repeats.
+            eprintln!("storedisk: error: {err:#}");
             ExitCode::from(EXIT_COULD_NOT_RUN)
         }
     }
-}
-
-/// The error and its causes on one line, each said once: library errors often repeat their
-/// source in their own message, which anyhow's `{:#}` would print twice.
-fn describe(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if text.is_empty() || out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
 }

@@ -11,32 +11,19 @@
 use std::fs::{self, File};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use storedisk_testkit::{
-    erofs_utils_version, pseudo_random_bytes, tool, StorePathSpec, SyntheticStore,
-    SyntheticStoreBuilder,
+    assert_success, erofs_utils_version, listing, pseudo_random_bytes, text, tool, StorePathSpec,
+    SyntheticStore, SyntheticStoreBuilder,
 };
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn sha256_of(path: &Path) -> String {
     let digest = Sha256::digest(fs::read(path).unwrap());
     digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Every file under `dir` (relative path) with its SHA-256.
@@ -108,16 +95,6 @@ fn build_cmd(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]
         .args(store.roots().iter().map(|r| store.logical(r)))
         .stdin(Stdio::null());
     cmd
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "storedisk failed ({}):\nstdout: {}\nstderr: {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
 }
 
 fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) {

@@ -48,7 +48,7 @@ pub(crate) fn write_tar(
 ) -> Result<(), BuildError> {
     let write_err = |source: io::Error| BuildError::Write {
         path: "the mkfs.erofs input stream".into(),
-        source,
+        cause: source,
     };
     // The image root: read-only like every store directory.
     header(out, b"./", 0o555, b'5', 0, b"").map_err(write_err)?;
@@ -95,14 +95,14 @@ fn copy_file(
 ) -> Result<(), BuildError> {
     let read_err = |e| BuildError::Read {
         path: source.to_owned(),
-        source: e,
+        cause: e,
     };
     let mut file = fs::File::open(source).map_err(read_err)?;
     let copied = out.append_file(&mut file, size).map_err(|e| {
         if e.kind() == io::ErrorKind::BrokenPipe {
             BuildError::Write {
                 path: "the mkfs.erofs input stream".into(),
-                source: e,
+                cause: e,
             }
         } else {
             read_err(e)

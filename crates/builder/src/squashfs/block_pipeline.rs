@@ -496,7 +496,7 @@ impl BlockReader<'_> {
     fn read_file(&mut self, ordinal: usize, file: &SourceFile) -> Result<(), Stop> {
         let read_err = |source| BuildError::Read {
             path: file.path.clone(),
-            source,
+            cause: source,
         };
         let mut handle = match File::open(&file.path) {
             Ok(handle) => handle,
