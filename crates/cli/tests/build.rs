@@ -6,12 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup step should panic with its message.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use common::build_cmd;
 use sha2::{Digest, Sha256};
 use storedisk_nix::nar::hash_path;
 use storedisk_nix::{Closure, StoreDir};
@@ -30,16 +33,7 @@ fn sha256_of(path: &Path) -> String {
 
 /// Runs `storedisk build` of the synthetic store's roots; `extra` comes before the roots.
 fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) -> Output {
-    let mut cmd = storedisk();
-    cmd.args(["build", "--format", format, "--closure"])
-        .arg(store.closure_json())
-        .arg("--store-dir")
-        .arg(store.store_dir())
-        .arg("--output")
-        .arg(output)
-        .args(extra)
-        .args(store.roots().iter().map(|r| store.logical(r)));
-    cmd.output().unwrap()
+    build_cmd(store, format, output, extra).output().unwrap()
 }
 
 /// Every erofs-utils the tests can reach; microvm.nix's flags need one of 1.6+ among them.
@@ -440,7 +434,8 @@ fn assert_fails_cleanly(mut cmd: assert_cmd::Command, out_dir: &Path, culprit: &
     );
 }
 
-fn build_cmd(
+/// `storedisk build` with every input named (bad ones included), not yet run.
+fn build_with(
     format: &str,
     closure: &Path,
     store_dir: &Path,
@@ -467,7 +462,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     // An output path that is a directory fails before any work, naming it.
     let out_is_dir = out_dir.path().join("a-directory");
     fs::create_dir(&out_is_dir).unwrap();
-    let cmd = build_cmd(
+    let cmd = build_with(
         "squashfs",
         store.closure_json(),
         store.store_dir(),
@@ -488,7 +483,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     for format in ["squashfs", "erofs"] {
         // Not a store path at all, and a malformed one.
         for bad in ["not-a-store-path", "/nix/store/tooshort-x"] {
-            let cmd = build_cmd(
+            let cmd = build_with(
                 format,
                 store.closure_json(),
                 store.store_dir(),
@@ -499,7 +494,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
         }
         // On disk, but not in the closure.
         let outside = store.logical(&store.path("outside-1.0"));
-        let cmd = build_cmd(
+        let cmd = build_with(
             format,
             store.closure_json(),
             store.store_dir(),
@@ -520,7 +515,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
         }));
         let ghost_json = store.scratch().join(format!("ghost-{format}.json"));
         fs::write(&ghost_json, closure.to_string()).unwrap();
-        let cmd = build_cmd(
+        let cmd = build_with(
             format,
             &ghost_json,
             store.store_dir(),
@@ -531,7 +526,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
 
         // A store dir that does not hold the closure at all.
         let empty = tempfile::tempdir().unwrap();
-        let cmd = build_cmd(
+        let cmd = build_with(
             format,
             store.closure_json(),
             empty.path(),
@@ -543,7 +538,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
         // A closure file that is not one.
         let junk = store.scratch().join("junk.json");
         fs::write(&junk, "{\"nothing\": 1}").unwrap();
-        let cmd = build_cmd(
+        let cmd = build_with(
             format,
             &junk,
             store.store_dir(),
@@ -553,7 +548,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
         assert_fails_cleanly(cmd, out_dir.path(), &junk.display().to_string());
     }
     // A compression the format does not have.
-    let mut cmd = build_cmd(
+    let mut cmd = build_with(
         "squashfs",
         store.closure_json(),
         store.store_dir(),
@@ -562,7 +557,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     );
     cmd.args(["--compression", "lz4hc"]);
     assert_fails_cleanly(cmd, out_dir.path(), "lz4hc");
-    let mut cmd = build_cmd(
+    let mut cmd = build_with(
         "squashfs",
         store.closure_json(),
         store.store_dir(),
@@ -574,7 +569,7 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
     // mkfs.erofs itself refusing (while the tree streams to it, or after it was staged):
     // nothing is left behind.
     let newest = erofs_utils().into_iter().max_by_key(|u| u.version).unwrap();
-    let mut cmd = build_cmd(
+    let mut cmd = build_with(
         "erofs",
         store.closure_json(),
         store.store_dir(),
@@ -600,7 +595,7 @@ fn a_fifo_in_a_store_path_fails_naming_it() {
         .unwrap();
     assert!(status.success(), "mkfifo (coreutils) failed");
     for format in ["squashfs", "erofs"] {
-        let cmd = build_cmd(
+        let cmd = build_with(
             format,
             store.closure_json(),
             store.store_dir(),
@@ -619,7 +614,7 @@ fn a_symlink_target_too_long_for_backhand_fails_naming_it_and_erofs_keeps_it() {
     let store = builder.finish(std::slice::from_ref(&toplevel));
     let out_dir = tempfile::tempdir().unwrap();
     let link = store.physical(&toplevel).join("long-link");
-    let cmd = build_cmd(
+    let cmd = build_with(
         "squashfs",
         store.closure_json(),
         store.store_dir(),
@@ -932,7 +927,7 @@ fn registration_text_and_json_closures_give_the_same_image() {
     let from_json = work.path().join("json.squashfs");
     assert_success(&build(&store, "squashfs", &from_json, &[]));
     let from_registration = work.path().join("registration.squashfs");
-    let out = build_cmd(
+    let out = build_with(
         "squashfs",
         &info.join("registration"),
         store.store_dir(),

@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup step should panic with its message.
 
+mod common;
+
 use std::fs::{self, File};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use common::build_cmd;
 use sha2::{Digest, Sha256};
 use storedisk_testkit::{
     assert_success, erofs_utils_version, listing, pseudo_random_bytes, text, tool, StorePathSpec,
@@ -80,21 +83,6 @@ fn tiny_store() -> SyntheticStore {
     let root = builder.path("tiny-1.0", StorePathSpec::Directory);
     builder.file(&root, "bin/tiny", b"#!/bin/sh\necho tiny\n", true);
     builder.finish(&[root])
-}
-
-/// `storedisk build` of `store`'s roots into `output`; `extra` comes before the roots.
-fn build_cmd(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storedisk"));
-    cmd.args(["build", "--format", format, "--closure"])
-        .arg(store.closure_json())
-        .arg("--store-dir")
-        .arg(store.store_dir())
-        .arg("--output")
-        .arg(output)
-        .args(extra)
-        .args(store.roots().iter().map(|r| store.logical(r)))
-        .stdin(Stdio::null());
-    cmd
 }
 
 fn build(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) {

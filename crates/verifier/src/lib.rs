@@ -347,6 +347,20 @@ pub fn read_back(
     }
 }
 
+/// What the fuzz targets and the mutation test demand of any bytes: an inventory (`Ok(true)`)
+/// or an error that blames the image (`Ok(false)`); `Err` says what went wrong instead (an
+/// error of another kind, or a reader library's panic, caught but still a bug).
+pub fn judge_untrusted(bytes: &[u8], limits: &Limits) -> Result<bool, String> {
+    match inventory_of(bytes, limits) {
+        Ok(_) => Ok(true),
+        Err(e) if !e.is_image_error() => Err(format!("unexpected error kind: {e}")),
+        Err(e) if e.to_string().contains("library panic") => {
+            Err(format!("a reader library panicked (caught): {e}"))
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// Opens `bytes` and computes the inventory only: what the fuzz targets exercise.
 pub fn inventory_of(bytes: &[u8], limits: &Limits) -> Result<Inventory, VerifyError> {
     let reader = open_image(bytes, limits)?;

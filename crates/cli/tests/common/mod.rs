@@ -1,12 +1,32 @@
-//! What several `storedisk verify` test files share: running it with no Nix on PATH (so the
-//! answers cannot depend on the machine) and reading what it printed.
+//! What several test files share: `storedisk build` of a synthetic store's roots, and
+//! `storedisk verify` run with no Nix on PATH (so the answers cannot depend on the machine)
+//! with what it printed.
 
 #![allow(dead_code)] // Each test file uses its own part.
 
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use assert_cmd::Command as Cmd;
 use serde_json::Value;
+use storedisk_testkit::SyntheticStore;
+
+/// `storedisk build --format FORMAT --closure ... --store-dir ... --output OUTPUT EXTRA ROOTS`
+/// of `store`'s roots, not yet run.
+pub fn build_cmd(store: &SyntheticStore, format: &str, output: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storedisk"));
+    cmd.args(["build", "--format", format, "--closure"])
+        .arg(store.closure_json())
+        .arg("--store-dir")
+        .arg(store.store_dir())
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .args(store.roots().iter().map(|r| store.logical(r)))
+        .stdin(Stdio::null());
+    cmd
+}
 
 /// What one `storedisk verify` run printed, and its exit code.
 pub struct Outcome {
