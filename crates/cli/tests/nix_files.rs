@@ -232,6 +232,15 @@ fn check_runner_passes_the_fixed_runner_and_fails_on_each_leak() {
     assert!(leaks(&log, "closure-info"), "{log}");
     assert!(leaks(&log, "nixos-system-check-test"), "{log}");
 
+    // A layered store disk: all its layers checked together, disjoint required; a leak
+    // through the runner is found the same way.
+    let report = fixture.passes("layered");
+    assert_eq!(report.lines().next(), Some("OK"), "{report}");
+    assert!(report.contains("store disk of 2 layers"), "{report}");
+    assert!(report.contains("  disjoint: ok\n"), "{report}");
+    let log = fixture.fails("layeredSystemSymlink");
+    assert!(leaks(&log, "nixos-system-check-test"), "{log}");
+
     // Leak 1, an image that keeps its references: found without a Nix database, because the
     // runner's closure then reaches the guest through the image.
     let log = fixture.fails("imageReferences");

@@ -43,9 +43,24 @@ let
         discardInitContext = true;
       };
     };
+  # A layered store disk (lib.layeredStoreDisk, 3 layers asked: the payload goes to `small`, the
+  # toplevel and the closure info to `top`), checked as one disk, every layer at once.
+  layeredDisk = lib.layeredStoreDisk { inherit toplevel regInfo; format = "erofs"; layers = 3; };
+  checkLayered = { systemSymlink ? false }: lib.checkRunner {
+    storeDisk = layeredDisk;
+    runner = lib.runner {
+      hostName = "check-test-layered";
+      storeDisk = layeredDisk;
+      inherit toplevel regInfo kernel initrd hypervisor systemSymlink;
+      discardRegInfoContext = true;
+      discardInitContext = true;
+    };
+  };
 in
 {
   fixed = check { };
+  layered = checkLayered { };
+  layeredSystemSymlink = checkLayered { systemSymlink = true; };
   systemSymlink = check { systemSymlink = true; };
   systemSymlinkAllowed = check { systemSymlink = true; allowLeaks = true; };
   regInfoContext = check { discardRegInfoContext = false; };
