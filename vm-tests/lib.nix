@@ -109,7 +109,6 @@ rec {
       plan = builtins.fromJSON (builtins.unsafeDiscardStringContext (builtins.readFile planFile));
       own = path: builtins.appendContext path { ${path} = { path = true; }; };
       layer = l: runStructured "storedisk-${l.name}.${format}" ({
-        paths = map own l.paths;
         unsafeDiscardReferences.out = true;
       } // (erofsTool format)) ''
         ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} ${toString buildFlags} \

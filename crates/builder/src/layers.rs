@@ -322,33 +322,42 @@ fn set_dir_mode(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
 }
 
-/// The `layers.json` of a build: the plan, plus each layer's image file and size.
+/// The `layers.json` of a build: the plan, with each layer's image file and size.
+#[derive(serde::Serialize)]
+struct Manifest<'a> {
+    requested: usize,
+    format: &'static str,
+    layers: Vec<ManifestLayer<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ManifestLayer<'a> {
+    #[serde(flatten)]
+    layer: &'a Layer,
+    image: &'a str,
+    image_bytes: u64,
+}
+
+/// `layers.json` of the layers `built` from `plan` (every layer of it, in its order).
 pub fn manifest_json(
     plan: &LayerPlan,
     options: &BuildOptions,
     built: &[BuiltLayer],
 ) -> serde_json::Value {
-    let images: BTreeMap<&str, (&str, u64)> = built
-        .iter()
-        .map(|b| {
-            (
-                b.layer.name.as_str(),
-                (b.image.as_str(), b.report.image_bytes),
-            )
-        })
-        .collect();
-    let mut value = serde_json::to_value(plan).unwrap_or_default();
-    value["format"] = options.format.name().into();
-    if let Some(layers) = value["layers"].as_array_mut() {
-        for layer in layers {
-            let name = layer["name"].as_str().unwrap_or_default().to_owned();
-            if let Some((image, bytes)) = images.get(name.as_str()) {
-                layer["image"] = (*image).into();
-                layer["image_bytes"] = (*bytes).into();
-            }
-        }
-    }
-    value
+    let manifest = Manifest {
+        requested: plan.requested,
+        format: options.format.name(),
+        layers: built
+            .iter()
+            .map(|b| ManifestLayer {
+                layer: &b.layer,
+                image: &b.image,
+                image_bytes: b.report.image_bytes,
+            })
+            .collect(),
+    };
+    // Plain strings and numbers: serializing them cannot fail.
+    serde_json::to_value(manifest).unwrap_or_default()
 }
 
 #[cfg(test)]
