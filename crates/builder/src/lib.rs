@@ -283,11 +283,11 @@ impl ProgressSink for NoProgress {
     fn advance(&self, _bytes: u64) {}
 }
 
-/// Longest symlink target backhand 0.25 can write or read: its inode parser asserts
-/// `target_size < 256` (squashfs itself allows up to `PATH_MAX`).
+/// Longest symlink target backhand 0.25 can read (the verifier reads squashfs through it): its
+/// inode parser asserts `target_size < 256` (squashfs itself allows up to `PATH_MAX`).
 const BACKHAND_MAX_SYMLINK_TARGET: usize = 255;
 
-/// Refuses, naming the entry, what backhand would otherwise panic on while writing.
+/// Refuses, naming the entry, what the verifier's squashfs reader could not read back.
 fn check_backhand_limits(tree: &Tree) -> Result<(), BuildError> {
     for entry in tree.entries() {
         if let EntryKind::Symlink { target } = &entry.kind {
@@ -296,7 +296,7 @@ fn check_backhand_limits(tree: &Tree) -> Result<(), BuildError> {
                     path: tree.source(entry),
                     format: ImageFormat::Squashfs,
                     reason: format!(
-                        "its symlink target is {} bytes; the squashfs writer (backhand 0.25) handles at most {BACKHAND_MAX_SYMLINK_TARGET} (use --format erofs)",
+                        "its symlink target is {} bytes; storedisk's squashfs reader (backhand 0.25) reads at most {BACKHAND_MAX_SYMLINK_TARGET} (use --format erofs)",
                         target.len()
                     ),
                 });

@@ -1,32 +1,29 @@
-//! The squashfs writer: a walked [`Tree`] packed through backhand's `FilesystemWriter`, with
-//! gensquashfs's geometry (128 KiB blocks, 4 KiB padding) and microvm.nix's default compression
-//! (zstd, at gensquashfs's default level 15).
+//! The squashfs writer: a walked [`Tree`] laid out as a squashfs 4.0 image the way mksquashfs
+//! lays it out (superblock, compression options, file data, inode table, directory table,
+//! fragment table, id table, 4 KiB padding), with gensquashfs's geometry (128 KiB blocks) and
+//! microvm.nix's default compression (zstd, at gensquashfs's default level 15).
 //!
-//! File data is streamed and compressed on every core: a reader thread reads the files in image
-//! order and workers compress their blocks ahead of backhand ([`block_pipeline`]), while
-//! backhand lays out the image from the bytes the reader thread hands it. One file is open at a
-//! time and at most [`block_pipeline::READ_AHEAD_BYTES`] of file data are in memory. The image
-//! does not depend on the number of threads.
+//! File data is read once, compressed on every core and stored once per distinct content
+//! ([`data`]); the tables are then built in memory ([`tables`]) and the superblock written
+//! last. Every entry is root:root with time [`MTIME`]; the image does not depend on the
+//! number of threads. Hard links become separate inodes sharing their data.
 //!
-//! Hard links: backhand gives every node its own inode, so a hard link becomes a second inode.
-//! Its data is still stored once for files of at least one block, through backhand's duplicate
-//! detection. That detection trusts a 64-bit xxh64 of the content; to make sure it never merges
-//! two different files, the reader thread also SHA-256es every such file and, should two files of
-//! the same length share an xxh64 but not their SHA-256, the image is written again without
-//! duplicate detection.
+//! Compression goes through backhand's `DefaultCompressor`, block by block, so each block's
+//! bytes are what backhand (and the verifier's reader) expect of the algorithm and level.
 
-mod block_pipeline;
+mod data;
+mod tables;
 
-use std::cell::RefCell;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::sync::Arc;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 
-use crate::tree::{EntryKind, Tree};
+use crate::tree::Tree;
 use crate::{BuildError, BuildOptions, Compression, ProgressSink};
-use backhand::compression::{CompressionOptions, Compressor, Gzip, Lz4, Zstd};
-use backhand::{CompressionExtra, ExtraXz, FilesystemCompressor, FilesystemWriter, NodeHeader};
-use block_pipeline::{ActiveGuard, DataQueue, FileData, Pipeline, SourceFile};
+use backhand::compression::{
+    CompressionAction, CompressionOptions, Compressor, DefaultCompressor, Gzip, Lz4, Zstd,
+};
+use backhand::{CompressionExtra, ExtraXz, FilesystemCompressor};
+use tables::{Tables, SUPERBLOCK_LEN};
 
 /// Data block size, as gensquashfs and mksquashfs use by default.
 pub const BLOCK_SIZE: u32 = 128 * 1024;
@@ -37,10 +34,11 @@ pub const DEFAULT_XZ_LEVEL: u32 = 6;
 /// gzip level when none is given (mksquashfs's default).
 pub const DEFAULT_GZIP_LEVEL: u32 = 9;
 /// Modification time of every entry and of the superblock: the Nix store's canonical 1.
-/// (The image root directory keeps 0: backhand has no setter for the root's time.)
 pub const MTIME: u32 = 1;
 /// Most compression workers a build starts (one per core up to this).
 const MAX_THREADS: usize = 16;
+/// Images are padded to a multiple of this (mksquashfs's and gensquashfs's default).
+const PADDING: u64 = 4096;
 
 /// Writes `tree` as a squashfs image to `out` (positioned anywhere: it is rewound); returns the
 /// compression level used, if the algorithm has levels.
@@ -64,136 +62,110 @@ fn write_with_threads(
     progress: &dyn ProgressSink,
     threads: usize,
 ) -> Result<Option<u32>, BuildError> {
-    let (compressor, level) =
-        filesystem_compressor(options.effective_compression(), options.compression_level)?;
-    let total = tree.counts().file_bytes;
-
-    progress.phase("packing", total);
-    let digests = write_once(tree, compressor, true, out, progress, threads)?;
-    if !duplicate_detection_was_exact(&digests) {
-        // Astronomically unlikely, but then correctness wins over size.
-        progress.phase("packing again without duplicate detection", total);
-        write_once(tree, compressor, false, out, progress, threads)?;
-    }
-    Ok(level)
-}
-
-/// Writes the image once; returns the digests of every file of at least one block.
-fn write_once(
-    tree: &Tree,
-    compressor: FilesystemCompressor,
-    deduplicate: bool,
-    out: &File,
-    progress: &dyn ProgressSink,
-    threads: usize,
-) -> Result<Vec<ContentDigest>, BuildError> {
+    let codec = Codec::new(options.effective_compression(), options.compression_level)?;
     let out_err = |e: io::Error| BuildError::Squashfs(format!("writing the image: {e}"));
     out.set_len(0).map_err(out_err)?;
-    let mut out_ref = out;
-    out_ref.seek(SeekFrom::Start(0)).map_err(out_err)?;
-
-    let files: Vec<SourceFile> = tree
-        .entries()
-        .iter()
-        .filter_map(|entry| match entry.kind {
-            EntryKind::Regular { size, .. } => Some(SourceFile {
-                path: tree.source(entry),
-                expected_len: size,
-            }),
-            _ => None,
-        })
-        .collect();
-    let pipeline = Pipeline::new();
-    let context = ReadContext {
-        progress,
-        failure: RefCell::new(None),
-        data: Arc::clone(&pipeline.data),
-    };
-
-    std::thread::scope(|scope| {
-        let reader = pipeline.spawn(scope, files, compressor, BLOCK_SIZE, threads);
-        let written = write_with_backhand(tree, compressor, deduplicate, out, &context, &pipeline);
-        pipeline.hang_up();
-        let digests = reader
-            .join()
-            .map_err(|_| BuildError::Squashfs("the file reader thread panicked".to_owned()))?;
-        written?;
-        debug_assert_eq!(pipeline.results.mispredicted(), 0);
-        Ok(digests)
-    })
-}
-
-/// backhand's writer with the image's fixed settings: block size, times, root:root, the root
-/// directory's mode, the compressor.
-fn configured_writer<'a>(
-    compressor: FilesystemCompressor,
-    deduplicate: bool,
-) -> FilesystemWriter<'a, 'a, 'a> {
-    let mut fs = FilesystemWriter::default();
-    fs.set_block_size(BLOCK_SIZE);
-    fs.set_time(MTIME);
-    fs.set_only_root_id();
-    fs.set_root_mode(0o555);
-    fs.set_root_uid(0);
-    fs.set_root_gid(0);
-    fs.set_compressor(compressor);
-    fs.set_no_duplicate_files(deduplicate);
-    fs
-}
-
-/// Hands the tree to backhand's writer, with the pipeline's readers and compressor.
-fn write_with_backhand(
-    tree: &Tree,
-    compressor: FilesystemCompressor,
-    deduplicate: bool,
-    out: &File,
-    context: &ReadContext<'_>,
-    pipeline: &Pipeline,
-) -> Result<(), BuildError> {
-    let out_err = |e: io::Error| BuildError::Squashfs(format!("writing the image: {e}"));
-    let mut fs = configured_writer(compressor, deduplicate);
-    fs.set_kind(block_pipeline::kind());
-
-    let node_err = |path: &std::path::Path, e: backhand::BackhandError| {
-        BuildError::Squashfs(format!("adding {}: {e}", path.display()))
-    };
-    let mut ordinal = 0;
-    for entry in tree.entries() {
-        let header = NodeHeader::new(entry.mode(), 0, 0, MTIME);
-        match &entry.kind {
-            EntryKind::Directory => fs.push_dir(&entry.path, header),
-            EntryKind::Symlink { target } => fs.push_symlink(target, &entry.path, header),
-            EntryKind::Regular { .. } => {
-                ordinal += 1;
-                fs.push_file(
-                    StoreFileReader::new(ordinal - 1, context),
-                    &entry.path,
-                    header,
-                )
-            }
-        }
-        .map_err(|e| node_err(&entry.path, e))?;
-    }
-
     let mut writer = BufWriter::with_capacity(1 << 20, out);
-    let written = {
-        let _active = ActiveGuard::install(Arc::clone(&pipeline.results));
-        fs.write(&mut writer)
-    };
-    // A reader's own error (naming the file) explains a failed write better than backhand's.
-    if let Some(failure) = context.failure.borrow_mut().take() {
-        return Err(failure);
-    }
-    let (_, image_len) = written.map_err(|e| BuildError::Squashfs(e.to_string()))?;
+    let options_block = codec.options_block();
+    let data_start = SUPERBLOCK_LEN + options_block.len() as u64;
+    writer.seek(SeekFrom::Start(data_start)).map_err(out_err)?;
+
+    progress.phase("packing", tree.counts().file_bytes);
+    let layout = data::write_data(tree, &codec, &mut writer, data_start, threads, progress)?;
+    let tables = Tables::build(tree, &layout, &codec)?;
+    let (table_bytes, superblock) = tables.serialize(layout.end, &codec);
+    let bytes_used = layout.end + table_bytes.len() as u64;
+    let image_len = bytes_used.div_ceil(PADDING) * PADDING;
+
+    writer.seek(SeekFrom::Start(layout.end)).map_err(out_err)?;
+    writer.write_all(&table_bytes).map_err(out_err)?;
+    writer
+        .write_all(&vec![0; (image_len - bytes_used) as usize])
+        .map_err(out_err)?;
+    writer.seek(SeekFrom::Start(0)).map_err(out_err)?;
+    writer.write_all(&superblock).map_err(out_err)?;
+    writer.write_all(&options_block).map_err(out_err)?;
     writer
         .into_inner()
         .map_err(|e| out_err(e.into_error()))?
         .flush()
         .map_err(out_err)?;
-    // When the last files' data turned out to be duplicates, backhand seeked back over it and
-    // wrote the tables there; the stale bytes past the image's end must go.
+    // A copy's blocks, written and then taken back, may have reached past the image's end.
     out.set_len(image_len).map_err(out_err)?;
-    Ok(())
+    Ok(codec.level)
+}
+
+/// The image's compression: backhand's compressor for the data and metadata blocks, and what
+/// the superblock says of it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Codec {
+    compression: Compression,
+    level: Option<u32>,
+    backhand: FilesystemCompressor,
+}
+
+impl Codec {
+    fn new(compression: Compression, level: Option<u32>) -> Result<Codec, BuildError> {
+        let (backhand, level) = filesystem_compressor(compression, level)?;
+        Ok(Codec {
+            compression,
+            level,
+            backhand,
+        })
+    }
+
+    /// `bytes` compressed (a block of at most [`BLOCK_SIZE`]).
+    fn compress(&self, bytes: &[u8]) -> Result<Vec<u8>, BuildError> {
+        DefaultCompressor
+            .compress(bytes, self.backhand, BLOCK_SIZE)
+            .map_err(|e| {
+                BuildError::Squashfs(format!("{} compression failed: {e}", self.compression))
+            })
+    }
+
+    /// The superblock's compressor id.
+    fn id(&self) -> u16 {
+        match self.compression {
+            Compression::Gzip => 1,
+            Compression::Xz => 4,
+            Compression::Lz4 => 5,
+            // Codec::new accepts nothing else.
+            _ => 6,
+        }
+    }
+
+    /// The compressor options the superblock is followed by (`squashfs_fs.h`), if any: zstd's
+    /// level, gzip's level, window and strategies, lz4's version and flags. xz has none: the
+    /// kernel then takes the block size as its dictionary size.
+    fn options(&self) -> Option<Vec<u8>> {
+        let mut options = Vec::new();
+        match self.compression {
+            Compression::Zstd => {
+                options.extend_from_slice(&self.level.unwrap_or(DEFAULT_ZSTD_LEVEL).to_le_bytes())
+            }
+            Compression::Gzip => {
+                options.extend_from_slice(&self.level.unwrap_or(DEFAULT_GZIP_LEVEL).to_le_bytes());
+                options.extend_from_slice(&15u16.to_le_bytes());
+                options.extend_from_slice(&0u16.to_le_bytes());
+            }
+            Compression::Lz4 => {
+                options.extend_from_slice(&1u32.to_le_bytes());
+                options.extend_from_slice(&0u32.to_le_bytes());
+            }
+            _ => return None,
+        }
+        Some(options)
+    }
+
+    /// [`Codec::options`] as the uncompressed metadata block stored after the superblock.
+    fn options_block(&self) -> Vec<u8> {
+        let Some(options) = self.options() else {
+            return Vec::new();
+        };
+        let mut block = (options.len() as u16 | 0x8000).to_le_bytes().to_vec();
+        block.extend_from_slice(&options);
+        block
+    }
 }
 
 /// backhand's compressor settings for `compression` at `level` (or the default level).
@@ -269,134 +241,9 @@ fn filesystem_compressor(
     }
 }
 
-/// What the file readers share while backhand pulls data through them.
-struct ReadContext<'p> {
-    progress: &'p dyn ProgressSink,
-    /// The first error a reader met, with the file's path (backhand only keeps an io::Error).
-    failure: RefCell<Option<BuildError>>,
-    /// The file data the pipeline's reader thread read, in tree order.
-    data: Arc<DataQueue>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct ContentDigest {
-    len: u64,
-    xxh64: u64,
-    sha256: [u8; 32],
-}
-
-/// True when no two files that backhand considers duplicates (same length, same xxh64 of the
-/// whole content, at least one block long) differ.
-fn duplicate_detection_was_exact(digests: &[ContentDigest]) -> bool {
-    let mut sorted = digests.to_vec();
-    sorted.sort();
-    sorted
-        .windows(2)
-        .all(|w| (w[0].len, w[0].xxh64) != (w[1].len, w[1].xxh64) || w[0].sha256 == w[1].sha256)
-}
-
-/// The data of one store file as backhand reads it: served from the pipeline's queue, which
-/// holds what the reader thread read from disk (and checked against the walked size).
-struct StoreFileReader<'c> {
-    /// This file's position among the regular files, to check the queue is in step.
-    ordinal: usize,
-    chunk: Option<Arc<Vec<u8>>>,
-    offset: usize,
-    finished: bool,
-    context: &'c ReadContext<'c>,
-}
-
-impl<'c> StoreFileReader<'c> {
-    fn new(ordinal: usize, context: &'c ReadContext<'c>) -> Self {
-        StoreFileReader {
-            ordinal,
-            chunk: None,
-            offset: 0,
-            finished: false,
-            context,
-        }
-    }
-
-    /// Records `error` for the build and gives backhand an io::Error that stops it.
-    fn fail(&mut self, error: BuildError) -> io::Error {
-        let message = error.to_string();
-        self.chunk = None;
-        self.finished = true;
-        self.context.failure.borrow_mut().get_or_insert(error);
-        io::Error::other(message)
-    }
-}
-
-impl Read for StoreFileReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.finished || buf.is_empty() {
-                return Ok(0);
-            }
-            if let Some(chunk) = &self.chunk {
-                let rest = &chunk[self.offset..];
-                if !rest.is_empty() {
-                    let n = rest.len().min(buf.len());
-                    buf[..n].copy_from_slice(&rest[..n]);
-                    self.offset += n;
-                    self.context.progress.advance(n as u64);
-                    return Ok(n);
-                }
-                self.chunk = None;
-            }
-            match self.context.data.pop() {
-                Some((ordinal, data)) if ordinal == self.ordinal => match data {
-                    FileData::Chunk(chunk) => {
-                        self.chunk = Some(chunk);
-                        self.offset = 0;
-                    }
-                    FileData::End => {
-                        self.finished = true;
-                        return Ok(0);
-                    }
-                    FileData::Failed(error) => return Err(self.fail(error)),
-                },
-                other => {
-                    let got = other.map(|(ordinal, _)| ordinal);
-                    return Err(self.fail(BuildError::Squashfs(format!(
-                        "internal error: backhand asked for file #{} but the reader thread sent \
-                         {got:?}",
-                        self.ordinal
-                    ))));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn digest(len: u64, xxh64: u64, sha: u8) -> ContentDigest {
-        ContentDigest {
-            len,
-            xxh64,
-            sha256: [sha; 32],
-        }
-    }
-
-    #[test]
-    fn duplicate_detection_is_exact_unless_a_hash_collides() {
-        assert!(duplicate_detection_was_exact(&[]));
-        // True duplicates (hard links, copies) are fine.
-        assert!(duplicate_detection_was_exact(&[
-            digest(200_000, 7, 1),
-            digest(300_000, 7, 2),
-            digest(200_000, 7, 1),
-        ]));
-        // Same length and xxh64, different content: backhand would have merged them.
-        assert!(!duplicate_detection_was_exact(&[
-            digest(200_000, 7, 1),
-            digest(300_000, 9, 3),
-            digest(200_000, 7, 2),
-        ]));
-    }
 
     #[test]
     fn rejects_levels_the_compressor_does_not_have() {
@@ -410,13 +257,35 @@ mod tests {
         assert_eq!(level, Some(DEFAULT_ZSTD_LEVEL));
     }
 
-    /// A store with every case the block predictions must follow: empty files, files just
-    /// under, at and over one block, all-zero blocks (holes), a zero tail, duplicates (also of
-    /// more than a block), and enough small files to fill the fragment buffer several times.
-    fn prediction_store() -> (tempfile::TempDir, storedisk_nix::Closure) {
+    #[test]
+    fn compressor_options_are_the_kernels_layout() {
+        let codec = |c, l| Codec::new(c, l).unwrap_or_else(|e| panic!("{e}"));
+        // Header 0x8000 | length (stored uncompressed), then the fields, little-endian.
+        assert_eq!(
+            codec(Compression::Zstd, Some(19)).options_block(),
+            [0x04, 0x80, 19, 0, 0, 0]
+        );
+        assert_eq!(
+            codec(Compression::Gzip, Some(6)).options_block(),
+            [0x08, 0x80, 6, 0, 0, 0, 15, 0, 0, 0]
+        );
+        assert_eq!(
+            codec(Compression::Lz4, None).options_block(),
+            [0x08, 0x80, 1, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert!(codec(Compression::Xz, None).options_block().is_empty());
+        assert_eq!(codec(Compression::Zstd, None).id(), 6);
+        assert_eq!(codec(Compression::Xz, None).id(), 4);
+    }
+
+    /// A store with every case the data layout must handle: empty files, files just under, at
+    /// and over one block, all-zero blocks (holes), a zero tail, copies of small and large
+    /// files (a large copy followed by other data, which must go over the copy's blocks), and
+    /// enough small files to fill several fragment blocks.
+    fn layout_store() -> (tempfile::TempDir, storedisk_nix::Closure) {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let top = format!("{}-prediction", "b".repeat(32));
+        let top = format!("{}-layout", "b".repeat(32));
         let root = dir.path().join(&top);
         std::fs::create_dir_all(root.join("small")).unwrap_or_else(|e| panic!("{e}"));
         let block = BLOCK_SIZE as usize;
@@ -443,6 +312,9 @@ mod tests {
         zero_middle.extend(vec![0; block]);
         zero_middle.extend(bytes(5000, true));
         let big = bytes(2 * block + 77, false);
+        let mut big_twin = big.clone();
+        big_twin[block + 5] ^= 1;
+        let license = bytes(3000, true);
         let files: Vec<(String, Vec<u8>)> = vec![
             ("empty".into(), Vec::new()),
             ("one-byte".into(), b"x".to_vec()),
@@ -451,9 +323,12 @@ mod tests {
             ("just-over".into(), bytes(block + 1, true)),
             ("big".into(), big.clone()),
             ("big-copy".into(), big),
+            ("big-twin".into(), big_twin),
             ("zeros".into(), vec![0; 2 * block]),
             ("zero-tail".into(), zero_tail),
             ("zero-middle".into(), zero_middle),
+            ("license-a".into(), license.clone()),
+            ("small/license-b".into(), license),
         ];
         for (name, data) in &files {
             std::fs::write(root.join(name), data).unwrap_or_else(|e| panic!("{e}"));
@@ -475,6 +350,7 @@ mod tests {
     }
 
     fn image_with_threads(tree: &Tree, store: &std::path::Path, threads: usize) -> Vec<u8> {
+        use std::io::Read;
         let mut options = BuildOptions::new(crate::ImageFormat::Squashfs);
         options.store_dir = store.to_owned();
         let out = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
@@ -491,45 +367,95 @@ mod tests {
         image
     }
 
-    /// The image plain backhand writes, compressing inline and reading the files itself.
-    fn image_without_pipeline(tree: &Tree) -> Vec<u8> {
-        let (compressor, _) =
-            filesystem_compressor(Compression::Zstd, None).unwrap_or_else(|e| panic!("{e}"));
-        let mut fs = configured_writer(compressor, true);
-        for entry in tree.entries() {
-            let header = NodeHeader::new(entry.mode(), 0, 0, MTIME);
-            match &entry.kind {
-                EntryKind::Directory => fs.push_dir(&entry.path, header),
-                EntryKind::Symlink { target } => fs.push_symlink(target, &entry.path, header),
-                EntryKind::Regular { .. } => fs.push_file(
-                    File::open(tree.source(entry)).unwrap_or_else(|e| panic!("{e}")),
-                    &entry.path,
-                    header,
-                ),
-            }
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let mut image = io::Cursor::new(Vec::new());
-        let (_, len) = fs.write(&mut image).unwrap_or_else(|e| panic!("{e}"));
-        let mut image = image.into_inner();
-        image.truncate(len as usize);
-        image
-    }
-
     #[test]
-    fn parallel_compression_writes_what_backhand_alone_writes_whatever_the_thread_count() {
-        let (store, closure) = prediction_store();
+    fn the_image_does_not_depend_on_the_thread_count() {
+        let (store, closure) = layout_store();
         let tree = Tree::walk(&closure, store.path()).unwrap_or_else(|e| panic!("{e}"));
-        let reference = image_without_pipeline(&tree);
-        for threads in [1, 2, 5] {
-            // (write_once also asserts, in debug builds, that every block was predicted.)
+        let reference = image_with_threads(&tree, store.path(), 1);
+        assert_eq!(reference.len() % PADDING as usize, 0);
+        assert_eq!(&reference[..4], b"hsqs");
+        for threads in [2, 5] {
             let image = image_with_threads(&tree, store.path(), threads);
             assert!(
                 image == reference,
-                "with {threads} threads the image ({} bytes) differs from backhand's own ({} bytes)",
+                "with {threads} threads the image ({} bytes) differs from the one-thread image ({} bytes)",
                 image.len(),
                 reference.len()
             );
         }
+    }
+
+    #[test]
+    fn identical_contents_are_stored_once_and_others_apart() {
+        let (store, closure) = layout_store();
+        let tree = Tree::walk(&closure, store.path()).unwrap_or_else(|e| panic!("{e}"));
+        let codec = Codec::new(Compression::Zstd, Some(3)).unwrap_or_else(|e| panic!("{e}"));
+        let out = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+        let mut writer = BufWriter::new(&out);
+        let layout = data::write_data(&tree, &codec, &mut writer, 100, 2, &crate::NoProgress)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let files: Vec<String> = tree
+            .entries()
+            .iter()
+            .filter(|e| matches!(e.kind, crate::tree::EntryKind::Regular { .. }))
+            .map(|e| {
+                e.path
+                    .to_string_lossy()
+                    .split_once('/')
+                    .map_or(String::new(), |(_, rest)| rest.to_owned())
+            })
+            .collect();
+        let data = |name: &str| {
+            let at = files
+                .iter()
+                .position(|f| f == name)
+                .unwrap_or_else(|| panic!("no file {name} in {files:?}"));
+            &layout.files[at]
+        };
+        // A copy of a large file points at the first one's blocks; a near-twin has its own.
+        assert_eq!(data("big-copy"), data("big"));
+        assert_ne!(data("big-twin").blocks_start, data("big").blocks_start);
+        assert_eq!(data("big").block_sizes.len(), 3);
+        // The data written after the copy went over its blocks: everything is contiguous.
+        assert!(data("exact").blocks_start > data("big-twin").blocks_start);
+        // A copy of a small file shares its place in a fragment block.
+        assert!(data("license-a").fragment.is_some());
+        assert_eq!(data("small/license-b"), data("license-a"));
+        assert_ne!(data("small/000").fragment, data("small/002").fragment);
+        // Holes: whole blocks of zeros store nothing.
+        assert_eq!(data("zeros").block_sizes, [0, 0]);
+        assert_eq!(data("zeros").sparse, 2 * u64::from(BLOCK_SIZE));
+        assert_eq!(data("zero-middle").block_sizes[1], 0);
+        assert_eq!(data("empty"), &data::FileData::default());
+        assert_eq!(layout.copies, 2);
+        assert!(layout.fragments.len() > 3, "{}", layout.fragments.len());
+        // Blocks are laid out back to back from the start, in file order.
+        let mut stored: Vec<(u64, u64)> = layout
+            .files
+            .iter()
+            .filter(|f| !f.block_sizes.is_empty())
+            .map(|f| {
+                let len = f
+                    .block_sizes
+                    .iter()
+                    .map(|w| u64::from(w & 0x00ff_ffff))
+                    .sum();
+                (f.blocks_start, len)
+            })
+            .chain(
+                layout
+                    .fragments
+                    .iter()
+                    .map(|f| (f.start, u64::from(f.size & 0x00ff_ffff))),
+            )
+            .collect();
+        stored.sort();
+        stored.dedup();
+        let mut at = 100;
+        for (start, len) in stored {
+            assert_eq!(start, at, "data is not contiguous at {start}");
+            at += len;
+        }
+        assert_eq!(at, layout.end);
     }
 }
