@@ -2,8 +2,8 @@
 //! the image root holds every store path of the closure under its base name (`<hash>-<name>`).
 //!
 //! [`build_image`] walks the closure once into a [`tree::Tree`] (sorted, validated, canonical
-//! metadata, no file data) and hands it to the format writer: [`squashfs`] through the
-//! `backhand` crate, [`erofs`] through `mkfs.erofs`. File data is streamed from the store, never
+//! metadata, no file data) and hands it to the format writer: [`squashfs`] writes the image
+//! itself (backhand's compressors for the blocks), [`erofs`] runs `mkfs.erofs`. File data is streamed from the store, never
 //! held in memory. Ownership is root:root, timestamps fixed and permissions canonical (0444 /
 //! 0555, directories 0555, symlinks 0777), so the same closure gives the same bytes whatever the
 //! order of the roots, the working directory, the thread count or the directory order on disk.
@@ -441,7 +441,7 @@ fn write_image(
 const NEARLY_FULL_BYTES: u64 = 1 << 20;
 
 /// `error` from a writer, as [`BuildError::NoSpace`] naming `output` when the file system is
-/// (nearly) full: backhand and mkfs.erofs report ENOSPC in their own words (or only as an exit
+/// (nearly) full: the squashfs writer and mkfs.erofs report ENOSPC in their own words (or only as an exit
 /// status), and the partial image still holds its space when this is asked.
 fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> BuildError {
     let enospc = match &error {
