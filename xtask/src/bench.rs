@@ -155,6 +155,9 @@ struct ImageTool {
 #[derive(Debug, Clone, Copy)]
 enum ToolKind {
     Storedisk,
+    /// `storedisk build --no-read-back`: what the read-back (a full NAR hash of the image)
+    /// costs, shown as the ratio against it.
+    StorediskNoReadBack,
     Gensquashfs,
     Mksquashfs,
     /// microvm.nix's flags.
@@ -178,8 +181,11 @@ impl ImageTool {
         let mut push = |args: &[&OsStr]| argv.extend(args.iter().map(|a| a.to_os_string()));
         let s = |text: &'static str| OsStr::new(text);
         match self.kind {
-            ToolKind::Storedisk => {
+            ToolKind::Storedisk | ToolKind::StorediskNoReadBack => {
                 push(&[s("build"), s("--format"), s(self.format)]);
+                if matches!(self.kind, ToolKind::StorediskNoReadBack) {
+                    push(&[s("--no-read-back")]);
+                }
                 push(&[s("--closure"), closure.closure_json.as_os_str()]);
                 push(&[s("--store-dir"), store, s("--output"), out]);
                 if self.format == "erofs" {
@@ -306,6 +312,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ours: true,
             program: storedisk.clone(),
             kind: ToolKind::Storedisk,
+        },
+        ImageTool {
+            name: "storedisk --no-read-back",
+            format: "erofs",
+            ours: false,
+            program: storedisk.clone(),
+            kind: ToolKind::StorediskNoReadBack,
         },
         ImageTool {
             name: "mkfs.erofs",
@@ -438,7 +451,11 @@ fn verify_images(
     runs: usize,
     results: &mut report::Report,
 ) -> Result<()> {
-    for tool in image_tools {
+    // The image built without the read-back is the same as with it.
+    for tool in image_tools
+        .iter()
+        .filter(|t| !matches!(t.kind, ToolKind::StorediskNoReadBack))
+    {
         let image = image_path(bench, tool, size);
         let mut stats = Vec::new();
         'runs: for _ in 0..runs {
