@@ -57,6 +57,11 @@ impl ReferenceScanner {
         self.tail = joined;
     }
 
+    /// Whether every candidate has been seen: scanning more cannot change [`Self::found`].
+    pub fn found_all(&self) -> bool {
+        self.candidates.is_empty()
+    }
+
     /// The candidates seen so far.
     pub fn found(&self) -> &BTreeSet<StorePath> {
         &self.found
@@ -297,6 +302,16 @@ mod tests {
             scan_in_chunks(data.as_bytes(), 3),
             BTreeSet::from([path(A, "a")])
         );
+    }
+
+    #[test]
+    fn says_when_every_candidate_is_found() {
+        let mut s = ReferenceScanner::new([path(A, "a"), path(B, "b")]);
+        s.scan(format!("{A} and ").as_bytes());
+        assert!(!s.found_all());
+        s.scan(B.as_bytes());
+        assert!(s.found_all());
+        assert!(ReferenceScanner::new([]).found_all());
     }
 
     #[test]
