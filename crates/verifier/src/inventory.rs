@@ -323,7 +323,9 @@ pub fn read_small_file(
 }
 
 /// What Nix would record as the image's references if it scanned the image file: the
-/// candidates whose hash part occurs anywhere in its bytes, read in bounded chunks.
+/// candidates whose hash part occurs anywhere in its bytes, read in bounded chunks. Reading
+/// stops once every candidate is found (on erofs, where names are stored uncompressed, that is
+/// usually in the first chunks); the rest is then reported as progress at once.
 pub fn predict_references(
     image: ImageSource<'_>,
     candidates: impl IntoIterator<Item = StorePath>,
@@ -340,8 +342,64 @@ pub fn predict_references(
             .read_exact_at(&mut buf, at)
             .map_err(|e| image.io_error(e, "scanning the image for references"))?;
         scanner.scan(&buf);
-        progress(n as u64);
         at += n as u64;
+        if scanner.found_all() {
+            progress(n as u64 + (image.len() - at));
+            break;
+        }
+        progress(n as u64);
     }
     Ok(scanner.into_found())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn path(hash: &str, name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{hash}-{name}")).unwrap()
+    }
+
+    const A: &str = "0mdqa9w1p6cmli6976v4wi0sw9r4p5pr";
+    const B: &str = "1b2c3d4f5g6h7i8j9k0l1m2n3p4q5r6s";
+
+    /// An image of 10 MB of zeros with `A` at `a_at` and `B` at `b_at`, scanned for both.
+    fn predict(a_at: usize, b_at: usize, candidates: &[StorePath]) -> (BTreeSet<StorePath>, u64) {
+        let mut image = vec![0u8; 10 << 20];
+        image[a_at..a_at + 32].copy_from_slice(A.as_bytes());
+        image[b_at..b_at + 32].copy_from_slice(B.as_bytes());
+        let reported = AtomicU64::new(0);
+        let found = predict_references(
+            ImageSource::from(&image),
+            candidates.iter().cloned(),
+            &|n| {
+                reported.fetch_add(n, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        (found, reported.into_inner())
+    }
+
+    #[test]
+    fn predicts_references_anywhere_in_the_image_and_reports_all_of_it_as_progress() {
+        let (a, b) = (path(A, "a"), path(B, "b"));
+        let absent = path("2b2c3d4f5g6h7i8j9k0l1m2n3p4q5r6s", "c");
+        let len = 10u64 << 20;
+        // Both found in the first chunk: reading stops early, progress still covers the image.
+        assert_eq!(
+            predict(100, 5000, &[a.clone(), b.clone()]),
+            (BTreeSet::from([a.clone(), b.clone()]), len)
+        );
+        // One near the end, one straddling two chunks.
+        assert_eq!(
+            predict((4 << 20) - 7, (10 << 20) - 40, &[a.clone(), b.clone()]),
+            (BTreeSet::from([a.clone(), b.clone()]), len)
+        );
+        // A candidate never found: the whole image is read.
+        assert_eq!(
+            predict(100, 5000, &[a.clone(), absent]),
+            (BTreeSet::from([a]), len)
+        );
+    }
 }

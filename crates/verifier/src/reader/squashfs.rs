@@ -9,12 +9,14 @@
 //!
 //! File data is read here rather than through backhand's `FilesystemReader`, which keeps every
 //! decompressed fragment block for the life of the reader (memory growing with the image) and
-//! serialises all reads behind one lock: each file's blocks are read with positioned reads and
-//! decompressed (zstd with one context per file; other compressors through backhand's
-//! decompressor), and fragment blocks are shared through a small bounded cache, so several
-//! threads read files at once in bounded memory. Every size is checked against the block size
+//! serialises all reads behind one lock: each file's blocks are read with positioned reads into
+//! a buffer the file's reader reuses and decompressed (zstd with one context per thread, reused
+//! from file to file; other compressors through backhand's decompressor), and fragment blocks
+//! are shared through a small bounded cache, so several threads read files at once in bounded
+//! memory. Every size is checked against the block size
 //! and the file's declared length; a block that decompresses to the wrong length is an error.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,13 @@ const FLAG_NFS_EXPORT: u16 = 0x0080;
 const NO_FRAGMENT: u32 = 0xffff_ffff;
 /// Decompressed fragment blocks kept for the files that share them (a few per reading thread).
 const FRAGMENT_CACHE: usize = 8;
+
+thread_local! {
+    /// This thread's zstd context: creating one per file cost more than decompressing a small
+    /// file. Each frame is decompressed from a reset context, so nothing carries over between
+    /// blocks, files or images (nor out of a block that failed to decompress).
+    static ZSTD: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
 
 /// An opened squashfs image.
 pub struct SquashfsImage<'a> {
@@ -132,19 +141,21 @@ impl<'a> SquashfsImage<'a> {
         stored: &[u8],
         uncompressed: bool,
         expected: Option<usize>,
-        zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
         out: &mut Vec<u8>,
     ) -> io::Result<()> {
         out.clear();
         if uncompressed {
             out.extend_from_slice(stored);
         } else if self.compressor == Compressor::Zstd {
-            let decoder = match zstd {
-                Some(d) => d,
-                None => zstd.insert(zstd::bulk::Decompressor::new()?),
-            };
             out.reserve(self.block_size as usize);
-            decoder.decompress_to_buffer(stored, out)?;
+            ZSTD.with(|zstd| {
+                let mut zstd = zstd.borrow_mut();
+                let decoder = match &mut *zstd {
+                    Some(d) => d,
+                    None => zstd.insert(zstd::bulk::Decompressor::new()?),
+                };
+                decoder.decompress_to_buffer(stored, out)
+            })?;
         } else {
             out.reserve(self.block_size as usize);
             DefaultCompressor
@@ -170,11 +181,7 @@ impl<'a> SquashfsImage<'a> {
     }
 
     /// The decompressed fragment block `index`, from the cache or the image.
-    fn fragment_block(
-        &self,
-        index: u32,
-        zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
-    ) -> io::Result<Arc<Vec<u8>>> {
+    fn fragment_block(&self, index: u32, stored: &mut Vec<u8>) -> io::Result<Arc<Vec<u8>>> {
         let cached = |cache: &mut Vec<(u32, Arc<Vec<u8>>)>| {
             let at = cache.iter().position(|(i, _)| *i == index)?;
             let entry = cache.remove(at);
@@ -194,9 +201,9 @@ impl<'a> SquashfsImage<'a> {
                 ),
             )
         })?;
-        let stored = self.stored_block(fragment.start, fragment.size)?;
+        let stored = self.stored_block(fragment.start, fragment.size, stored)?;
         let mut out = Vec::new();
-        self.decode(&stored, fragment.size.uncompressed(), None, zstd, &mut out)?;
+        self.decode(stored, fragment.size.uncompressed(), None, &mut out)?;
         let block = Arc::new(out);
         self.lock_cache(|cache| {
             if cache.len() >= FRAGMENT_CACHE {
@@ -216,8 +223,14 @@ impl<'a> SquashfsImage<'a> {
         f(&mut cache)
     }
 
-    /// The stored bytes of a block of `size` at `start`, at most one block long.
-    fn stored_block(&self, start: u64, size: DataSize) -> io::Result<Vec<u8>> {
+    /// The stored bytes of a block of `size` at `start`, at most one block long, read into
+    /// `buf` (grown as needed, never shrunk: a reader reuses it for every block).
+    fn stored_block<'b>(
+        &self,
+        start: u64,
+        size: DataSize,
+        buf: &'b mut Vec<u8>,
+    ) -> io::Result<&'b [u8]> {
         let len = size.size();
         if len > self.block_size {
             return Err(io::Error::new(
@@ -228,7 +241,15 @@ impl<'a> SquashfsImage<'a> {
                 ),
             ));
         }
-        self.source.read_vec(start, len as usize)
+        // At most a block (checked above): growing the buffer before `read_exact_at` checks the
+        // range against the image costs at most that.
+        let len = len as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let stored = &mut buf[..len];
+        self.source.read_exact_at(stored, start)?;
+        Ok(stored)
     }
 }
 
@@ -282,7 +303,7 @@ impl FileSource for SquashfsImage<'_> {
             produced: 0,
             buf: Vec::new(),
             at: 0,
-            zstd: None,
+            stored: Vec::new(),
         }))
     }
 }
@@ -303,7 +324,8 @@ struct FileReader<'r, 'a> {
     produced: u64,
     buf: Vec<u8>,
     at: usize,
-    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// The stored (compressed) bytes of the block being decoded.
+    stored: Vec<u8>,
 }
 
 impl FileReader<'_, '_> {
@@ -319,17 +341,10 @@ impl FileReader<'_, '_> {
                 // A hole (sparse file): zeros, nothing stored.
                 self.buf.resize(expected, 0);
             } else {
-                let stored = self.image.stored_block(self.pos, size)?;
+                let stored = self.image.stored_block(self.pos, size, &mut self.stored)?;
                 self.pos += stored.len() as u64;
-                let mut out = std::mem::take(&mut self.buf);
-                self.image.decode(
-                    &stored,
-                    size.uncompressed(),
-                    Some(expected),
-                    &mut self.zstd,
-                    &mut out,
-                )?;
-                self.buf = out;
+                self.image
+                    .decode(stored, size.uncompressed(), Some(expected), &mut self.buf)?;
             }
             self.produced += expected as u64;
             return Ok(true);
@@ -337,7 +352,7 @@ impl FileReader<'_, '_> {
         match self.tail.take() {
             Some((index, offset)) if self.produced < self.file_size => {
                 let len = (self.file_size - self.produced) as usize;
-                let block = self.image.fragment_block(index, &mut self.zstd)?;
+                let block = self.image.fragment_block(index, &mut self.stored)?;
                 let from = offset as usize;
                 let piece = from
                     .checked_add(len)
