@@ -25,7 +25,9 @@ pub fn prepare(toolchain: &Toolchain, storedisk_bin: &Path, dir: &Path) -> Resul
 
     let storedisk_dir = dir.join("storedisk/bin");
     std::fs::create_dir_all(&storedisk_dir)?;
-    copy_if_changed(storedisk_bin, &storedisk_dir.join("storedisk"), 0o555)?;
+    let stripped = dir.join("storedisk.stripped");
+    strip_reproducibly(storedisk_bin, &stripped)?;
+    copy_if_changed(&stripped, &storedisk_dir.join("storedisk"), 0o555)?;
 
     kernel_package(&toolchain.kernel, "bzImage", &dir.join("kernel"))?;
     // The aarch64 guest's: an arm64 Image (aarch64 Linux's `kernelTarget`, what QEMU's `-M virt`
@@ -131,6 +133,24 @@ fn busybox_dir(busybox: &Path, applets: &str, bin_dir: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("busybox", &link)?;
     }
+    Ok(())
+}
+
+/// Writes `bin` without its symbols, debug information and build id to `to`. The debug
+/// information names the checkout's directory (and the build id hashes it), so without them the
+/// same source gives the same bytes in any checkout: the same `storedisk` store path, hence the
+/// same closure-info path in every guest (it is built by `storedisk closure-info`), the same
+/// store disk bytes, and the same snapshots on every machine. Whether a zstd-compressed
+/// squashfs image happens to keep a store path's hash in its bytes (the `self_contained` and
+/// `leak-image` rows) depends on those hashes.
+fn strip_reproducibly(bin: &Path, to: &Path) -> Result<()> {
+    Cmd::new("strip")
+        .args(["--strip-all", "--remove-section=.note.gnu.build-id", "-o"])
+        .arg(to)
+        .arg(bin)
+        .quiet()
+        .run()
+        .context("stripping the storedisk binary for the fixtures (strip is binutils')")?;
     Ok(())
 }
 
