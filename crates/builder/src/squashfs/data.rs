@@ -136,7 +136,7 @@ fn source_files(tree: &Tree) -> Vec<SourceFile> {
 
 /// One step of the writer, numbered by the reader.
 enum Step {
-    /// A block of file `ordinal`, compressed unless `compressed` is false; `len` bytes of file.
+    /// A block of file `ordinal`: compressed, or as read when `compressed` is false.
     Block {
         ordinal: usize,
         bytes: Vec<u8>,

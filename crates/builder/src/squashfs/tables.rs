@@ -20,7 +20,7 @@ const METADATA_SIZE: usize = 8192;
 /// A metadata block header's "stored uncompressed" bit.
 const METADATA_UNCOMPRESSED: u16 = 0x8000;
 /// "No such table" / "no fragment".
-pub(super) const NONE_U64: u64 = u64::MAX;
+const NONE_U64: u64 = u64::MAX;
 const NO_FRAGMENT: u32 = u32::MAX;
 const NO_XATTR: u32 = u32::MAX;
 /// Most entries one directory header may introduce.
