@@ -563,12 +563,7 @@ fn copy_file(source: &Path, dest: &Path, expected_len: u64) -> Result<(), BuildE
         cause: io::Error::new(e.kind(), format!("copying it to {}: {e}", dest.display())),
     })?;
     if copied != expected_len {
-        return Err(BuildError::Changed {
-            path: source.to_owned(),
-            reason: format!(
-                "it is {copied} bytes long now, {expected_len} when the closure was walked"
-            ),
-        });
+        return Err(BuildError::length_changed(source, expected_len, copied));
     }
     Ok(())
 }

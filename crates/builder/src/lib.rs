@@ -262,6 +262,22 @@ pub enum BuildError {
     Tool { tool: String, message: String },
 }
 
+impl BuildError {
+    /// A store file whose length is no longer the one the walk saw: `read` bytes were read from
+    /// it. When it grew, reading stopped early, so its length now is asked of the file system.
+    pub(crate) fn length_changed(path: &Path, walked: u64, read: u64) -> BuildError {
+        let now = if read > walked {
+            fs::metadata(path).map_or(read, |m| m.len().max(read))
+        } else {
+            read
+        };
+        BuildError::Changed {
+            path: path.to_owned(),
+            reason: format!("it is {now} bytes long now, {walked} when the closure was walked"),
+        }
+    }
+}
+
 /// Receives progress from a build: bytes of file data processed out of a known total. The CLI
 /// shows it as a bar; libraries and tests pass [`NoProgress`].
 pub trait ProgressSink {

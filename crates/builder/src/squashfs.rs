@@ -458,4 +458,32 @@ mod tests {
         }
         assert_eq!(at, layout.end);
     }
+
+    #[test]
+    fn a_file_that_changed_since_the_walk_fails_naming_it_and_its_lengths() {
+        let codec = Codec::new(Compression::Zstd, Some(3)).unwrap_or_else(|e| panic!("{e}"));
+        // A small file that grew, and a large one that shrank.
+        for (name, len, walked) in [
+            ("one-byte", 5_000u64, 1u64),
+            ("big", 1_000, 2 * 131_072 + 77),
+        ] {
+            let (store, closure) = layout_store();
+            let tree = Tree::walk(&closure, store.path()).unwrap_or_else(|e| panic!("{e}"));
+            let root = store.path().join(format!("{}-layout", "b".repeat(32)));
+            let file = root.join(name);
+            std::fs::write(&file, vec![7u8; len as usize]).unwrap_or_else(|e| panic!("{e}"));
+            let out = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+            let mut writer = BufWriter::new(&out);
+            match data::write_data(&tree, &codec, &mut writer, 100, 2, &crate::NoProgress) {
+                Err(BuildError::Changed { path, reason }) => {
+                    assert_eq!(path, file);
+                    assert_eq!(
+                        reason,
+                        format!("it is {len} bytes long now, {walked} when the closure was walked")
+                    );
+                }
+                other => panic!("{name}: expected a Changed error, got {other:?}"),
+            }
+        }
+    }
 }

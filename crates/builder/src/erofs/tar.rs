@@ -110,21 +110,13 @@ fn copy_file(
     })?;
     progress.advance(copied);
     if copied != size {
-        return Err(changed(source, size, copied));
+        return Err(BuildError::length_changed(source, size, copied));
     }
     // One more byte would mean the file grew since the walk.
     if file.read(&mut [0u8; 1]).map_err(read_err)? != 0 {
-        let now = fs::metadata(source).map_or(size + 1, |m| m.len());
-        return Err(changed(source, size, now));
+        return Err(BuildError::length_changed(source, size, size + 1));
     }
     Ok(())
-}
-
-fn changed(source: &Path, walked: u64, now: u64) -> BuildError {
-    BuildError::Changed {
-        path: source.to_owned(),
-        reason: format!("it is {now} bytes long now, {walked} when the closure was walked"),
-    }
 }
 
 fn pad(out: &mut dyn Write, size: u64) -> io::Result<()> {

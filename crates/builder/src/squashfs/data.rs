@@ -492,7 +492,11 @@ impl<'a> FileReader<'a> {
             return self.fail(read_error(file, cause));
         }
         if bytes.len() as u64 != file.len {
-            return self.fail(changed(file, bytes.len() as u64));
+            return self.fail(BuildError::length_changed(
+                &file.path,
+                file.len,
+                bytes.len() as u64,
+            ));
         }
         self.bytes_read.fetch_add(file.len, Ordering::Relaxed);
         let key = (file.len, sha256(&bytes));
@@ -531,7 +535,7 @@ impl<'a> FileReader<'a> {
             }
             read_len += chunk.len() as u64;
             if read_len > file.len {
-                return self.fail(changed(file, read_len));
+                return self.fail(BuildError::length_changed(&file.path, file.len, read_len));
             }
             self.bytes_read
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -546,7 +550,7 @@ impl<'a> FileReader<'a> {
             }
         }
         if read_len != file.len {
-            return self.fail(changed(file, read_len));
+            return self.fail(BuildError::length_changed(&file.path, file.len, read_len));
         }
         if let Some(hasher) = hasher {
             let key = (file.len, hasher.finalize().into());
@@ -572,24 +576,6 @@ fn read_error(file: &SourceFile, cause: io::Error) -> BuildError {
     BuildError::Read {
         path: file.path.clone(),
         cause,
-    }
-}
-
-fn changed(file: &SourceFile, now: u64) -> BuildError {
-    let reason = if now > file.len {
-        format!(
-            "it grew past the {} bytes it had when the closure was walked",
-            file.len
-        )
-    } else {
-        format!(
-            "it is {now} bytes long now, {} when the closure was walked",
-            file.len
-        )
-    };
-    BuildError::Changed {
-        path: file.path.clone(),
-        reason,
     }
 }
 
