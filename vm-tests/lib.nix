@@ -6,8 +6,8 @@
 #
 # No nixpkgs: every derivation's builder is busybox's sh (busybox picks the applet from argv[0],
 # so `busybox` must be a store directory with bin/<applet> symlinks). `storedisk` is a store
-# directory with bin/storedisk: it is a build input of the closure-info and the store disk only,
-# never part of what a guest or a runner references. `mkfsErofs`: the mkfs.erofs that
+# directory with bin/storedisk: it is a build input of the store disk only, never part of what a
+# guest or a runner references. `mkfsErofs`: the mkfs.erofs that
 # `storedisk build` runs for erofs images, either a store path (the module: an ordinary build
 # input) or an absolute host path without string context (the harness builds with the sandbox
 # off; its erofs-utils 1.8 comes from a private prefix that only works where it was unpacked):
@@ -45,12 +45,15 @@ rec {
     args = [ "-c" (structuredPreamble + script) ];
   } // attrs);
 
-  # nixpkgs' closureInfo (registration, store-paths, total-nar-size), written by
-  # `storedisk closure-info` from the exportReferencesGraph JSON.
+  # nixpkgs' closureInfo (registration, store-paths, total-nar-size), written by busybox awk
+  # from the exportReferencesGraph JSON. Not by storedisk: the closure info is packed into the
+  # store disk, so its store path is in the image's bytes and must not follow the storedisk
+  # binary (closure-info.awk says more).
   closureInfo = { rootPaths }: runStructured "closure-info" {
     exportReferencesGraph.closure = rootPaths;
   } ''
-    ${storedisk}/bin/storedisk closure-info --closure "$NIX_ATTRS_JSON_FILE" --closure-key closure --output "$out"
+    mkdir "$out"
+    awk -v out="$out" -f ${./closure-info.awk} "$NIX_ATTRS_JSON_FILE"
   '';
 
   # The store disk: the closure of the toplevel (and the closure info, as microvm.nix packs it

@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Skip rebuilding `storedisk` in release mode (use target/release/storedisk as it is).
     #[arg(long)]
     no_build: bool,
+    /// Keep each tool's image in target/bench/work (removed once verified by default: at 1.5G
+    /// they take about 6 GB).
+    #[arg(long)]
+    keep_images: bool,
     /// Bench on your own closure instead of a generated one: the directory holding exactly its
     /// store paths (with --closure).
     #[arg(
@@ -412,6 +416,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         verify_images(&bench, &image_tools, size, &closure, runs, &mut results)?;
+        if !args.keep_images {
+            for tool in &image_tools {
+                let image = image_path(&bench, tool, size);
+                match std::fs::remove_file(&image) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("removing {}", image.display()));
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     results.write(&json_path)?;

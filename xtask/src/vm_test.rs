@@ -319,11 +319,14 @@ fn generate_realistic(work: &Path) -> Result<PathBuf> {
         .context("the generated store has no parent directory")
 }
 
-/// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`).
+/// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`), never
+/// incrementally: its bytes decide the fixtures' closure-info store path (see Cargo.toml's
+/// `[profile.dev]`), so a `CARGO_INCREMENTAL=1` in the environment must not change them.
 fn build_storedisk() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     Cmd::new(cargo)
         .args(["build", "--quiet", "-p", "storedisk", "--bin", "storedisk"])
+        .env("CARGO_INCREMENTAL", "0")
         .current_dir(tools::workspace_root())
         .timeout(Duration::from_secs(3600))
         .run()?;
@@ -660,6 +663,47 @@ fn closure_paths(json: &str) -> Result<BTreeSet<String>> {
     Ok(closure.iter().map(|i| closure.display(&i.path)).collect())
 }
 
+/// The fixtures' closure info is written by busybox awk (vm-tests/closure-info.awk, so that its
+/// store path does not follow the storedisk binary); its oracle is `storedisk closure-info`'s
+/// rendering (unit-tested against nixpkgs' format) of Nix's own account of the closure.
+fn check_closure_info(toolchain: &Toolchain, toplevel: &str, reg_info: &str) -> Result<()> {
+    let json = closure_json(toolchain, &[toplevel])?;
+    let closure = storedisk_nix::Closure::from_json(&json, None, &Default::default())?;
+    let expected = storedisk_nix::registration::closure_info(&closure)?;
+    for (file, want) in [
+        ("registration", &expected.registration),
+        ("store-paths", &expected.store_paths),
+        ("total-nar-size", &expected.total_nar_size),
+    ] {
+        let path = Path::new(reg_info).join(file);
+        let got = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the closure info's {}", path.display()))?;
+        if let Some((line, want_line, got_line)) = first_different_line(want, &got) {
+            anyhow::bail!(
+                "{} is not what nixpkgs' closureInfo writes for the closure of {toplevel}: \
+                 line {line} is {:?}, `storedisk closure-info` renders {:?} \
+                 (vm-tests/closure-info.awk wrote it)",
+                path.display(),
+                got_line.unwrap_or("(the end)"),
+                want_line.unwrap_or("(the end)"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The first line (1-based) where two texts differ, and that line in each (`None` past its
+/// end); `None` when they are equal.
+fn first_different_line<'t>(
+    a: &'t str,
+    b: &'t str,
+) -> Option<(usize, Option<&'t str>, Option<&'t str>)> {
+    let (a_lines, b_lines): (Vec<_>, Vec<_>) = (a.split('\n').collect(), b.split('\n').collect());
+    (0..a_lines.len().max(b_lines.len()))
+        .find(|&n| a_lines.get(n) != b_lines.get(n))
+        .map(|n| (n + 1, a_lines.get(n).copied(), b_lines.get(n).copied()))
+}
+
 /// Where each guest's closure JSON is written (one file per toplevel), for `--closure`.
 fn guest_closure_file(work: &Path, plan: &PlanEntry) -> PathBuf {
     work.join("closures")
@@ -671,6 +715,13 @@ fn guest_closure_file(work: &Path, plan: &PlanEntry) -> PathBuf {
 /// (`lib/modules`).
 fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<()> {
     std::fs::create_dir_all(work.join("closures"))?;
+    let closure_infos: BTreeSet<(&str, &str)> = runs
+        .iter()
+        .filter_map(|r| Some((r.plan.toplevel.as_str(), r.plan.reg_info.as_deref()?)))
+        .collect();
+    for (toplevel, reg_info) in closure_infos {
+        check_closure_info(toolchain, toplevel, reg_info)?;
+    }
     let mut guest_closures: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let count = runs.len();
     for (n, run) in runs.iter_mut().enumerate() {
@@ -847,4 +898,24 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_different_line;
+
+    #[test]
+    fn first_different_line_names_the_line_and_both_versions() {
+        assert_eq!(first_different_line("a\nb\n", "a\nb\n"), None);
+        assert_eq!(
+            first_different_line("a\nb\nc\n", "a\nx\nc\n"),
+            Some((2, Some("b"), Some("x")))
+        );
+        // A missing final newline, a missing line.
+        assert_eq!(first_different_line("a\n", "a"), Some((2, Some(""), None)));
+        assert_eq!(
+            first_different_line("a\nb\n", "a\n"),
+            Some((2, Some("b"), Some("")))
+        );
+    }
 }
