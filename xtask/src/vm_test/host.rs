@@ -137,12 +137,11 @@ fn busybox_dir(busybox: &Path, applets: &str, bin_dir: &Path) -> Result<()> {
 }
 
 /// Writes `bin` without its symbols, debug information and build id to `to`. The debug
-/// information names the checkout's directory (and the build id hashes it), so without them the
-/// same source gives the same bytes in any checkout: the same `storedisk` store path, hence the
-/// same closure-info path in every guest (it is built by `storedisk closure-info`), the same
-/// store disk bytes, and the same snapshots on every machine. Whether a zstd-compressed
-/// squashfs image happens to keep a store path's hash in its bytes (the `self_contained` and
-/// `leak-image` rows) depends on those hashes.
+/// information names the checkout's directory and its source lines (and the build id hashes
+/// them), so without them the same code gives the same bytes in any checkout: the same
+/// `storedisk` store path, so the store disks (built by it) are not rebuilt for a moved line or
+/// another checkout. Nothing a guest packs depends on it (the closure info is written by
+/// busybox awk), so the snapshots would not change either way.
 fn strip_reproducibly(bin: &Path, to: &Path) -> Result<()> {
     Cmd::new("strip")
         .args(["--strip-all", "--remove-section=.note.gnu.build-id", "-o"])
