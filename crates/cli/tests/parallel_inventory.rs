@@ -86,3 +86,24 @@ fn inventories_and_errors_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+#[test]
+fn progress_reports_every_byte_of_file_data_once_whatever_the_thread_count() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    for format in [ImageFormat::Squashfs, ImageFormat::Erofs] {
+        let image = build(&store, format, &work.path().join(format.name()));
+        let reader = open_image(&image, &Limits::default()).unwrap();
+        let file_bytes = reader.tree().file_bytes();
+        assert!(file_bytes > 0, "{format}: the tricky store holds file data");
+        for threads in 1..=3 {
+            let reported = AtomicU64::new(0);
+            take_inventory_with(reader.as_ref(), false, threads, &|n| {
+                reported.fetch_add(n, Ordering::Relaxed);
+            })
+            .unwrap();
+            assert_eq!(reported.into_inner(), file_bytes, "{format} {threads}");
+        }
+    }
+}

@@ -40,6 +40,11 @@ impl ReferenceScanner {
 
     /// Feeds bytes; matches may span calls.
     pub fn scan(&mut self, data: &[u8]) {
+        if self.found_all() {
+            // Found (or none to look for): nothing more can be found. The verifier hashes
+            // every NAR through a scanner, most often with no candidates at all.
+            return;
+        }
         // A hash may straddle the previous write and this one: search the join first.
         let head_len = data.len().min(HASH_PART_LEN);
         let mut joined = std::mem::take(&mut self.tail);
