@@ -307,7 +307,7 @@ fn spawn_reader(mut source: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 
 /// Waits for `child`; past `timeout` kills its process group and returns `None`. It polls
 /// at 1% of the time waited so far (1 to 25 ms), so the bench's wall times, taken around this
-/// wait, are off by at most 1% (a fixed 25 ms was 15% of a 0.15 s verify).
+/// wait, are late by at most 1% or 1 ms (a fixed 25 ms was 15% of a 0.15 s verify).
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
     let start = Instant::now();
     let deadline = start + timeout;
