@@ -46,12 +46,24 @@ fn build(store: &SyntheticStore, format: ImageFormat, out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-#[test]
-fn inventories_and_errors_do_not_depend_on_the_thread_count() {
+/// The tricky synthetic store, and its image in each format.
+fn tricky_images() -> (SyntheticStore, Vec<(ImageFormat, Vec<u8>)>) {
     let store = SyntheticStore::tricky();
     let work = tempfile::tempdir().unwrap();
-    for format in [ImageFormat::Squashfs, ImageFormat::Erofs] {
-        let image = build(&store, format, &work.path().join(format.name()));
+    let images = [ImageFormat::Squashfs, ImageFormat::Erofs]
+        .into_iter()
+        .map(|format| {
+            let image = build(&store, format, &work.path().join(format.name()));
+            (format, image)
+        })
+        .collect();
+    (store, images)
+}
+
+#[test]
+fn inventories_and_errors_do_not_depend_on_the_thread_count() {
+    let (store, images) = tricky_images();
+    for (format, image) in images {
         let one = inventory_text(&image, 1);
         assert!(
             !one.starts_with("error") && !one.starts_with("open"),
@@ -90,10 +102,8 @@ fn inventories_and_errors_do_not_depend_on_the_thread_count() {
 #[test]
 fn progress_reports_every_byte_of_file_data_once_whatever_the_thread_count() {
     use std::sync::atomic::{AtomicU64, Ordering};
-    let store = SyntheticStore::tricky();
-    let work = tempfile::tempdir().unwrap();
-    for format in [ImageFormat::Squashfs, ImageFormat::Erofs] {
-        let image = build(&store, format, &work.path().join(format.name()));
+    let (_, images) = tricky_images();
+    for (format, image) in images {
         let reader = open_image(&image, &Limits::default()).unwrap();
         let file_bytes = reader.tree().file_bytes();
         assert!(file_bytes > 0, "{format}: the tricky store holds file data");
