@@ -30,6 +30,11 @@ use crate::tools;
 const FULL_SIZES: &[u64] = &[150_000_000, 500_000_000, 1_500_000_000];
 /// The `--quick` size: the whole run stays under a minute on 2 cores.
 const QUICK_SIZE: u64 = 40_000_000;
+/// Fewest runs of `storedisk verify` per image: at 150M one takes about 0.1 s, so the
+/// machine's noise (a few ms) is as large as the differences measured. 27 runs on one 150M
+/// erofs image, idle machine: medians of 9 consecutive runs were within 0.9% of each other,
+/// medians of 3 within 6%.
+const MIN_VERIFY_RUNS: usize = 9;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -41,6 +46,7 @@ pub struct BenchArgs {
     #[arg(long = "size", value_name = "SIZE", value_parser = parse_size)]
     sizes: Vec<u64>,
     /// Runs of each tool per size; the median is reported. Default 3 (--quick: 1).
+    /// `storedisk verify` runs at least 9 times per image (a run is short).
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
     /// Seed of the generated closure.
@@ -415,7 +421,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
         }
-        verify_images(&bench, &image_tools, size, &closure, runs, &mut results)?;
+        let verify_runs = runs.max(MIN_VERIFY_RUNS);
+        results.set_verify_runs(verify_runs);
+        verify_images(
+            &bench,
+            &image_tools,
+            size,
+            &closure,
+            verify_runs,
+            &mut results,
+        )?;
         if !args.keep_images {
             for tool in &image_tools {
                 let image = image_path(&bench, tool, size);

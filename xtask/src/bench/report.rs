@@ -74,6 +74,8 @@ struct Verifier {
     /// The slowest image of the largest closure.
     min_mb_per_s: Option<f64>,
     max_rss_mb: Option<f64>,
+    /// Runs of `storedisk verify` per image (each row is their median).
+    runs_per_image: usize,
     runs: Vec<VerifyRow>,
     /// Images whose verify throughput was not measured, and why.
     skipped: Vec<String>,
@@ -105,6 +107,11 @@ impl Report {
             builder: Vec::new(),
             verifier: Verifier::default(),
         }
+    }
+
+    /// `storedisk verify` is run `runs` times per image.
+    pub fn set_verify_runs(&mut self, runs: usize) {
+        self.verifier.runs_per_image = runs;
     }
 
     /// Says the closure came from `what` (`--closure FILE --store-dir DIR`), not the generator.
@@ -269,6 +276,11 @@ impl Report {
             let _ = writeln!(md, "`storedisk verify` not measured on the {reason}\n");
         }
         if !self.verifier.runs.is_empty() {
+            let _ = writeln!(
+                md,
+                "`storedisk verify`: median of {} runs per image.\n",
+                self.verifier.runs_per_image
+            );
             md.push_str(
                 "| closure | `storedisk verify --closure` on the image of | wall s | MB/s of NAR | peak RSS MB |\n",
             );
@@ -445,6 +457,7 @@ mod tests {
             stats(2.0, 1_010),
             stats(4.0, 1_000),
         );
+        r.set_verify_runs(9);
         r.add_verify(
             40_000_000,
             "storedisk",
@@ -454,12 +467,14 @@ mod tests {
             410.0,
         );
         let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["verifier"]["runs_per_image"], 9);
         assert_eq!(json["builder"][0]["time_ratio"], 0.5);
         assert_eq!(json["builder"][0]["size_ratio"], 1.01);
         assert_eq!(json["builder"][0]["peer"], "gensquashfs");
         assert_eq!(json["verifier"]["mb_per_s"], 410.0);
         let md = r.markdown();
         assert!(md.contains("| 0.50 | 1.010 |"), "{md}");
+        assert!(md.contains("median of 9 runs per image"), "{md}");
         let svg = r.svg();
         assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
         assert!(svg.contains("gensquashfs squashfs"));
