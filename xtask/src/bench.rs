@@ -354,6 +354,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let mut results = report::Report::new(bench.cores, runs, args.seed, load, &mkfs_erofs);
+    let verify_runs = runs.max(MIN_VERIFY_RUNS);
+    results.set_verify_runs(verify_runs);
     let corpus = match (&args.store_dir, &args.closure) {
         (Some(dir), Some(file)) => {
             eprintln!(
@@ -421,8 +423,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
         }
-        let verify_runs = runs.max(MIN_VERIFY_RUNS);
-        results.set_verify_runs(verify_runs);
         verify_images(
             &bench,
             &image_tools,
