@@ -252,12 +252,6 @@ struct Window {
     last_used: u64,
 }
 
-impl Window {
-    fn bytes(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
 thread_local! {
     static WINDOWS: RefCell<(u64, Vec<Window>)> = const { RefCell::new((0, Vec::new())) };
 }
@@ -309,7 +303,7 @@ fn read_through_window(file: &ImageFile, buf: &mut [u8], offset: u64) -> io::Res
         };
         window.last_used = *clock;
         let from = (offset - window.start) as usize;
-        buf.copy_from_slice(&window.bytes()[from..from + buf.len()]);
+        buf.copy_from_slice(&window.data[..window.len][from..from + buf.len()]);
         Ok(())
     })
 }
