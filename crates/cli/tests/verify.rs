@@ -570,6 +570,23 @@ fn a_system_symlink_leak_is_found_with_its_chain_and_location() {
         "p",
     );
     assert!(shared.contains(&store.logical(&store.path("busybox-1.36.1"))));
+    // The readable report names the one way in, the symlink, with what it drags and its fix.
+    let runner_closure = store.scratch().join(format!("{}.json", runner.name()));
+    let text = verify_text(&[
+        image.to_str().unwrap(),
+        "--closure",
+        store.closure_json().to_str().unwrap(),
+        "--runner-closure",
+        runner_closure.to_str().unwrap(),
+        "--store-dir",
+        store.store_dir().to_str().unwrap(),
+    ]);
+    let way = format!(
+        "  - {} -> {toplevel}: 4 path(s), {}\n      at symlink share/microvm/system -> {toplevel}\n      fix: set microvm.systemSymlink = false",
+        store.logical(runner),
+        storedisk_verifier::report::human_bytes(sizes)
+    );
+    assert!(text.contains(&way), "{way}\nnot in\n{text}");
 }
 
 #[test]
@@ -587,9 +604,10 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
         .as_str()
         .unwrap()
         .contains("init=/nix/store/"));
-    // The readable report shows the chain and the line.
+    // The readable report leads with the way in: the script's reference, its line and the
+    // fix; --verbose adds every leaked path's chain and where its first hop sits.
     let runner_closure = store.scratch().join(format!("{}.json", runners[1].name()));
-    let text = verify_text(&[
+    let args = [
         image.to_str().unwrap(),
         "--closure",
         store.closure_json().to_str().unwrap(),
@@ -597,10 +615,22 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
         runner_closure.to_str().unwrap(),
         "--store-dir",
         store.store_dir().to_str().unwrap(),
-    ]);
+    ];
+    let text = verify_text(&args);
     assert_eq!(text.lines().next(), Some("4 findings"));
-    assert!(text.contains("where: bin/microvm-run line 4"), "{text}");
-    assert!(text.contains(" -> "), "{text}");
+    assert!(text.contains("  1 way(s) into the guest closure"), "{text}");
+    assert!(text.contains("      at bin/microvm-run line 4: "), "{text}");
+    assert!(
+        text.contains("      fix: pass init= without string context"),
+        "{text}"
+    );
+    assert!(!text.contains("    chain: "), "{text}");
+    let verbose = verify_text(&[&args[..], &["--verbose"]].concat());
+    assert!(
+        verbose.contains("where: bin/microvm-run line 4"),
+        "{verbose}"
+    );
+    assert!(verbose.contains("    chain: "), "{verbose}");
 }
 
 /// Leak 4 (`regInfo=`): the runner references only the closure-info, whose registration lists

@@ -168,6 +168,26 @@ pub fn locate_leaks(
     }
 }
 
+/// Fills in where each way into the guest closure sits in the files of the path that holds it
+/// (under `physical_store`), for a way in with one target. An image's references are not
+/// looked up: they are in the image's bytes, and the image is the whole closure's size.
+pub fn locate_ways_in(
+    ways: &mut [crate::checks::WayIn],
+    physical_store: &Path,
+    store_dir: &storedisk_nix::StoreDir,
+) {
+    for way in ways.iter_mut().filter(|w| !w.image) {
+        let [to] = way.to.as_slice() else {
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (store_dir.parse_path(&way.from), store_dir.parse_path(to)) else {
+            continue;
+        };
+        let files = store_dir.physical(physical_store, &from);
+        way.location = locate_reference(&files, to.hash_part()).ok().flatten();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
