@@ -12,10 +12,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use storedisk_testkit::tool;
-
-const NIX_CONFIG: &str =
-    "experimental-features = nix-command\nbuild-users-group =\nsandbox = false\nsubstituters =";
+use storedisk_testkit::{nix_command as nix, tool};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -62,14 +59,12 @@ fn every_nix_file_parses() {
             "{expected} not found among {relative:?}"
         );
     }
-    let nix_instantiate = tool("nix-instantiate");
     let failures: Vec<String> = files
         .iter()
         .filter_map(|file| {
-            let out = Command::new(&nix_instantiate)
+            let out = nix("nix-instantiate")
                 .arg("--parse")
                 .arg(file)
-                .env("NIX_CONFIG", NIX_CONFIG)
                 .output()
                 .unwrap();
             (!out.status.success()).then(|| {
@@ -82,12 +77,6 @@ fn every_nix_file_parses() {
         })
         .collect();
     assert!(failures.is_empty(), "unparsable:\n{}", failures.join("\n"));
-}
-
-fn nix(name: &str) -> Command {
-    let mut c = Command::new(tool(name));
-    c.env("NIX_CONFIG", NIX_CONFIG);
-    c
 }
 
 fn add_to_store(path: &Path) -> String {
