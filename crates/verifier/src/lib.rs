@@ -11,7 +11,7 @@
 //!
 //! Invariants: read-only; every size, offset and count read from an image is bounded
 //! ([`Limits`]) before it drives an allocation or a loop, and a panic inside a format library
-//! becomes [`VerifyError::CorruptImage`]. It starts no process (the CLI asks Nix and passes the answers in); the checks are pure
+//! becomes [`VerifyError::ReaderPanic`]. It starts no process (the CLI asks Nix and passes the answers in); the checks are pure
 //! functions over data. The JSON shape lives in [`report`].
 
 pub mod checks;
@@ -386,9 +386,7 @@ pub fn judge_untrusted(bytes: &[u8], limits: &Limits) -> Result<bool, String> {
     match inventory_of(bytes, limits) {
         Ok(_) => Ok(true),
         Err(e) if !e.is_image_error() => Err(format!("unexpected error kind: {e}")),
-        Err(e) if e.to_string().contains("library panic") => {
-            Err(format!("a reader library panicked (caught): {e}"))
-        }
+        Err(e) if e.is_caught_panic() => Err(format!("a reader library panicked (caught): {e}")),
         Err(_) => Ok(false),
     }
 }
