@@ -1,6 +1,7 @@
 # NixOS module for microvm.nix guests whose store is on a disk image (`microvm.storeOnDisk`).
 # Import it next to microvm.nix's guest module. It closes the four ways a runner drags the
-# guest's uncompressed closure into a deployment (README "Nix users", DESIGN.md section 1):
+# guest's uncompressed closure into a deployment (README "Using storedisk with Nix and
+# microvm.nix", vm-tests/README.md):
 #   1. the store disk is built by `storedisk build` with its references discarded;
 #   2. `microvm.systemSymlink` defaults to off (a user may still turn it on), and the runner
 #      gets the symlink without string context instead (storedisk.systemSymlink), so

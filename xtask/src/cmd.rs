@@ -2,9 +2,11 @@
 //! timeout (its whole process group is killed on expiry) and its output captured, so that a failure
 //! reports what ran, how long it took and the tail of what it printed.
 //!
-//! Command lines are written the matklad way, with xshell's `cmd!` (`cmd!(sh, "apt-get install
-//! {packages...}")`), and converted into a [`Cmd`] to run: xshell quotes and splits arguments
-//! safely, [`Cmd`] adds what xshell lacks (timeouts that kill the process group, logs, timing).
+//! Command lines are built with [`Cmd::new`] and `.arg(..)`, or, where a line reads best as
+//! shell, the matklad way with xshell's `cmd!` (`cmd!(sh, "apt-get install {packages...}")`,
+//! setup.rs) converted by `Cmd::from`: xshell quotes and splits arguments safely, [`Cmd`] adds
+//! what xshell lacks (timeouts that kill the process group, logs, timing). Nothing else in
+//! xtask starts a process (`xtask/tests/tidy.rs` checks it).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
