@@ -228,7 +228,8 @@ fn runner_overlap(out: &mut String, report: &Report, ways_in: &[WayIn], verbose:
             let _ = writeln!(out, "  - {} -> {}: {drags}", way.from, way.to.join(", "));
         }
         if let Some(at) = &way.location {
-            let _ = writeln!(out, "      at {at}");
+            let names = way.to.first().map(String::as_str);
+            let _ = writeln!(out, "      at {}", location_text(at, names));
         }
         let _ = writeln!(out, "      fix: {}", fix_for(way));
     }
@@ -238,7 +239,7 @@ fn runner_overlap(out: &mut String, report: &Report, ways_in: &[WayIn], verbose:
             let _ = writeln!(out, "  {} ({})", leak.path, human_bytes(leak.nar_size));
             let _ = writeln!(out, "    chain: {}", leak.chain.join(" -> "));
             if let Some(at) = &leak.location {
-                let _ = writeln!(out, "    where: {at}");
+                let _ = writeln!(out, "    where: {}", location_text(at, None));
             }
         }
         return;
@@ -264,6 +265,41 @@ fn runner_overlap(out: &mut String, report: &Report, ways_in: &[WayIn], verbose:
     }
     more(out, largest.len() - shown);
     let _ = writeln!(out, "  (each path's reference chain: --verbose, or --json)");
+}
+
+/// Where a reference sits: `symlink FILE -> TARGET`, or `FILE line N: EXCERPT` (`line N` when
+/// the store path is the file itself). With `names`, the store path referenced, the excerpt is
+/// cut to the word that holds it (`regInfo=/nix/store/...-closure-info/registration`): the
+/// excerpt is a window of the line, which may start and end inside other words.
+fn location_text(at: &Location, names: Option<&str>) -> String {
+    let file = if at.file.is_empty() { "." } else { &at.file };
+    match (&at.symlink_target, at.line) {
+        (Some(target), _) => format!("symlink {file} -> {target}"),
+        (None, Some(line)) => {
+            let place = if at.file.is_empty() {
+                format!("line {line}")
+            } else {
+                format!("{file} line {line}")
+            };
+            let excerpt = at.excerpt.as_deref().map(|excerpt| {
+                names
+                    .and_then(|path| word_holding(excerpt, path))
+                    .unwrap_or(excerpt)
+            });
+            match excerpt {
+                Some(excerpt) => format!("{place}: {excerpt}"),
+                None => place,
+            }
+        }
+        (None, None) => file.to_owned(),
+    }
+}
+
+/// The whitespace-separated word of `text` that holds `path`, without quotes around it.
+fn word_holding<'a>(text: &'a str, path: &str) -> Option<&'a str> {
+    text.split_whitespace()
+        .find(|word| word.contains(path))
+        .map(|word| word.trim_matches(|c| c == '"' || c == '\''))
 }
 
 /// What closes `way`: read from where the reference sits (a kernel parameter on the runner's

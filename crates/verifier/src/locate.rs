@@ -24,27 +24,6 @@ pub struct Location {
     pub excerpt: Option<String>,
 }
 
-impl std::fmt::Display for Location {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let file = if self.file.is_empty() {
-            "."
-        } else {
-            &self.file
-        };
-        match (&self.symlink_target, self.line) {
-            (Some(target), _) => write!(f, "symlink {file} -> {target}"),
-            (None, Some(line)) => {
-                write!(f, "{file} line {line}")?;
-                if let Some(excerpt) = &self.excerpt {
-                    write!(f, ": {excerpt}")?;
-                }
-                Ok(())
-            }
-            (None, None) => f.write_str(file),
-        }
-    }
-}
-
 /// Looks for `needle` (a store path's hash part) in the tree at `root` (symlinks are not
 /// followed). Files are streamed; the first match in sorted order is returned.
 pub fn locate_reference(root: &Path, needle: &str) -> io::Result<Option<Location>> {

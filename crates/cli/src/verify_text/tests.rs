@@ -185,7 +185,7 @@ fn an_unfixed_runner_leads_with_its_ways_in_and_their_fixes() {
       - the image /nix/store/34z2mxlr3vym2zn30000000000000000-store-disk.erofs, through 42 reference(s) Nix recorded for it: 42 path(s), 820.0 MiB
           fix: build the image with __structuredAttrs = true; unsafeDiscardReferences.out = true;
       - /nix/store/xrk2z6xx25y000000000000000000000-microvm-run -> /nix/store/kwz352mxrynz00000000000000000000-closure-info: 42 path(s), 820.0 MiB
-          at bin/microvm-run line 9: -append 'console=ttyS0 regInfo=/nix/store/kwz352mxrynz00000000000000000000-closure-info/registration'
+          at bin/microvm-run line 9: regInfo=/nix/store/kwz352mxrynz00000000000000000000-closure-info/registration
           fix: pass regInfo= without string context (builtins.unsafeDiscardStringContext): the store disk holds what it names
       - /nix/store/xrk2z6xx25y000000000000000000000-microvm-run -> /nix/store/yr8z3x3934mxx6x00000000000000000-nixos-system-vm: 41 path(s), 820.0 MiB
           at bin/microvm-run line 9: init=/nix/store/yr8z3x3934mxx6x00000000000000000-nixos-system-vm/init
