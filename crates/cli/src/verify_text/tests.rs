@@ -56,6 +56,16 @@ fn passing() -> Report {
     }
 }
 
+/// The report without its closing summary of the image and the checks' statuses, which
+/// [`an_unfixed_runner_leads_with_its_ways_in_and_their_fixes`] pins once.
+fn sections(report: &Report, ways: &[WayIn], verbose: bool) -> String {
+    let text = render(report, ways, verbose);
+    let summary = text
+        .find("\nerofs image image.erofs: ")
+        .expect("the summary of image.erofs");
+    text[..=summary].to_owned()
+}
+
 fn leak(chain: &[&str], nar_size: u64) -> Leak {
     Leak {
         path: path(chain.last().expect("a chain ends at the leaked path")),
@@ -243,7 +253,7 @@ fn verbose_lists_every_leaked_path_with_its_chain() {
     overlap.paths[1].location = overlap.paths[0].location.clone();
     overlap.duplicated_bytes = 74_000;
     let ways = vec![way("microvm-vm", "nixos-system-vm", 2, 74_000, None)];
-    assert_snapshot!(render(&report, &ways, true), @r"
+    assert_snapshot!(sections(&report, &ways, true), @r"
     2 findings
 
     runner_overlap: 2 path(s) leak into the runner's closure, 72.3 KiB copied twice
@@ -257,18 +267,9 @@ fn verbose_lists_every_leaked_path_with_its_chain() {
       /nix/store/0i9wzil0000000000000000000000000-payload (68.4 KiB)
         chain: /nix/store/xrk2z6xx6x0000000000000000000000-microvm-vm -> /nix/store/yr8z3x3934mxx6x00000000000000000-nixos-system-vm -> /nix/store/0i9wzil0000000000000000000000000-payload
         where: symlink share/microvm/system -> /nix/store/yr8z3x3934mxx6x00000000000000000-nixos-system-vm
-
-    erofs image image.erofs: 0 store paths, 0 B of NAR content
-      complete: ok
-      integrity: ok
-      self_contained: ok
-      runner_overlap: FAILED
-      policy: not checked: its inputs were not given
-      disjoint: not checked: its inputs were not given
-      without unsafeDiscardReferences Nix would record 0 reference(s) from this image
     ");
     // Without --verbose, two paths are few enough to list whole, largest first.
-    assert_snapshot!(render(&report, &ways, false), @r"
+    assert_snapshot!(sections(&report, &ways, false), @r"
     2 findings
 
     runner_overlap: 2 path(s) leak into the runner's closure, 72.3 KiB copied twice
@@ -279,15 +280,6 @@ fn verbose_lists_every_leaked_path_with_its_chain() {
       /nix/store/0i9wzil0000000000000000000000000-payload (68.4 KiB)
       /nix/store/yr8z3x3934mxx6x00000000000000000-nixos-system-vm (3.9 KiB)
       (each path's reference chain: --verbose, or --json)
-
-    erofs image image.erofs: 0 store paths, 0 B of NAR content
-      complete: ok
-      integrity: ok
-      self_contained: ok
-      runner_overlap: FAILED
-      policy: not checked: its inputs were not given
-      disjoint: not checked: its inputs were not given
-      without unsafeDiscardReferences Nix would record 0 reference(s) from this image
     ");
 }
 
@@ -308,7 +300,7 @@ fn a_long_list_of_missing_paths_shows_its_first_few_and_a_count() {
             .collect(),
         ..Complete::default()
     };
-    assert_snapshot!(render(&report, &[], false), @r"
+    assert_snapshot!(sections(&report, &[], false), @r"
     12 findings
 
     complete: 12 of 20 closure paths are missing from the image
@@ -323,15 +315,6 @@ fn a_long_list_of_missing_paths_shows_its_first_few_and_a_count() {
       /nix/store/wrjx0500000000000000000000000000-lib-05
         needed by /nix/store/i0000000000000000000000000000000-app
       ... and 7 more (--verbose lists them all, --json too)
-
-    erofs image image.erofs: 0 store paths, 0 B of NAR content
-      complete: FAILED
-      integrity: ok
-      self_contained: ok
-      runner_overlap: ok
-      policy: not checked: its inputs were not given
-      disjoint: not checked: its inputs were not given
-      without unsafeDiscardReferences Nix would record 0 reference(s) from this image
     ");
 }
 

@@ -100,16 +100,7 @@ fn integrity(input: &str) -> String {
 }
 
 fn runner_overlap(input: &str) -> String {
-    let w = World::parse(input);
-    let result = check_runner_overlap(
-        &w.inventory(),
-        w.guest().as_ref(),
-        w.runner().as_ref(),
-        &w.image_paths(),
-        w.registration_path().as_ref(),
-        &StoreDir::default(),
-    );
-    let r = match result {
+    let r = match World::parse(input).runner_overlap() {
         Ok(r) => r,
         Err(e) => return format!("error: {e}\n"),
     };

@@ -109,7 +109,6 @@ mod tests {
     use insta::assert_snapshot;
 
     use super::*;
-    use crate::checks::check_runner_overlap;
     use crate::checks::world::{names, short, World};
 
     /// One line per way in: `from -> to: N paths, B bytes`, `image` marking an image's
@@ -118,15 +117,7 @@ mod tests {
         let w = World::parse(input);
         let store_dir = StoreDir::default();
         let runner = w.runner().expect("a world with a runner");
-        let overlap = check_runner_overlap(
-            &w.inventory(),
-            w.guest().as_ref(),
-            Some(&runner),
-            &w.image_paths(),
-            w.registration_path().as_ref(),
-            &store_dir,
-        )
-        .unwrap();
+        let overlap = w.runner_overlap().unwrap();
         let mut out = String::new();
         for way in ways_in(&overlap, &runner, &w.image_paths(), &store_dir) {
             let _ = writeln!(

@@ -26,8 +26,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use storedisk_nix::{Closure, NarHash, PathInfo, StoreDir, StorePath};
 
-use super::{ClosureSource, GuestClosure, Runner};
+use super::{check_runner_overlap, ClosureSource, GuestClosure, Runner};
+use crate::error::VerifyError;
 use crate::inventory::{InvalidEntry, Inventory, PackedPath};
+use crate::report::RunnerOverlap;
 
 const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
@@ -196,6 +198,18 @@ impl World {
         (0..self.layers.len().max(1))
             .map(|i| format!("layer{i}.img"))
             .collect()
+    }
+
+    /// `runner_overlap` over this world.
+    pub(super) fn runner_overlap(&self) -> Result<RunnerOverlap, VerifyError> {
+        check_runner_overlap(
+            &self.inventory(),
+            self.guest().as_ref(),
+            self.runner().as_ref(),
+            &self.image_paths(),
+            self.registration_path().as_ref(),
+            &StoreDir::default(),
+        )
     }
 
     pub(super) fn registration_path(&self) -> Option<StorePath> {
