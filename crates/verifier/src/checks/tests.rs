@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use insta::assert_snapshot;
 use storedisk_nix::StoreDir;
 
-use super::world::{chain, names, short, World};
+use super::world::{chain, names, short, World, GUEST};
 use super::*;
 
 /// The first line of every rendering: `ok`, `FAILED`, or `not checked: why`.
@@ -169,17 +169,6 @@ fn disjoint(input: &str) -> String {
     }
     out
 }
-
-// The world most tests start from: a runner whose script uses busybox, a guest toplevel with an
-// app and the same busybox, and the closure-info microvm.nix packs next to the toplevel.
-const GUEST: &str = "
-    toplevel -> app busybox
-    app -> lib
-    closure-info -> toplevel app lib busybox
-    packed: toplevel app lib busybox closure-info
-    guest: toplevel closure-info
-    registration: closure-info
-";
 
 // ---- guest roots ----
 

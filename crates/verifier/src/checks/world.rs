@@ -33,6 +33,17 @@ use crate::report::RunnerOverlap;
 
 const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
+/// The guest most tests start from: a toplevel with an app and busybox, and the closure-info
+/// microvm.nix packs next to the toplevel.
+pub(super) const GUEST: &str = "
+    toplevel -> app busybox
+    app -> lib
+    closure-info -> toplevel app lib busybox
+    packed: toplevel app lib busybox closure-info
+    guest: toplevel closure-info
+    registration: closure-info
+";
+
 #[derive(Debug, Default)]
 pub(super) struct World {
     /// Every name mentioned, with its references.
