@@ -189,6 +189,9 @@ fn has_word(line: &str, word: &str) -> bool {
     })
 }
 
+/// Where a process may start, and why there: ARCHITECTURE.md says the same. Moving one (the
+/// builder's mkfs.erofs runner into a module of its own, say) changes this list and the map in
+/// the same commit.
 const PROCESS_STARTERS: [(&str, &str); 3] = [
     ("xtask/src/cmd.rs", "xtask's one runner"),
     ("crates/cli/src/nix_db.rs", "the storedisk binary asks Nix"),
@@ -379,7 +382,8 @@ fn nothing_points_out_of_the_repository() {
             }
         }
         for (n, line) in source.text.lines().enumerate() {
-            if line.contains("../shared/") || line.contains("/work/") {
+            // The checkout this project was written in: a path no clone has.
+            if line.contains("/work/") {
                 violations.push(format!("{}:{}: {}", source.path, n + 1, line.trim()));
             }
             for mention in markdown_mentions(line) {
