@@ -775,7 +775,7 @@ fn verify_all(
         done += 1;
         eprintln!("[verify {done}/{count}] {}", run.label());
         let closure_file = guest_closure_file(work, &run.plan);
-        let verdict = verify::verify(&verify::VerifyInputs {
+        let verdict = verify::verdict(&verify::VerifyCommand {
             storedisk,
             nix: &toolchain.nix,
             images: std::slice::from_ref(&run.plan.store_disk),
