@@ -294,7 +294,7 @@ fn read_back_text(diff: &ReadBackDiff) -> String {
                 .map(|e| format!("root entry {:?}: {}", e.name, e.why)),
         );
     let mut text = format!(
-        "{} of the closure's {} store paths differ ({}): ",
+        "{} path(s) differ from the closure of {} ({}): ",
         diff.count(),
         diff.closure_paths,
         counts.join(", ")

@@ -47,8 +47,8 @@ fn a_read_back_of_many_wrong_paths_names_a_few_and_json_lists_them_all() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let wanted = format!(
-        "failed its read-back check, so it was not kept: {count} of the closure's {count} store \
-         paths differ ({count} with other contents): "
+        "failed its read-back check, so it was not kept: {count} path(s) differ from the closure \
+         of {count} ({count} with other contents): "
     );
     assert!(stderr.contains(&wanted), "{wanted}\nnot in\n{stderr}");
     assert_eq!(
