@@ -17,7 +17,8 @@
 //! example flake is evaluated as printed and its hypervisor table must be what this test finds.
 //!
 //! The upstream trees: `STOREDISK_MICROVM_SRC` and `STOREDISK_NIXPKGS_LIB_SRC`, or
-//! `../shared/upstream/` beside the repository; without them the test fails saying what to set.
+//! `../shared/upstream/` beside the repository (both checked against the pinned revisions), or,
+//! with network, the flake's own inputs; without any the test fails saying what to set.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
 
@@ -55,18 +56,24 @@ fn cases_nix() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/module_upstream/cases.nix")
 }
 
-/// A pinned upstream tree: from `var`, else `../shared/upstream/<dir>`; checked against its pin.
-fn upstream(var: &str, dir: &str, pin: (&str, &str)) -> PathBuf {
+/// A pinned upstream tree: from `var`, else `../shared/upstream/<dir>` (both checked against
+/// the pin), else the flake's input `input` (pinned by flake.nix and its lock; needs network the
+/// first time).
+fn upstream(var: &str, dir: &str, input: &str, pin: (&str, &str)) -> PathBuf {
     let shared = repo_root().join("../shared/upstream").join(dir);
     let path = match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
         None if shared.is_dir() => shared,
-        None => panic!(
-            "the module test needs a plain source tree of {}: set {var} to one (this project's CI \
-             has it at ../shared/upstream/{dir}, beside the repository; with network access, \
-             `nix flake check` runs the same test with the flake's pinned inputs)",
-            pin.0
-        ),
+        None => {
+            return flake_input(input).unwrap_or_else(|why| {
+                panic!(
+                    "the module test needs a plain source tree of {}: set {var} to one (this \
+                 project's CI has it at ../shared/upstream/{dir}, beside the repository); \
+                 the flake's `{input}` input could not be used either: {why}",
+                    pin.0
+                )
+            })
+        }
     };
     let found = tree_hash(&path);
     assert_eq!(
@@ -78,6 +85,32 @@ fn upstream(var: &str, dir: &str, pin: (&str, &str)) -> PathBuf {
         pin.0
     );
     path
+}
+
+/// The store path of one of storedisk's flake inputs (`nix eval`, which fetches it if needed).
+fn flake_input(input: &str) -> Result<PathBuf, String> {
+    let expr = format!(
+        "(builtins.getFlake (toString {})).inputs.{input}.outPath",
+        repo_root()
+            .canonicalize()
+            .map_err(|e| e.to_string())?
+            .display()
+    );
+    let out = nix("nix")
+        .env(
+            "NIX_CONFIG",
+            format!(
+                "{}\nexperimental-features = nix-command flakes",
+                common::NIX_CONFIG
+            ),
+        )
+        .args(["eval", "--raw", "--impure", "--expr", &expr])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(last_lines(&String::from_utf8_lossy(&out.stderr), 3));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// SHA-256 over every file of a tree: its path, then its contents' SHA-256, in path order.
@@ -223,8 +256,18 @@ fn readme_flake(scratch: &Path) -> PathBuf {
 fn cases() -> &'static Cases {
     static CASES: OnceLock<Cases> = OnceLock::new();
     CASES.get_or_init(|| {
-        let microvm = upstream("STOREDISK_MICROVM_SRC", "microvm.nix", MICROVM_PIN);
-        let nixpkgs_lib = upstream("STOREDISK_NIXPKGS_LIB_SRC", "nixpkgs.lib", NIXPKGS_LIB_PIN);
+        let microvm = upstream(
+            "STOREDISK_MICROVM_SRC",
+            "microvm.nix",
+            "microvm",
+            MICROVM_PIN,
+        );
+        let nixpkgs_lib = upstream(
+            "STOREDISK_NIXPKGS_LIB_SRC",
+            "nixpkgs.lib",
+            "nixpkgs",
+            NIXPKGS_LIB_PIN,
+        );
         let scratch = tempfile::tempdir().unwrap();
         let (busybox, storedisk) = store_inputs(scratch.path());
         let readme = readme_flake(scratch.path());
