@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::Value;
 
+use crate::cases::last_lines;
 use crate::common::nix;
 
 /// One derivation: its name, the derivations it takes as inputs, and its attributes.
@@ -176,4 +177,38 @@ pub fn normalize(path: &str) -> String {
     } else {
         format!("/nix/store/{path}")
     }
+}
+
+/// Builds `drv`; its output path.
+pub fn build(drv: &str) -> String {
+    let out = nix("nix-build")
+        .args(["--no-out-link", drv])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix-build {drv}:\n{}",
+        last_lines(&String::from_utf8_lossy(&out.stderr), 30)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The closure of a built store path (`nix-store -qR`): what `nix copy` of it transfers.
+pub fn closure(path: &str) -> Vec<String> {
+    let q = nix("nix-store").args(["-qR", path]).output().unwrap();
+    String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn outputs_of(drv: &str) -> Vec<String> {
+    let q = nix("nix-store")
+        .args(["-q", "--outputs", drv])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
