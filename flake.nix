@@ -1,7 +1,9 @@
 # storedisk for Nix users: the `storedisk` package, a dev shell with everything
-# `cargo xtask test`/`vm-test` use, the NixOS module for microvm.nix guests with the store on a
-# disk (nix/module.nix), the Nix functions it shares with the harness (vm-tests/lib.nix), and
-# checks that build an example MicroVM with the module and verify it.
+# `cargo xtask test`/`vm-test` use, the NixOS modules for microvm.nix guests with the store on a
+# disk and their hosts (nix/module.nix, nix/host-module.nix), the Nix functions they share with
+# the harness (nix/lib.nix), and checks that build an example MicroVM with the module and verify
+# it. `cargo xtask test` evaluates these outputs offline against microvm.nix at the revision
+# pinned below (crates/cli/tests/module_upstream.rs).
 # No flake.lock is committed (it cannot be made offline): run `nix flake lock` first.
 {
   description = "Self-contained Nix store disk images for microvm.nix MicroVMs, verified";
@@ -9,7 +11,8 @@
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
     microvm = {
-      url = "github:microvm-nix/microvm.nix";
+      # The revision crates/cli/tests/module_upstream.rs tests the modules against.
+      url = "github:microvm-nix/microvm.nix/71beea0076cd46dafcee97a5a2e7d00cbba5bd2f";
       inputs.nixpkgs.follows = "nixpkgs";
     };
   };
@@ -40,11 +43,12 @@
       nixosModules.host = ./nix/host-module.nix;
 
       lib = {
-        # closureInfo, storeDisk, checkRunner, ... built from nixpkgs' busybox and erofs-utils.
-        withPkgs = pkgs: import ./nix/lib.nix { inherit pkgs; };
+        # nix/lib.nix (closureInfo, storeDisk, layeredStoreDisk, the fixes, checkRunner, ...)
+        # built from nixpkgs' busybox and erofs-utils.
+        withPkgs = pkgs: import ./nix/with-pkgs.nix { inherit pkgs; };
         # The same functions from a busybox and a storedisk store directory, as the harness
         # calls them: { busybox, storedisk, mkfsErofs ? null, system }.
-        withTools = import ./vm-tests/lib.nix;
+        withTools = import ./nix/lib.nix;
       };
 
       devShells = forAllSystems (pkgs: {

@@ -1,15 +1,15 @@
 # How the NixOS module (nix/module.nix) reads microvm.nix's store-disk options: pure functions
 # over strings, with builtins only (no nixpkgs), so `cargo xtask test` evaluates them with real
-# Nix (nix/tests.nix) on a machine without nixpkgs.
+# Nix (nix/tests.nix) on a machine without nixpkgs. Each gives { args; warnings; }:
 #
 #   erofs FLAGS       microvm.storeDiskErofsFlags (mkfs.erofs flags) -> `storedisk build` flags
 #   squashfs FLAGS    microvm.storeDiskSquashfsFlags (gensquashfs flags) -> the same
-#   kernelParams P    microvm.kernelParams with the string context of init= and regInfo= (the
-#                     paths the store disk holds) discarded, every other parameter kept as is
 #
-# What storedisk cannot do is refused with an evaluation error naming the option and the flag;
-# flags that storedisk sets itself (timestamps, ownership, label, UUID) are accepted and left to
-# it, as the image must stay reproducible.
+# Every flag microvm.nix's defaults or docs name takes effect, or is dropped with a `warnings`
+# entry saying why (-Ededupe, which options.nix:1039 suggests); any other flag storedisk cannot
+# honour is refused with an evaluation error naming the option and the flag. Flags that storedisk
+# sets itself (timestamps, ownership, label, UUID) are accepted and left to it, as the image must
+# stay reproducible.
 let
   startsWith = prefix: s: builtins.substring 0 (builtins.stringLength prefix) s == prefix;
   dropPrefix = prefix: s:
@@ -47,11 +47,11 @@ let
   erofsExtended = flag:
     let features = splitComma (dropPrefix "-E" flag);
     in map (feature:
-      if builtins.elem feature [ "ztailpacking" "fragments" ] then feature
-      else if feature == "dedupe" then
-        refuse erofsOption flag "storedisk streams the closure to mkfs.erofs as tar, where -Ededupe does not apply (hard links are kept, so identical files within a store path are stored once)"
-      else refuse erofsOption flag "of mkfs.erofs's extended options storedisk passes ztailpacking and fragments only"
+      if builtins.elem feature [ "ztailpacking" "fragments" "dedupe" ] then feature
+      else refuse erofsOption flag "of mkfs.erofs's extended options storedisk understands ztailpacking, fragments and dedupe only"
     ) features;
+
+  dedupeWarning = "storedisk: ${erofsOption} holds -Ededupe, which is dropped: storedisk stores identical files once in every image it writes (the bulk of what -Ededupe saves in a Nix store) and keeps compressing on every core, which -Ededupe would stop (microvm.nix options.nix:1039 says so).";
 
   compressionArgs = c:
     if c == null then [ ]
@@ -70,11 +70,13 @@ in
       ) flags;
     in
     if unknown != [ ] then
-      refuse erofsOption (builtins.head unknown) "storedisk understands -zALGORITHM[,LEVEL] and -Eztailpacking/-Efragments (and sets timestamps, ownership, label and UUID itself)"
-    else
-      compressionArgs (if compressions == [ ] then null else last compressions)
-      ++ [ "--erofs-ztailpacking" (if builtins.elem "ztailpacking" extended then "true" else "false") ]
-      ++ (if builtins.elem "fragments" extended then [ "--erofs-fragments" ] else [ ]);
+      refuse erofsOption (builtins.head unknown) "storedisk understands -zALGORITHM[,LEVEL] and -Eztailpacking/-Efragments/-Ededupe (and sets timestamps, ownership, label and UUID itself)"
+    else {
+      args = compressionArgs (if compressions == [ ] then null else last compressions)
+        ++ [ "--erofs-ztailpacking" (if builtins.elem "ztailpacking" extended then "true" else "false") ]
+        ++ (if builtins.elem "fragments" extended then [ "--erofs-fragments" ] else [ ]);
+      warnings = if builtins.elem "dedupe" extended then [ dedupeWarning ] else [ ];
+    };
 
   squashfs = flags:
     let
@@ -106,16 +108,12 @@ in
           else if flag == "--all-root" || flag == "-q" || flag == "--quiet" then go acc tail
           else refuse squashfsOption flag "storedisk understands -c, -X level=N, -j and -b 131072";
       parsed = go { compression = null; level = null; } flags;
-    in
-    if parsed.compression == null && parsed.level == null then [ ]
-    else compressionArgs {
-      compression = if parsed.compression == null then "zstd" else parsed.compression;
-      inherit (parsed) level;
+    in {
+      args = if parsed.compression == null && parsed.level == null then [ ]
+        else compressionArgs {
+          compression = if parsed.compression == null then "zstd" else parsed.compression;
+          inherit (parsed) level;
+        };
+      warnings = [ ];
     };
-
-  kernelParams = params: map (p:
-    if startsWith "init=" p || startsWith "regInfo=" p
-    then builtins.unsafeDiscardStringContext p
-    else p
-  ) params;
 }

@@ -6,12 +6,14 @@
 # closure, whatever the runner does. For every declared VM whose guest uses storedisk's module
 # with the store on a disk, this module writes both without context: they still change when the
 # toplevel does (the unit restarts, `microvm -l` compares the link), but Nix records no
-# reference. vm-tests/lib.nix's `hostSystem` is the same fix, measured by `cargo xtask vm-test`
-# (the `host` runs).
-{ config, lib, ... }:
+# reference. The text without context comes from nix/lib.nix's `toplevelText`, which the
+# harness's model of such a host (vm-tests/lib.nix `hostSystem`, the `host` runs of
+# `cargo xtask vm-test`) uses too.
+{ config, lib, pkgs, ... }:
 
 let
   cfg = config.storedisk.host;
+  inherit (import ./with-pkgs.nix { inherit pkgs; }) toplevelText;
   inherit (config.microvm) stateDir;
   # As upstream's (host/default.nix:12-13).
   user = "microvm";
@@ -29,7 +31,7 @@ let
     let
       vm = config.microvm.vms.${name};
       guest = guestOf name vm;
-      toplevel = builtins.unsafeDiscardStringContext "${guest.system.build.toplevel}";
+      toplevel = toplevelText guest.system.build.toplevel;
       runner = guest.microvm.declaredRunner;
     in
     lib.optionalAttrs (applies guest) {

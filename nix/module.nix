@@ -1,80 +1,88 @@
 # NixOS module for microvm.nix guests whose store is on a disk image (`microvm.storeOnDisk`).
-# Import it next to microvm.nix's guest module. It closes the four ways a runner drags the
-# guest's uncompressed closure into a deployment (README "Using storedisk with Nix and
-# microvm.nix", vm-tests/README.md):
+# Import it next to microvm.nix's guest module (tested against microvm.nix 71beea0 by
+# `cargo xtask test`, xtask/tests/module_upstream.rs). Every fix is applied by nix/lib.nix, the
+# functions the harness's fixtures call too (README "The five fixes"):
 #   1. the store disk is built by `storedisk build` with its references discarded;
 #   2. `microvm.systemSymlink` defaults to off (a user may still turn it on), and the runner
 #      gets the symlink without string context instead (storedisk.systemSymlink), so
 #      `microvm -l` still tells current from outdated;
-#   3./4. `init=` and `regInfo=` (every microvm.kernelParams entry) lose their string context:
-#      the guest reads them from its own store, the disk, so the runner must not reference them;
-# `storedisk.layers = N` makes it a layered store disk (opt-in); the module
-# adds `config.microvm.storeDiskCheck`, a derivation that runs `storedisk verify` on the disk
-# and the runner and fails on any finding. The derivations come from vm-tests/lib.nix (through
-# nix/lib.nix), the file `cargo xtask vm-test` builds with real Nix.
+#   3./4. `init=` and `regInfo=` on microvm.kernelParams lose their string context: the guest
+#      reads them from its own store, the disk, so the runner must not reference them;
+#   5. `microvm.kernel`, which every runner boots from, becomes store paths holding only the
+#      kernel image (and vmlinux, for the runners that boot it), not the kernel package whose
+#      lib/modules the store disk already holds.
+# `storedisk.layers = N` makes it a layered store disk (opt-in). `microvm.storeDiskCheck` is a
+# derivation that runs `storedisk verify` on the disk and the runner and fails on any finding.
 { config, lib, pkgs, ... }:
 
 let
   cfg = config.storedisk;
-  enabled = cfg.enable && config.microvm.guest.enable && config.microvm.storeOnDisk;
+  inherit (config.microvm) hypervisor writableStoreOverlay;
+  inherit (config.networking) hostName;
+  storeOnDisk = config.microvm.guest.enable && config.microvm.storeOnDisk;
+  enabled = cfg.enable && storeOnDisk;
 
-  # Built on the build machine, whatever the guest's CPU (see nix/lib.nix).
-  storediskLib = import ./lib.nix { inherit pkgs; storedisk = cfg.package; };
+  # Built on the build machine, whatever the guest's CPU (nix/with-pkgs.nix).
+  storediskLib = import ./with-pkgs.nix { inherit pkgs; storedisk = cfg.package; };
 
   toplevel = config.system.build.toplevel;
-  # The same expression as microvm.nix's store-disk.nix, hence the same store path as the
-  # regInfo= it puts on the kernel command line: that is the path the disk must hold.
-  regInfo = pkgs.closureInfo { rootPaths = [ toplevel ]; };
+  # The same expression as microvm.nix's store-disk.nix:4-6, hence the same store path as the
+  # regInfo= it puts on the kernel command line (store-disk.nix:98-100): the path the disk holds.
+  regInfo = if config.nix.enable then pkgs.closureInfo { rootPaths = [ toplevel ]; } else null;
 
-  # microvm.nix's mkfs options, read as storedisk build flags (nix/flags.nix: what storedisk
-  # cannot honour stops the evaluation with an error naming the flag).
+  # microvm.nix's mkfs options, read as `storedisk build` flags (nix/flags.nix).
   flags = import ./flags.nix;
-  buildFlags =
+  translatedFlags =
     if config.microvm.storeDiskType == "erofs"
     then flags.erofs config.microvm.storeDiskErofsFlags
     else flags.squashfs config.microvm.storeDiskSquashfsFlags;
   kernelAtLeast = lib.versionAtLeast config.boot.kernelPackages.kernel.version;
 
-  storeDisk = storediskLib.storeDisk {
-    inherit toplevel buildFlags;
-    regInfo = if config.nix.enable then regInfo else null;
-    format = config.microvm.storeDiskType;
-    discardReferences = true;
-  };
+  layered = cfg.layers != null;
+  noLayersMessage = "storedisk.layers: the ${hypervisor} runner cannot attach read-only disks (microvm.nix lib/runners/${hypervisor}.nix), so it cannot boot a layered store disk; set storedisk.layers = null for one store disk.";
+  disk =
+    let common = {
+      inherit toplevel regInfo;
+      format = config.microvm.storeDiskType;
+      buildFlags = translatedFlags.args;
+    };
+    in if !layered then storediskLib.storeDisk common
+      # Refused before the layer plan is built (the toplevel's assertion says the same).
+      else if builtins.elem hypervisor noReadOnlyVolumes then throw noLayersMessage
+      else storediskLib.layeredStoreDisk (common // { inherit (cfg) layers; });
 
-  # storedisk.layers: the closure split into layers (vm-tests/lib.nix layeredStoreDisk; the
-  # plan is read at evaluation time, import from derivation). The first layer is
-  # microvm.storeDisk, which the runner attaches first (`-drive id=store`, microvm.nix
-  # lib/runners/qemu.nix:235), so the guest sees it as /dev/vda (the device upstream mounts for
-  # squashfs, nixos-modules/microvm/mounts.nix:21-26); the others are read-only volumes
-  # (qemu.nix:275-285) with a serial each, found as /dev/disk/by-id/virtio-<serial>. Every
-  # layer is mounted under /nix/.ro-layers and stacked with overlayfs where microvm.nix
-  # mounts the store disk (mounts.nix:16-19,38-79: /nix/store, or /nix/.ro-store under a
-  # writable overlay); erofs layers all carry the label nix-store, so the by-label mount
-  # upstream makes is replaced.
   # The runner as microvm.nix declares it (options.nix:1010-1015, lib/runner.nix), plus the
   # system symlink without context (lib/runner.nix:230-232 writes it with context).
-  upstreamRunner = config.microvm.runner.${config.microvm.hypervisor};
+  upstreamRunner = config.microvm.runner.${hypervisor};
   runnerWithSymlink = upstreamRunner.overrideAttrs (old: {
     buildCommand = old.buildCommand + ''
       mkdir -p $out/share/microvm
-      ln -sfn ${builtins.unsafeDiscardStringContext "${toplevel}"} $out/share/microvm/system
+      ln -sfn ${storediskLib.toplevelText toplevel} $out/share/microvm/system
     '';
   });
 
-  layered = cfg.layers != null;
-  layeredDisk = storediskLib.layeredStoreDisk {
-    inherit toplevel buildFlags;
-    regInfo = if config.nix.enable then regInfo else null;
-    format = config.microvm.storeDiskType;
-    layers = cfg.layers;
-  };
-  layerImages = layeredDisk.layers;
-  layerSerial = i: "storedisk-layer-${toString i}";
-  layerDevice = i: if i == 0 then "/dev/vda" else "/dev/disk/by-id/virtio-${layerSerial i}";
-  layerMount = i: "/nix/.ro-layers/${toString i}";
-  storeMount =
-    if config.microvm.writableStoreOverlay == null then "/nix/store" else "/nix/.ro-store";
+  # The kernel file a runner boots, as microvm.nix's runner finds it (lib/runner.nix:15).
+  linuxTarget = pkgs.linux.target or pkgs.stdenv.hostPlatform.linux-kernel.target;
+
+  # Layered: the N-1 volumes (layer 0 is microvm.storeDisk) and the guest's mounts are
+  # declared from N and the host name alone (nix/lib.nix layerVolumes, layerDevices): the
+  # toplevel depends on the volumes (microvm.nix asserts.nix:8-16, mounts.nix:103-117) and the
+  # mounts, so neither may depend on the layer plan, which is read from the toplevel's closure.
+  # Only the runner's preStart (which links each volume's image to its layer) and the store disk
+  # depend on the plan.
+  layerVolumes = storediskLib.layerVolumes { inherit hostName; inherit (cfg) layers; };
+  layerNames = storediskLib.layerNames cfg.layers;
+  volumesBefore =
+    let first = (builtins.head layerVolumes).image;
+    in lib.lists.findFirstIndex (v: v.image == first) 0 config.microvm.volumes;
+  layerDevices = storediskLib.layerDevices { inherit (cfg) layers; inherit volumesBefore; };
+  # Layer 0 where microvm.nix mounts the store disk under a writable overlay (mounts.nix:67-79),
+  # the others beside it; /nix/store (or, with a writable overlay, its lower layer) stacks them.
+  layerMount = i: if i == 0 then "/nix/.ro-store" else "/nix/.ro-layers/${builtins.elemAt layerNames i}";
+  layerMounts = builtins.genList layerMount cfg.layers;
+  # Hypervisors that cannot attach read-only disks: vfkit passes neither read-only nor a serial
+  # for volumes (microvm.nix lib/runners/vfkit.nix:51) and runs no preStart of ours (:99).
+  noReadOnlyVolumes = [ "vfkit" ];
 in
 {
   options.storedisk = {
@@ -97,11 +105,15 @@ in
       default = null;
       example = 12;
       description = ''
-        Split the store disk into at most this many read-only images (layers) that the guest
-        stacks with overlayfs, so that an update copies only the layers whose contents changed
-        and guests built from one base share the layers holding it (storedisk's ARCHITECTURE.md,
-        "Layered store disks"). The layer plan is computed at evaluation time (import from
-        derivation). Each layer is a virtio disk; null: one store disk.
+        Split the store disk into this many read-only images (layers; a layer may be empty) that
+        the guest stacks with overlayfs, so that an update copies only the layers whose contents
+        changed and guests built from one base share the layers holding it (storedisk's
+        ARCHITECTURE.md, "Layered store disks"). Layer 0 is `microvm.storeDisk`, the others
+        read-only `microvm.volumes`; the guest finds them by device order, as microvm.nix finds
+        its volumes. The layer plan is computed at evaluation time (import from derivation) for
+        the runner only, never for the toplevel. Needs a hypervisor that attaches read-only disks
+        (all but vfkit) and, without `microvm.writableStoreOverlay`, systemd in stage 1 (set by
+        default: NixOS mounts a read-only overlay only there). null: one store disk.
       '';
     };
     systemSymlink = lib.mkOption {
@@ -113,6 +125,17 @@ in
         `microvm.systemSymlink` (which references the toplevel, so a deployment copies the whole
         guest closure) stays off. Nix records no reference for it: the runner's build does not
         have the toplevel among its inputs. Without effect when `microvm.systemSymlink` is on.
+      '';
+    };
+    kernelImageOnly = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Boot the runner from store paths that hold only the kernel image (and vmlinux, for the
+        runners that boot it) instead of the kernel package, whose `lib/modules` the store disk
+        already holds (microvm.nix's runners boot `''${kernel.out}/''${target}` or
+        `''${kernel.dev}/vmlinux`, which copies the modules, or a kernel build tree, with every
+        deployment).
       '';
     };
     check.allowLeaks = lib.mkOption {
@@ -139,67 +162,94 @@ in
     type = lib.types.package;
     readOnly = true;
     description = ''
-      Runs `storedisk verify` on `microvm.storeDisk` with `microvm.declaredRunner`, both
-      closures taken from exportReferencesGraph. Fails on any finding; build it in CI
-      (`nix build .#nixosConfigurations.NAME.config.microvm.storeDiskCheck`, or from checks).
+      Runs `storedisk verify` on `microvm.storeDisk` (every layer, with `storedisk.layers`) and
+      `microvm.declaredRunner`, both closures taken from exportReferencesGraph. Fails on any
+      finding; build it in CI (`nix build .#nixosConfigurations.NAME.config.microvm.storeDiskCheck`,
+      or from checks). It cannot be a `system.checks` entry: the runner depends on the toplevel.
+      Without a store disk to check (storedisk disabled, or the store shared from the host) it
+      builds a report saying so.
     '';
   };
 
-  # A second declaration of microvm.nix's option, adding only `apply` (the module system merges
-  # declarations that do not both set it): init= and regInfo= (microvm.nix's system.nix and
-  # store-disk.nix put them there) reach the runner without string context when the store is
-  # on a disk, which holds those paths; every other parameter keeps its context, so a user's
-  # own store path is still built and still travels with the runner (nix/flags.nix).
+  # Second declarations of microvm.nix's options, adding only `apply` (the module system merges
+  # declarations that do not both set it, and microvm.nix's set none): the fixes apply to the
+  # final value whoever defined it.
+  # Fixes 3/4: init= (system.nix:35-43) and regInfo= (store-disk.nix:98-100) without context.
   options.microvm.kernelParams = lib.mkOption {
-    apply = params: if enabled then flags.kernelParams params else params;
+    apply = params: if enabled then storediskLib.kernelParams { } params else params;
+  };
+  # Fix 5: microvm.kernel (options.nix:90-95) is only what the runners boot; the guest's own
+  # kernel is boot.kernelPackages.kernel, which its toplevel and the store disk keep.
+  options.microvm.kernel = lib.mkOption {
+    apply = kernel:
+      if enabled && cfg.kernelImageOnly
+      then storediskLib.bootKernel { inherit kernel; target = linuxTarget; }
+      else kernel;
   };
 
-  config = lib.mkIf enabled (lib.mkMerge [ {
-    microvm.storeDisk = lib.mkForce (if layered then builtins.head layerImages else storeDisk);
-    microvm.declaredRunner = lib.mkIf (cfg.systemSymlink && !config.microvm.systemSymlink)
-      (lib.mkDefault runnerWithSymlink);
-    # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
-    # check's expectations do not depend on it. A definition by the user (`= true`) wins.
-    microvm.systemSymlink = lib.mkDefault false;
-    # microvm.nix's default (options.nix:1042-1047) without -Efragments: with -Eztailpacking it
-    # makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs (storedisk's
-    # read-back check would then fail the build). A user's own list, -Efragments included, is
-    # honoured as written.
-    microvm.storeDiskErofsFlags = lib.mkDefault
-      ([ "-zlz4hc" ] ++ lib.optional (kernelAtLeast "5.16") "-Eztailpacking");
-    microvm.storeDiskCheck = storediskLib.checkRunner {
-      runner = config.microvm.declaredRunner;
-      storeDisk = if layered then layeredDisk else storeDisk;
-      inherit (cfg.check) allowLeaks allow;
-    };
-  } (lib.mkIf layered {
-    microvm.volumes = lib.imap0 (i: image: {
-      image = "${image}";
-      serial = layerSerial (i + 1);
-      readOnly = true;
-      autoCreate = false;
-      mountPoint = null;
-      size = 0;
-    }) (builtins.tail layerImages);
-    boot.initrd.availableKernelModules = [ "overlay" ];
-    fileSystems = builtins.listToAttrs (lib.imap0 (i: _: {
-      name = layerMount i;
-      value = {
-        device = layerDevice i;
-        fsType = config.microvm.storeDiskType;
-        options = [ "ro" "x-systemd.after=systemd-modules-load.service" ];
-        neededForBoot = true;
-        noCheck = true;
+  config = lib.mkMerge [
+    {
+      microvm.storeDiskCheck =
+        if enabled then storediskLib.checkRunner {
+          runner = config.microvm.declaredRunner;
+          storeDisk = disk;
+          inherit (cfg.check) allowLeaks allow;
+        }
+        else storediskLib.nothingToCheck (
+          if !storeOnDisk then "the guest's store is not on a disk (microvm.storeOnDisk is false)"
+          else "storedisk.enable is false: the store disk is microvm.nix's own");
+    }
+
+    (lib.mkIf enabled {
+      microvm.storeDisk = lib.mkForce (builtins.head disk.layers);
+      microvm.declaredRunner = lib.mkIf (cfg.systemSymlink && !config.microvm.systemSymlink)
+        (lib.mkDefault runnerWithSymlink);
+      # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
+      # check's expectations do not depend on it. A definition by the user (`= true`) wins.
+      microvm.systemSymlink = lib.mkDefault false;
+      # microvm.nix's default (options.nix:1042-1047) without -Efragments: with -Eztailpacking it
+      # makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs (storedisk's
+      # read-back check would then fail the build). A user's own list, -Efragments included, is
+      # honoured as written.
+      microvm.storeDiskErofsFlags = lib.mkDefault
+        ([ "-zlz4hc" ] ++ lib.optional (kernelAtLeast "5.16") "-Eztailpacking");
+      warnings = translatedFlags.warnings;
+    })
+
+    (lib.mkIf (enabled && layered) {
+      assertions = [
+        {
+          assertion = !(builtins.elem hypervisor noReadOnlyVolumes);
+          message = noLayersMessage;
+        }
+        {
+          assertion = builtins.length config.microvm.volumes < 26;
+          message = "storedisk.layers: ${toString cfg.layers} layers and the other microvm.volumes make ${toString (builtins.length config.microvm.volumes + 1)} disks; the guest names at most 26 (vda to vdz): use fewer layers.";
+        }
+      ];
+      microvm.volumes = layerVolumes;
+      microvm.preStart = storediskLib.layerLinks { inherit hostName disk; };
+      # NixOS mounts an overlay without upperdir in stage 1 only with systemd there (nixpkgs
+      # nixos/modules/tasks/filesystems/overlayfs.nix asserts it); above microvm.nix's own
+      # mkDefault (optimization.nix:21-30), below a user's choice.
+      boot.initrd.systemd.enable = lib.mkIf (writableStoreOverlay == null) (lib.mkOverride 900 true);
+      fileSystems = builtins.listToAttrs (lib.imap0 (i: device: {
+        name = layerMount i;
+        value = lib.mkForce {
+          inherit device;
+          fsType = config.microvm.storeDiskType;
+          options = [ "ro" "x-systemd.after=systemd-modules-load.service" ];
+          neededForBoot = true;
+          noCheck = true;
+        };
+      }) layerDevices) // {
+        # Without a writable overlay: replaces microvm.nix's /nix/store on the store disk
+        # (mounts.nix:38-50); with one, only the lower layers of its overlay (mounts.nix:81-91).
+        "/nix/store" =
+          if writableStoreOverlay == null
+          then lib.mkForce { overlay.lowerdir = layerMounts; neededForBoot = true; }
+          else { overlay.lowerdir = lib.mkForce layerMounts; };
       };
-    }) layerImages) // {
-      ${storeMount} = lib.mkForce {
-        device = "overlay";
-        fsType = "overlay";
-        overlay.lowerdir = lib.imap0 (i: _: layerMount i) layerImages;
-        options = [ "ro" ];
-        neededForBoot = true;
-        depends = lib.imap0 (i: _: layerMount i) layerImages;
-      };
-    };
-  }) ]);
+    })
+  ];
 }

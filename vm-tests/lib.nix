@@ -1,126 +1,20 @@
-# The one Nix implementation of what a store-disk MicroVM is made of, modelled on microvm.nix
-# (nixos-modules/microvm/store-disk.nix, lib/runner.nix, lib/runners/qemu.nix): closure info,
-# store disk, stage-1 initrd, runner, and the check that verifies a runner against its store
-# disk. The harness (vm-tests/default.nix) and flake.nix (its `lib` and the NixOS module in
-# nix/module.nix) import it, so what `cargo xtask vm-test` builds is what users build.
-#
-# No nixpkgs: every derivation's builder is busybox's sh (busybox picks the applet from argv[0],
-# so `busybox` must be a store directory with bin/<applet> symlinks). `storedisk` is a store
-# directory with bin/storedisk: it is a build input of the store disk only, never part of what a
-# guest or a runner references. `mkfsErofs`: the mkfs.erofs that
-# `storedisk build` runs for erofs images, either a store path (the module: an ordinary build
-# input) or an absolute host path without string context (the harness builds with the sandbox
-# off; its erofs-utils 1.8 comes from a private prefix that only works where it was unpacked):
-# then its sha256 is a derivation input, so a different mkfs.erofs rebuilds the erofs disks.
-# `system`: where the derivations build (the build machine), never the guest's architecture:
-# a store disk holds files, not code to run, so any machine can build any guest's disk.
+# The harness's model of what microvm.nix builds, for guests made of busybox alone (no nixpkgs,
+# no NixOS): its runner with the script derivations (lib/runner.nix, lib/runners/qemu.nix), a
+# stage-1 initrd, host programs as store paths (the hypervisor, socat), the host system that
+# declares a MicroVM (nixos-modules/host) and `microvm -l`. Every fix, the store disk, layered
+# store disks and the check are not modelled here but called from nix/lib.nix, the functions
+# the NixOS modules use, so the variants `cargo xtask vm-test` measures are built by the code
+# users import; comments give the microvm.nix (71beea0) file and line each part imitates. The
+# result is nix/lib.nix's functions plus the model's.
 { busybox, storedisk, mkfsErofs ? null, system ? "x86_64-linux" }:
 
 let
-  # With __structuredAttrs the outputs are not environment variables: read `out` from the attrs
-  # JSON (Nix writes it compactly with sorted keys; busybox has no jq).
-  structuredPreamble = ''
-    set -eu
-    export PATH=${busybox}/bin
-    out=$(sed -n 's/.*"outputs":{"out":"\([^"]*\)".*/\1/p' "$NIX_ATTRS_JSON_FILE")
-    if [ -z "$out" ]; then echo "no output path in $NIX_ATTRS_JSON_FILE" >&2; exit 1; fi
-  '';
-
   optionalString = cond: s: if cond then s else "";
+  # The fixes, the store disks and the check: the functions the NixOS modules use.
+  fixes = import ../nix/lib.nix { inherit busybox storedisk mkfsErofs system; };
+  inherit (fixes) runCommand;
 in
-rec {
-  # A derivation built by `busybox sh -c script`, PATH = busybox.
-  runCommand = name: attrs: script: derivation ({
-    inherit name system;
-    builder = "${busybox}/bin/sh";
-    args = [ "-c" ("set -eu\nexport PATH=${busybox}/bin\n" + script) ];
-  } // attrs);
-
-  # The same with __structuredAttrs (needed for exportReferencesGraph as JSON and for
-  # unsafeDiscardReferences); `$out` is set by the preamble.
-  runStructured = name: attrs: script: derivation ({
-    inherit name system;
-    builder = "${busybox}/bin/sh";
-    __structuredAttrs = true;
-    args = [ "-c" (structuredPreamble + script) ];
-  } // attrs);
-
-  # nixpkgs' closureInfo (registration, store-paths, total-nar-size), written by busybox awk
-  # from the exportReferencesGraph JSON. Not by storedisk: the closure info is packed into the
-  # store disk, so its store path is in the image's bytes and must not follow the storedisk
-  # binary (closure-info.awk says more).
-  closureInfo = { rootPaths }: runStructured "closure-info" {
-    exportReferencesGraph.closure = rootPaths;
-  } ''
-    mkdir "$out"
-    awk -v out="$out" -f ${./closure-info.awk} "$NIX_ATTRS_JSON_FILE"
-  '';
-
-  # The store disk: the closure of the toplevel (and the closure info, as microvm.nix packs it
-  # when nix.enable) in one squashfs or erofs image, built by `storedisk build`.
-  # discardReferences = false reproduces leak 1: Nix then records every store path whose hash
-  # appears in the image bytes as a runtime reference of the image.
-  # The result also carries `guestRoots` (not a derivation attribute): what checkRunner needs.
-  # buildFlags: more `storedisk build` flags (the module's translation of microvm.nix's
-  # storeDiskErofsFlags/storeDiskSquashfsFlags, nix/flags.nix).
-  storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true, buildFlags ? [ ] }:
-    let roots = guestRootsOf { inherit toplevel regInfo; };
-      disk = runStructured "microvm-store-disk.${format}" ({
-        exportReferencesGraph.closure = roots;
-      } // (erofsTool format) // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
-        ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
-          --closure-key closure ${mkfsFlag format} ${toString buildFlags} --output "$out" ${toString roots}
-      '';
-    in disk // { guestRoots = roots; layers = [ disk ]; };
-
-  guestRootsOf = { toplevel, regInfo ? null }:
-    [ toplevel ] ++ (if regInfo == null then [ ] else [ regInfo ]);
-
-  # How a store disk derivation gets its mkfs.erofs (see `mkfsErofs` above): the host path and
-  # its hash as attributes, and the flag that passes it to `storedisk build`.
-  hostErofsTool = mkfsErofs != null && !(builtins.hasContext (toString mkfsErofs));
-  erofsTool = format: if format == "erofs" && hostErofsTool then {
-    mkfsErofs = builtins.unsafeDiscardStringContext (toString mkfsErofs);
-    mkfsErofsSha256 = builtins.hashFile "sha256" mkfsErofs;
-  } else { };
-  mkfsFlag = format:
-    if format != "erofs" || mkfsErofs == null then ""
-    else if hostErofsTool then "--mkfs-erofs ${(erofsTool format).mkfsErofs}"
-    else "--mkfs-erofs ${mkfsErofs}";
-
-  # A layered store disk (`storedisk build --layers`, ARCHITECTURE.md "Layered store disks"):
-  # the same closure as storeDisk, split into at most `layers` images that the guest stacks
-  # with overlayfs. Which path goes to which layer is decided by `storedisk layers` in a
-  # derivation of its own and read back at evaluation time (import from derivation); each layer
-  # is then a derivation whose inputs are exactly its store paths (their string context, one by
-  # one), with references discarded: a layer whose paths did not change is the same derivation,
-  # hence the same store path, across updates and across guests, and `nix copy` skips it.
-  # The result is the list of layer images plus `guestRoots` and `plan` (the JSON manifest).
-  layeredStoreDisk = { toplevel, regInfo ? null, format, layers, buildFlags ? [ ] }:
-    let
-      roots = guestRootsOf { inherit toplevel regInfo; };
-      planFile = runStructured "storedisk-layers.json" {
-        exportReferencesGraph.closure = roots;
-        unsafeDiscardReferences.out = true;
-      } ''
-        ${storedisk}/bin/storedisk layers --layers ${toString layers} --closure "$NIX_ATTRS_JSON_FILE" \
-          --closure-key closure --json ${toString roots} > "$out"
-      '';
-      # The plan names paths that exist (building planFile realised the closure); the strings
-      # read from it carry planFile's context (the whole closure), which is exactly what a layer
-      # must not depend on: drop it and give each path its own.
-      plan = builtins.fromJSON (builtins.unsafeDiscardStringContext (builtins.readFile planFile));
-      own = path: builtins.appendContext path { ${path} = { path = true; }; };
-      layer = l: runStructured "storedisk-${l.name}.${format}" ({
-        unsafeDiscardReferences.out = true;
-      } // (erofsTool format)) ''
-        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} ${toString buildFlags} \
-          --output "$out" ${toString (map own l.paths)}
-      '';
-      images = map layer plan.layers;
-    in
-    { layers = images; guestRoots = roots; inherit plan planFile; };
-
+fixes // rec {
   # A script as its own store path, like nixpkgs' writeShellScript (lib/runner.nix turns every
   # `bin/` entry of the runner into one: `binScriptPkgs`, with vmHostPackages.writeShellScript).
   writeScript = name: text: runCommand name { inherit text; } ''
@@ -155,16 +49,6 @@ rec {
     find . | sort | cpio -o -H newc --quiet | gzip -9n > $out/initrd
   '';
 
-  # Fix 5: a store path holding only the kernel image, copied out of the kernel package. The
-  # kernel package (nixpkgs' kernel.out) also holds lib/modules, which the guest toplevel
-  # references and the store disk therefore packs; a runner booting
-  # "${kernel.out}/${linuxTarget}" (microvm.nix lib/runners/qemu.nix:116,183) copies those
-  # modules a second time on every deployment.
-  kernelImage = { kernel, target }: runCommand "microvm-kernel-image" { } ''
-    mkdir -p $out
-    cp ${kernel}/${target} $out/${target}
-  '';
-
   # A host program as a store path with a closure of its own: `bin/<name>` execs `binary` (a host
   # path, its string context discarded). The hypervisor is one, like microvm.nix's
   # `microvm.qemu.package` (qemu_kvm from the guest's pkgs, lib/runners/qemu.nix:35,174), and so
@@ -180,17 +64,22 @@ rec {
 
   # The runner, as microvm.nix's (lib/runner.nix + lib/runners/qemu.nix): every bin/ entry is
   # its own script derivation, linked from the runner (lib/runner.nix:219-225); microvm-run
-  # execs `${hypervisor}/bin/qemu-system-<arch>` (qemu.nix:174) with the store disk as
-  # virtio-blk (qemu.nix:235-236) and `init=`/`regInfo=` on the kernel command line;
-  # a control socket (qemu.nix:267, default "<hostName>.sock", options.nix:77-82) and so a
-  # microvm-shutdown script (qemu.nix:372-421, lib/runner.nix:190-193); share/microvm/system links
-  # the toplevel when systemSymlink is on (lib/runner.nix:230-232), for `microvm -l`.
-  # The fixes, one switch each: systemSymlinkContext = false (leak 2: the symlink stays, so
-  # `microvm -l` keeps working, but without string context; Nix records a reference only to paths
-  # in the build's inputs, and with leaks 1, 3 and 4 closed the toplevel is not among them;
-  # upstream instead drops the symlink, systemSymlink = false), discardInitContext (leak 3),
-  # discardRegInfoContext (leak 4: the text stays the same, the reference goes) and
-  # bootFromKernelImage (fix 5: boot `kernelImage` instead of "${kernel}/${target}").
+  # runs the runner's preStart (lib/runner.nix:166-168) and execs
+  # `${hypervisor}/bin/qemu-system-<arch>` (qemu.nix:174) with the store disk as virtio-blk
+  # (qemu.nix:234-237), each volume after it as read-only virtio-blk `vd<letter>`
+  # (qemu.nix:275-285) and the kernel parameters on its command line; a control socket
+  # (qemu.nix:267, default "<hostName>.sock", options.nix:77-82) and so a microvm-shutdown script
+  # (qemu.nix:372-421, lib/runner.nix:190-193); share/microvm/system links the toplevel when
+  # systemSymlink is on (lib/runner.nix:230-232), for `microvm -l`.
+  # The fixes, one switch each, all applied by nix/lib.nix's functions, as the NixOS module
+  # applies them to microvm.nix's own runner: systemSymlinkContext = false (fix 2: the symlink
+  # stays, so `microvm -l` keeps working, without string context; upstream instead drops the
+  # symlink, systemSymlink = false), discardInitContext and discardRegInfoContext (fixes 3 and 4)
+  # and bootFromKernelImage (fix 5).
+  # `storeDisk`: nix/lib.nix's storeDisk, or its layeredStoreDisk: then layer 0 is the store disk
+  # and the others volumes whose images the preStart links (nix/lib.nix layerVolumes, layerLinks),
+  # and `storedisk.layers=` tells stage 1 the devices nix/lib.nix layerDevices gives the
+  # module's fileSystems (the busybox stage 1 has no fstab).
   # KVM as upstream by default; MICROVM_ACCEL/MICROVM_CPU override it (the harness's TCG runs).
   # `arch` picks the machine: x86_64 `-M microvm` (console ttyS0), aarch64 `-M virt` (ttyAMA0,
   # qemu.nix:95-98,147-154); `cpu` set means an emulated guest: TCG with that CPU model.
@@ -201,13 +90,13 @@ rec {
            , discardInitContext ? false, discardRegInfoContext ? false
            , bootFromKernelImage ? false, extraKernelParams ? "" }:
     let
-      keepContextUnless = discard: s: if discard then builtins.unsafeDiscardStringContext s else s;
-      initParam = keepContextUnless discardInitContext "init=${toplevel}/init";
-      regInfoParam = optionalString (regInfo != null)
-        (keepContextUnless discardRegInfoContext "regInfo=${regInfo}/registration");
+      params = fixes.kernelParams { init = discardInitContext; regInfo = discardRegInfoContext; }
+        ([ "init=${toplevel}/init" ] ++ (if regInfo == null then [ ] else [ "regInfo=${regInfo}/registration" ]));
+      initParam = builtins.head params;
+      regInfoParam = optionalString (regInfo != null) (builtins.elemAt params 1);
       kernelPath =
         if bootFromKernelImage
-        then "${kernelImage { inherit kernel; target = kernelTarget; }}/${kernelTarget}"
+        then "${(fixes.bootKernel { inherit kernel; target = kernelTarget; }).out}/${kernelTarget}"
         else "${kernel}/${kernelTarget}";
       machine = {
         x86_64 = { args = "-M microvm,pit=off,pic=off,rtc=on"; console = "ttyS0"; };
@@ -221,20 +110,24 @@ rec {
       # qemu.nix:226-227: x86_64 gets an i8042, through which microvm-shutdown's
       # ctrl-alt-del reaches the guest kernel.
       deviceArgs = optionalString (arch == "x86_64") "-device i8042";
-      # One read-only virtio-blk disk per layer (a plain store disk is one layer); a layered
-      # one also tells stage 1 how many disks to stack (storedisk.layers=N).
-      disks = storeDisk.layers or [ storeDisk ];
-      layered = builtins.length disks > 1;
+      layers = storeDisk.layers or [ storeDisk ];
+      layered = builtins.length layers > 1;
+      volumes = if layered then fixes.layerVolumes { inherit hostName; layers = builtins.length layers; } else [ ];
+      preStart = optionalString layered (fixes.layerLinks { inherit hostName; disk = storeDisk; });
+      drive = id: file:
+        "-drive id=${id},format=raw,read-only=on,file=${file},if=none \\\n"
+        + "  -device virtio-blk-device,drive=${id}";
       # (Interpolated text keeps its spaces: two, as the script's own continuation lines have.)
-      storeDiskArgs = builtins.concatStringsSep " \\\n  " (builtins.genList (i:
-        let id = if layered then "store${toString i}" else "store"; in
-        "-drive id=${id},format=raw,read-only=on,file=${builtins.elemAt disks i},if=none \\\n"
-        + "  -device virtio-blk-device,drive=${id}") (builtins.length disks));
-      layersParam = optionalString layered " storedisk.layers=${toString (builtins.length disks)}";
+      devices = fixes.layerDevices { layers = builtins.length layers; };
+      storeDiskArgs = builtins.concatStringsSep " \\\n  " ([ (drive "store" (builtins.head layers)) ]
+        ++ builtins.genList (i: drive (baseNameOf (builtins.elemAt devices (i + 1))) (builtins.elemAt volumes i).image)
+          (builtins.length volumes));
+      layersParam = optionalString layered " storedisk.layers=${builtins.concatStringsSep "," devices}";
       qmpKey = key: ''{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"${key}"}}}'';
-      run = writeScript "microvm-${hostName}-microvm-run" ''
+      run = writeScript "microvm-${hostName}-microvm-run" (''
         # Starts the MicroVM ${hostName}. Generated by storedisk's vm-tests/lib.nix.
         set -eu
+      '' + preStart + ''
         exec ${hypervisor}/bin/qemu-system-${arch} -name ${hostName} ${machine.args} -m ${toString mem} -smp 1 \
           -nodefaults -no-user-config -no-reboot -display none \
           ${accelArgs} \
@@ -242,7 +135,7 @@ rec {
           -chardev stdio,id=stdio,signal=off -serial chardev:stdio ${socketArgs} ${deviceArgs} \
           -append "console=${machine.console} reboot=t panic=-1 ${extraKernelParams}${layersParam} ${initParam} ${regInfoParam}" \
           ${storeDiskArgs}
-      '';
+      '');
       # As upstream's shutdownCommand (qemu.nix:374-420): ctrl-alt-del as QMP key events through
       # the control socket, with socat, then wait until QEMU closes the socket.
       shutdown = writeScript "microvm-${hostName}-microvm-shutdown" ''
@@ -263,7 +156,7 @@ rec {
       ln -s ${scripts.${name}} $out/bin/${name}
     '') (builtins.attrNames scripts)) + ''
       ${optionalString systemSymlink
-        "ln -s ${keepContextUnless (!systemSymlinkContext) "${toplevel}"} $out/share/microvm/system"}
+        "ln -s ${if systemSymlinkContext then "${toplevel}" else fixes.toplevelText toplevel} $out/share/microvm/system"}
       echo vnet_hdr > $out/share/microvm/tap-flags
       echo qemu > $out/share/microvm/hypervisor
     '');
@@ -279,7 +172,7 @@ rec {
   # $MICROVM_STATE_DIR (default /var/lib/microvms, upstream's stateDir).
   hostSystem = { name, runner, toplevel, discardContext ? false }:
     let
-      guest = if discardContext then builtins.unsafeDiscardStringContext "${toplevel}" else "${toplevel}";
+      guest = if discardContext then fixes.toplevelText toplevel else "${toplevel}";
       install = writeScript "unit-script-install-microvm-${name}-start" ''
         set -eu
         dir="''${MICROVM_STATE_DIR:-/var/lib/microvms}/${name}"
@@ -318,55 +211,4 @@ rec {
     done
   '';
 
-  # The closure of rootPaths as exportReferencesGraph JSON (the structured-attrs file, whose one
-  # list of path infos is what `storedisk verify --closure/--runner-closure` reads). It only
-  # describes those paths, so its references are discarded: building it needs them, using it not.
-  closureJson = name: rootPaths: runStructured name {
-    exportReferencesGraph.closure = rootPaths;
-    unsafeDiscardReferences.out = true;
-  } ''
-    cp "$NIX_ATTRS_JSON_FILE" "$out"
-  '';
-
-  # The check: `storedisk verify` on a store disk (made by storeDisk or layeredStoreDisk above)
-  # and the runner that boots it, with both closures from exportReferencesGraph (no Nix database inside a build).
-  # Fails on any finding, and when complete, integrity or runner_overlap (or policy, with
-  # `allow`) could not run (`--require`); the report (leaked paths with their bytes and reference chains) is
-  # printed to the build log and kept in $out/report.txt. `self_contained` needs the Nix
-  # database and is reported as not checked here; an image that kept references still fails,
-  # through `runner_overlap`, because the runner's closure then reaches the guest through it.
-  # allowLeaks: findings that are all runner_overlap leaks (e.g. a deliberate
-  # microvm.systemSymlink) are reported but do not fail the build; any other finding still does.
-  # allow: globs for the policy check (runner closure paths allowed outside the image).
-  checkRunner = { runner, storeDisk, allowLeaks ? false, allow ? [ ] }:
-    let
-      guestClosure = closureJson "storedisk-guest-closure.json" storeDisk.guestRoots;
-      runnerClosure = closureJson "storedisk-runner-closure.json" [ runner ];
-      allowFlags = toString (map (glob: "--allow '${glob}'") allow);
-      # A layered store disk (layeredStoreDisk) is checked as one: all its layers together.
-      images = storeDisk.layers or [ storeDisk ];
-    in
-    runCommand "storedisk-check-${runner.name or "runner"}" { } ''
-      mkdir -p $out
-      status=0
-      ${storedisk}/bin/storedisk verify ${toString images} --closure ${guestClosure} \
-        --runner ${runner} --runner-closure ${runnerClosure} ${allowFlags} \
-        --require complete,integrity,runner_overlap${if allow == [ ] then "" else ",policy"}${
-          optionalString (builtins.length images > 1) ",disjoint"} \
-        > $out/report.txt || status=$?
-      cat $out/report.txt
-      if [ "$status" = 1 ] && ${if allowLeaks then "true" else "false"}; then
-        # Only leaks: the report's finding count equals runner_overlap's path count.
-        findings=$(sed -n '1s/^\([0-9]*\) findings*$/\1/p' $out/report.txt)
-        leaks=$(sed -n 's/^runner_overlap: \([0-9]*\) path(s) leak.*/\1/p' $out/report.txt)
-        if [ -n "$findings" ] && [ "$findings" = "$leaks" ]; then
-          echo "storedisk check: $leaks leaked path(s) allowed (allowLeaks)" >&2
-          status=0
-        fi
-      fi
-      if [ "$status" != 0 ]; then
-        echo "storedisk check failed (storedisk verify exit $status): see the report above" >&2
-        exit 1
-      fi
-    '';
 }

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Stage 1 of a storedisk test MicroVM (the busybox initramfs built by lib.nix): load the modules
 # a store disk needs, mount the disk read-only at /nix/.ro-store (a layered store disk: each of
-# its storedisk.layers=N disks, stacked there with overlayfs) and onto /nix/store inside a tmpfs
+# the disks storedisk.layers=DEV,DEV,... names, stacked there with overlayfs: the devices
+# nix/lib.nix's layerDevices gives the NixOS module's fileSystems) and onto /nix/store inside a tmpfs
 # root, and hand over to init= from the kernel command line (the guest toplevel's init, read from
 # the store disk itself). Any failure prints a STOREDISK-RESULT line and stops the machine.
 export PATH=/bin
@@ -21,25 +22,26 @@ for module in $(cat /lib/modules/load-order); do
 done
 
 init=
-layers=1
+disks=/dev/vda
 for word in $(cat /proc/cmdline); do
     case "$word" in
         init=*) init="${word#init=}" ;;
-        storedisk.layers=*) layers="${word#storedisk.layers=}" ;;
+        storedisk.layers=*)
+            # A comma-separated list (the initrd has no tr): split it on commas.
+            disks=
+            ifs=$IFS
+            IFS=,
+            for disk in ${word#storedisk.layers=}; do disks="$disks $disk"; done
+            IFS=$ifs
+            ;;
     esac
 done
 [ -n "$init" ] || fail "no init= on the kernel command line"
 
-# The disks: /dev/vda for a store disk, /dev/vda.. for the N layers of a layered one.
-disks=
-count=0
-for letter in a b c d e f g h i j k l m n o p q r s t; do
-    [ "$count" -lt "$layers" ] || break
-    disks="$disks /dev/vd$letter"
-    count=$((count + 1))
-done
-[ "$count" -eq "$layers" ] || fail "storedisk.layers=$layers: at most 20 layers"
+# The disks: /dev/vda for a store disk, the devices storedisk.layers= names for a layered one.
+layers=0
 for disk in $disks; do
+    layers=$((layers + 1))
     tries=0
     while [ ! -b "$disk" ]; do
         tries=$((tries + 1))

@@ -1,4 +1,4 @@
-//! Layered store disks: one closure split into at most N disjoint images ("layers"), each a
+//! Layered store disks: one closure split into exactly N disjoint images ("layers"), each a
 //! complete image of whole store paths, which the guest stacks (overlayfs lower layers) as its
 //! store. An update then copies only the layers whose contents changed, and guests built from
 //! the same base share the layers that hold it byte for byte.
@@ -8,7 +8,9 @@
 //! manifest into a directory that appears only complete. The algorithm and its trade-offs are
 //! described in ARCHITECTURE.md ("Layered store disks").
 //!
-//! The assignment, for N layers:
+//! The assignment, for N layers (always all N, in this order; a layer may be empty, so the number
+//! of images, hence of the guest's disks and mounts, follows from N alone and never from the
+//! closure: a NixOS configuration can declare them before the closure exists):
 //! - **top** (always the last): the roots and the *spine*, every path whose closure holds more
 //!   than half of the closure's paths (the toplevel, the closure info, manifests and other
 //!   aggregates): they change with any change below them, so they are kept together and small.
@@ -72,10 +74,10 @@ pub struct Layer {
     pub store_paths: BTreeSet<StorePath>,
 }
 
-/// Where each path of a closure goes: the non-empty layers, buckets first, `top` last.
+/// Where each path of a closure goes: exactly N layers, buckets first, `top` last.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LayerPlan {
-    /// The N asked for (empty layers are left out, so there may be fewer).
+    /// The N asked for: the number of layers (some may be empty).
     pub requested: usize,
     pub layers: Vec<Layer>,
 }
@@ -91,8 +93,8 @@ pub enum LayerError {
     RootNotInClosure { path: String },
 }
 
-/// Splits `closure` (the closure of `roots`) into at most `count` layers (see the module
-/// documentation for the rules).
+/// Splits `closure` (the closure of `roots`) into exactly `count` layers (see the module
+/// documentation for the rules), named by [`layer_names`].
 pub fn plan_layers(
     closure: &Closure,
     roots: &BTreeSet<StorePath>,
@@ -152,9 +154,6 @@ pub fn plan_layers(
 
     let mut layers = Vec::new();
     let mut push = |name: String, kind: LayerKind, paths: BTreeSet<StorePath>| {
-        if paths.is_empty() {
-            return Ok(());
-        }
         let nar_bytes = paths.iter().map(size_of).sum::<Result<u64, LayerError>>()?;
         layers.push(Layer {
             name,
@@ -165,15 +164,39 @@ pub fn plan_layers(
         });
         Ok(())
     };
-    for (bucket, paths) in by_bucket {
-        push(format!("layer-{bucket:02}"), LayerKind::Bucket, paths)?;
+    for bucket in 0..buckets as u64 {
+        let paths = by_bucket.remove(&bucket).unwrap_or_default();
+        push(bucket_name(bucket), LayerKind::Bucket, paths)?;
     }
-    push("small".to_owned(), LayerKind::Small, small)?;
+    if count > MIN_LAYERS {
+        push("small".to_owned(), LayerKind::Small, small)?;
+    }
     push("top".to_owned(), LayerKind::Top, top)?;
+    debug_assert_eq!(
+        layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+        layer_names(count)
+    );
     Ok(LayerPlan {
         requested: count,
         layers,
     })
+}
+
+/// The names of the `count` layers of a plan, in order: `layer-00` .. `layer-(N-3)`, `small`,
+/// `top` (with N = 2: `layer-00`, `top`). They depend on N alone, which is what lets a guest
+/// configuration name its disks before the closure is known (nix/lib.nix computes the same).
+pub fn layer_names(count: usize) -> Vec<String> {
+    let buckets = if count <= MIN_LAYERS { 1 } else { count - 2 };
+    let mut names: Vec<String> = (0..buckets as u64).map(bucket_name).collect();
+    if count > MIN_LAYERS {
+        names.push("small".to_owned());
+    }
+    names.push("top".to_owned());
+    names
+}
+
+fn bucket_name(bucket: u64) -> String {
+    format!("layer-{bucket:02}")
 }
 
 /// The bucket of a name: the first 8 bytes of its SHA-256, modulo the bucket count (the same
@@ -427,10 +450,10 @@ mod tests {
         let (closure, roots) = closure("a", &base(("app-a-1.0", 3_000_000)));
         for count in MIN_LAYERS..=MAX_LAYERS {
             let plan = plan_layers(&closure, &roots, count).unwrap();
-            assert!(plan.layers.len() <= count, "{count}: {plan:#?}");
+            let names: Vec<String> = plan.layers.iter().map(|l| l.name.clone()).collect();
+            assert_eq!(names, layer_names(count), "{count}: {plan:#?}");
             let mut seen = BTreeSet::new();
             for layer in &plan.layers {
-                assert!(!layer.store_paths.is_empty());
                 for p in &layer.store_paths {
                     assert!(seen.insert(p.clone()), "{p} twice with {count} layers");
                 }
@@ -444,6 +467,29 @@ mod tests {
             assert_eq!(seen.len(), closure.len(), "{count} layers");
             assert_eq!(plan.layers.last().unwrap().name, "top");
         }
+    }
+
+    #[test]
+    fn a_closure_smaller_than_the_plan_still_gets_every_layer() {
+        let (closure, roots) = closure("a", &base(("app-a-1.0", 3_000_000)));
+        let plan = plan_layers(&closure, &roots, MAX_LAYERS).unwrap();
+        assert_eq!(plan.layers.len(), MAX_LAYERS);
+        let empty: Vec<&str> = plan
+            .layers
+            .iter()
+            .filter(|l| l.paths.is_empty())
+            .map(|l| l.name.as_str())
+            .collect();
+        // 18 buckets for 5 bucketed paths (glibc, coreutils, linux, bash, the app): at least 13
+        // stay empty, and an empty layer has no bytes.
+        assert!(empty.len() >= 13, "{empty:?}");
+        assert!(plan
+            .layers
+            .iter()
+            .filter(|l| l.paths.is_empty())
+            .all(|l| l.nar_bytes == 0));
+        assert_eq!(layer_names(2), ["layer-00", "top"]);
+        assert_eq!(layer_names(3), ["layer-00", "small", "top"]);
     }
 
     #[test]
@@ -508,7 +554,7 @@ mod tests {
         let buckets = plan
             .layers
             .iter()
-            .filter(|l| l.kind == LayerKind::Bucket)
+            .filter(|l| l.kind == LayerKind::Bucket && !l.paths.is_empty())
             .count();
         assert!(buckets >= 6, "40 payloads in {buckets} of 8 buckets");
     }

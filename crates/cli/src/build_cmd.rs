@@ -61,9 +61,9 @@ pub struct BuildArgs {
     #[arg(long, short, value_name = "FILE")]
     output: PathBuf,
 
-    /// Split the closure into at most N images (layers) that together hold it, each a complete
-    /// image of whole store paths, assigned so that unchanged paths keep their layer across
-    /// updates (see `storedisk layers --help`). --output is then a directory.
+    /// Split the closure into exactly N images (layers, some possibly empty) that together hold
+    /// it, each a complete image of whole store paths, assigned so that unchanged paths keep
+    /// their layer across updates (see `storedisk layers --help`). --output is then a directory.
     #[arg(long, value_name = "N", conflicts_with = "exact")]
     layers: Option<usize>,
 
@@ -116,8 +116,9 @@ pub struct ClosureArgs {
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
     pub store_dir: PathBuf,
 
-    /// Store paths whose closure to pack: `/nix/store/<hash>-<name>` or `<hash>-<name>`.
-    #[arg(value_name = "ROOT", required = true)]
+    /// Store paths whose closure to pack: `/nix/store/<hash>-<name>` or `<hash>-<name>`. At
+    /// least one, except with `build --exact`, where none gives an empty image (an empty layer).
+    #[arg(value_name = "ROOT")]
     roots: Vec<String>,
 }
 
@@ -125,6 +126,12 @@ impl ClosureArgs {
     /// The roots and their closure. `exact`: the roots alone (references leaving them
     /// dropped); without --closure the paths are then taken as they are, without asking Nix.
     pub fn load(&self, exact: bool) -> anyhow::Result<(Vec<StorePath>, Closure)> {
+        if self.roots.is_empty() && !exact {
+            anyhow::bail!(
+                "no ROOT given: name the store paths whose closure to pack (only `build --exact` \
+                 takes none, for an empty image)"
+            );
+        }
         let logical = StoreDir::default();
         let roots = self
             .roots

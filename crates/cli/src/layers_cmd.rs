@@ -1,6 +1,6 @@
 //! `storedisk layers`: the layer plan of a closure (which store path goes to which layer of a
 //! layered store disk) as a table or `--json`, without building anything. The Nix side
-//! (vm-tests/lib.nix) reads the JSON to make each layer its own derivation.
+//! (nix/lib.nix) reads the JSON to make each layer its own derivation.
 
 use std::process::ExitCode;
 
@@ -10,7 +10,8 @@ use storedisk_verifier::report::human_bytes;
 
 use crate::build_cmd::{with_nar_sizes, ClosureArgs};
 
-/// Split a closure into at most N layers. The last layer, `top`, holds the ROOTs and every
+/// Split a closure into exactly N layers (a layer may be empty: the layers, hence a guest's
+/// disks, depend on N alone). The last layer, `top`, holds the ROOTs and every
 /// path whose closure holds more than half of the closure's paths (the toplevel and its
 /// aggregates, which change with any update); `small` holds the other paths under 64 KiB of NAR
 /// (configuration, scripts, wrappers); every other path goes to one of N-2 buckets `layer-NN`
@@ -18,7 +19,7 @@ use crate::build_cmd::{with_nar_sizes, ClosureArgs};
 /// guests with a common base share the buckets their own paths do not fall into.
 #[derive(Debug, clap::Args)]
 pub struct LayersArgs {
-    /// The most layers to make (2 to 20).
+    /// How many layers to make (2 to 20).
     #[arg(long, value_name = "N")]
     layers: usize,
 

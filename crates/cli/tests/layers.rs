@@ -256,3 +256,77 @@ fn bad_layer_counts_fail_naming_the_limit() {
     }
     assert_eq!(fs::read_dir(work.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn every_one_of_n_layers_is_built_even_empty_and_exact_without_roots_is_empty() {
+    let store = SyntheticStore::tricky();
+    for format in ["squashfs", "erofs"] {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join("layers");
+        ok(run(
+            &store,
+            &["build", "--format", format, "--layers", "20"],
+            &["--output", dir.to_str().unwrap()],
+        ));
+        let built = manifest(&dir);
+        let layers = built["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 20, "{format}: one image per layer asked for");
+        let empty: Vec<&serde_json::Value> = layers
+            .iter()
+            .filter(|l| l["paths"].as_array().unwrap().is_empty())
+            .collect();
+        assert!(
+            !empty.is_empty(),
+            "{format}: the tricky store fills all 18 buckets? {built:#}"
+        );
+        for layer in empty {
+            let into = work
+                .path()
+                .join(format!("x-{}", layer["name"].as_str().unwrap()));
+            extract(format, &dir.join(layer["image"].as_str().unwrap()), &into);
+            assert_eq!(listing(&into), Vec::<String>::new(), "{format}: {layer}");
+        }
+
+        // The same empty layer on its own: `--exact` with no ROOT, byte for byte.
+        let alone = work.path().join(format!("empty.{format}"));
+        ok(storedisk()
+            .args(["build", "--format", format, "--exact", "--store-dir"])
+            .arg(store.store_dir())
+            .arg("--output")
+            .arg(&alone)
+            .output()
+            .unwrap());
+        let in_set = dir.join(empty_image_name(layers));
+        assert_eq!(
+            fs::read(&alone).unwrap(),
+            fs::read(&in_set).unwrap(),
+            "{format}: an empty layer is the same image however it is built"
+        );
+    }
+    // Anything but --exact still needs a ROOT, and says so.
+    let out = storedisk()
+        .args([
+            "build",
+            "--format",
+            "squashfs",
+            "--output",
+            "/nonexistent/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no ROOT given"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn empty_image_name(layers: &[serde_json::Value]) -> String {
+    layers
+        .iter()
+        .find(|l| l["paths"].as_array().unwrap().is_empty())
+        .and_then(|l| l["image"].as_str())
+        .unwrap()
+        .to_owned()
+}

@@ -1,5 +1,5 @@
 //! The Nix side of the repository: every `.nix` file parses (`nix-instantiate --parse`), and
-//! vm-tests/lib.nix's `checkRunner`, which the NixOS module (nix/module.nix) exposes as
+//! nix/lib.nix's `checkRunner`, which the NixOS module (nix/module.nix) exposes as
 //! `config.microvm.storeDiskCheck`, passes a runner with every fix and fails, with the leaked
 //! paths and their sizes in the build log, on each leak — built by real Nix with busybox as the
 //! builder (tests/nix_files/check_runner.nix). Needs Nix >= 2.14 and mkfs.erofs
@@ -8,11 +8,13 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed setup should panic loudly.
 
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use storedisk_testkit::{nix_command as nix, tool};
+use storedisk_testkit::tool;
+
+mod common;
+use common::{nix, store_inputs};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -77,42 +79,6 @@ fn every_nix_file_parses() {
         })
         .collect();
     assert!(failures.is_empty(), "unparsable:\n{}", failures.join("\n"));
-}
-
-fn add_to_store(path: &Path) -> String {
-    let out = nix("nix-store").arg("--add").arg(path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// busybox with a link per applet (a builder: argv[0] picks the applet), and the storedisk
-/// binary under test, each as a store directory.
-fn store_inputs(scratch: &Path) -> (String, String) {
-    let bb_dir = scratch.join("busybox/bin");
-    fs::create_dir_all(&bb_dir).unwrap();
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| tool("busybox"));
-    fs::copy(&busybox, bb_dir.join("busybox")).unwrap();
-    let applets = Command::new(&busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
-        if !applet.is_empty() && applet != "busybox" {
-            symlink("busybox", bb_dir.join(applet)).unwrap();
-        }
-    }
-    let sd_dir = scratch.join("storedisk/bin");
-    fs::create_dir_all(&sd_dir).unwrap();
-    fs::copy(env!("CARGO_BIN_EXE_storedisk"), sd_dir.join("storedisk")).unwrap();
-    (
-        add_to_store(&scratch.join("busybox")),
-        add_to_store(&scratch.join("storedisk")),
-    )
 }
 
 struct Fixture {
@@ -225,7 +191,7 @@ fn check_runner_passes_the_fixed_runner_and_fails_on_each_leak() {
     // through the runner is found the same way.
     let report = fixture.passes("layered");
     assert_eq!(report.lines().next(), Some("OK"), "{report}");
-    assert!(report.contains("store disk of 2 layers"), "{report}");
+    assert!(report.contains("store disk of 3 layers"), "{report}");
     assert!(report.contains("  disjoint: ok\n"), "{report}");
     let log = fixture.fails("layeredSystemSymlink");
     assert!(leaks(&log, "nixos-system-check-test"), "{log}");

@@ -1,16 +1,67 @@
-//! What several test files share: `storedisk build` of a synthetic store's roots, and
+//! What several test files share: `storedisk build` of a synthetic store's roots,
 //! `storedisk verify` run with no Nix on PATH (so the answers cannot depend on the machine)
-//! with what it printed.
+//! with what it printed, and the store inputs of the tests that build with real Nix.
 
 #![allow(dead_code)] // Each test file uses its own part.
 
-use std::path::Path;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use assert_cmd::Command as Cmd;
 use serde_json::Value;
-use storedisk_testkit::SyntheticStore;
+use storedisk_testkit::{tool, SyntheticStore};
+
+/// How the tests that run Nix configure it (through the environment only), and a Nix command
+/// so configured: the testkit's, which the harness uses too.
+#[allow(unused_imports)] // Each test file uses its own part.
+pub use storedisk_testkit::{nix_command as nix, NIX_CONFIG};
+
+fn add_to_store(path: &Path) -> String {
+    let out = nix("nix-store")
+        .arg("--add")
+        .arg(path)
+        .output()
+        .expect("running nix-store --add");
+    assert!(
+        out.status.success(),
+        "nix-store --add {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// busybox with a link per applet (a builder: argv[0] picks the applet), and the storedisk
+/// binary under test, each as a store directory: the two inputs of nix/lib.nix.
+pub fn store_inputs(scratch: &Path) -> (String, String) {
+    let bb_dir = scratch.join("busybox/bin");
+    fs::create_dir_all(&bb_dir).expect("a scratch directory");
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| tool("busybox"));
+    fs::copy(&busybox, bb_dir.join("busybox")).expect("copying busybox");
+    let applets = Command::new(&busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if !applet.is_empty() && applet != "busybox" {
+            symlink("busybox", bb_dir.join(applet)).expect("an applet link");
+        }
+    }
+    let sd_dir = scratch.join("storedisk/bin");
+    fs::create_dir_all(&sd_dir).expect("a scratch directory");
+    fs::copy(env!("CARGO_BIN_EXE_storedisk"), sd_dir.join("storedisk")).expect("copying storedisk");
+    (
+        add_to_store(&scratch.join("busybox")),
+        add_to_store(&scratch.join("storedisk")),
+    )
+}
 
 /// `storedisk build --format FORMAT --closure ... --store-dir ... --output OUTPUT EXTRA ROOTS`
 /// of `store`'s roots, not yet run.

@@ -1,6 +1,7 @@
 # Fixture of crates/cli/tests/nix_files.rs: a small guest, its store disk (references discarded
-# or kept) and runners with and without each leak, every one checked by vm-tests/lib.nix's
-# checkRunner, the function behind the NixOS module's `config.microvm.storeDiskCheck`.
+# or kept) and runners (the harness's model, vm-tests/lib.nix) with and without each leak, every
+# one checked by nix/lib.nix's checkRunner, the function behind the NixOS module's
+# `config.microvm.storeDiskCheck`.
 # `salt` makes each test run build (and check) afresh.
 { busybox, storedisk, mkfsErofs, salt }:
 
@@ -43,8 +44,9 @@ let
         discardInitContext = true;
       };
     };
-  # A layered store disk (lib.layeredStoreDisk, 3 layers asked: the payload goes to `small`, the
-  # toplevel and the closure info to `top`), checked as one disk, every layer at once.
+  # A layered store disk (lib.layeredStoreDisk, 3 layers: the payload goes to `small`, the
+  # toplevel and the closure info to `top`, and `layer-00` is an empty image), checked as one
+  # disk, every layer at once.
   layeredDisk = lib.layeredStoreDisk { inherit toplevel regInfo; format = "erofs"; layers = 3; };
   checkLayered = { systemSymlink ? false }: lib.checkRunner {
     storeDisk = layeredDisk;
