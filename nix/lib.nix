@@ -72,12 +72,12 @@ rec {
   guestRootsOf = { toplevel, regInfo ? null }:
     [ toplevel ] ++ (if regInfo == null then [ ] else [ regInfo ]);
 
-  # Fix 1: the store disk, built by `storedisk build` with its references discarded, so Nix
-  # records none of the paths whose hashes its bytes hold (DESIGN.md leak 1; microvm.nix does the
-  # same, store-disk.nix:79-80). discardReferences = false reproduces the leak (the harness's
-  # variants). The result also carries `guestRoots` (what checkRunner needs) and `layers` (a
-  # single disk is a set of one image). buildFlags: more `storedisk build` flags (the module's
-  # reading of microvm.nix's mkfs options, nix/flags.nix).
+  # Fix 1: the store disk, built by `storedisk build` with its references discarded, so Nix records
+  # none of the paths whose hashes its bytes hold (vm-tests/README.md, fix `image`; microvm.nix does
+  # the same, store-disk.nix:79-80). discardReferences = false reproduces the leak (the harness's
+  # variants). The result also carries `guestRoots` (what checkRunner needs) and `layers` (a single
+  # disk is a set of one image). buildFlags: more `storedisk build` flags (the module's reading of
+  # microvm.nix's mkfs options, nix/flags.nix).
   storeDisk = { toplevel, regInfo ? null, format, discardReferences ? true, buildFlags ? [ ] }:
     let roots = guestRootsOf { inherit toplevel regInfo; };
       disk = runStructured "microvm-store-disk.${format}" ({
@@ -100,13 +100,13 @@ rec {
     else if hostErofsTool then "--mkfs-erofs ${(erofsTool format).mkfsErofs}"
     else "--mkfs-erofs ${mkfsErofs}";
 
-  # Fixes 3 and 4: the kernel command line with the string context of `init=` and `regInfo=`
-  # dropped (DESIGN.md leaks 3 and 4). Both name paths the store disk holds, which the guest reads
-  # from its own store; with their context the runner's script references the toplevel and the
-  # closure info, and the closure info lists, so references, the whole guest closure. The text is
-  # unchanged. Every other parameter keeps its context: a user's own store path on the command
-  # line is still built and still travels with the runner. `init`/`regInfo` = false keep a
-  # parameter's context (the harness's one-fix variants).
+  # Fixes 3 and 4: the kernel command line with the string context of `init=` and `regInfo=` dropped
+  # (vm-tests/README.md, fixes `init` and `regInfo`). Both name paths the store disk holds, which
+  # the guest reads from its own store; with their context the runner's script references the
+  # toplevel and the closure info, and the closure info lists, so references, the whole guest
+  # closure. The text is unchanged. Every other parameter keeps its context: a user's own store path
+  # on the command line is still built and still travels with the runner. `init`/`regInfo` = false
+  # keep a parameter's context (the harness's one-fix variants).
   kernelParams = { init ? true, regInfo ? true }: params: map (param:
     if (init && startsWith "init=" param) || (regInfo && startsWith "regInfo=" param)
     then builtins.unsafeDiscardStringContext param

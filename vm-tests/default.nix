@@ -37,7 +37,7 @@ let
   initrd = lib.initrd { inherit kernel; };
 
   # The five fixes, one switch each. upstream = what microvm.nix main does (commit 71beea0, see
-  # DESIGN.md section 1): leaks 1-3 fixed (store-disk.nix:79-80, system.nix:35-43; leak 2 by
+  # vm-tests/README.md): leaks 1-3 fixed (store-disk.nix:79-80, system.nix:35-43; leak 2 by
   # dropping the system symlink, options.nix:1061-1063, which breaks `microvm -l`), regInfo=
   # keeps its context (store-disk.nix:98-100, the fd7e14d regression) and the runner boots from
   # the kernel package (qemu.nix:116). Our fix for leak 2 keeps the symlink, without context.

@@ -2,9 +2,11 @@
 //! timeout (its whole process group is killed on expiry) and its output captured, so that a failure
 //! reports what ran, how long it took and the tail of what it printed.
 //!
-//! Command lines are written the matklad way, with xshell's `cmd!` (`cmd!(sh, "apt-get install
-//! {packages...}")`), and converted into a [`Cmd`] to run: xshell quotes and splits arguments
-//! safely, [`Cmd`] adds what xshell lacks (timeouts that kill the process group, logs, timing).
+//! Command lines are built with [`Cmd::new`] and `.arg(..)`, or, where a line reads best as
+//! shell, the matklad way with xshell's `cmd!` (`cmd!(sh, "apt-get install {packages...}")`,
+//! setup.rs) converted by `Cmd::from`: xshell quotes and splits arguments safely, [`Cmd`] adds
+//! what xshell lacks (timeouts that kill the process group, logs, timing). Nothing else in
+//! xtask starts a process (`xtask/tests/tidy.rs` checks it).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
@@ -40,8 +42,11 @@ pub struct Cmd {
 pub struct Finished {
     /// `None` when the command was killed because it ran past its timeout.
     pub status: Option<ExitStatus>,
+    /// Standard output as text (invalid UTF-8 replaced: see [`Finished::stdout_bytes`]).
     pub stdout: String,
     pub stderr: String,
+    /// Standard output as it came, kept only when it is not valid UTF-8 (a decompressor's).
+    stdout_raw: Option<Vec<u8>>,
     pub elapsed: Duration,
     /// The command line, for messages.
     pub display: String,
@@ -56,6 +61,11 @@ impl Finished {
 
     pub fn timed_out(&self) -> bool {
         self.status.is_none()
+    }
+
+    /// Standard output byte for byte, binary or not.
+    pub fn stdout_bytes(&self) -> &[u8] {
+        self.stdout_raw.as_deref().unwrap_or(self.stdout.as_bytes())
     }
 
     /// The last lines of everything the command printed (or wrote to its log file).
@@ -221,6 +231,12 @@ impl Cmd {
         Ok(self.run()?.stdout.trim().to_owned())
     }
 
+    /// Runs the command and returns its stdout byte for byte (a decompressor's output).
+    pub fn read_bytes(&self) -> Result<Vec<u8>> {
+        let finished = self.run()?;
+        Ok(finished.stdout_bytes().to_vec())
+    }
+
     /// Runs the command; only a failure to start it is an error. Non-zero exits and timeouts are
     /// reported in the returned [`Finished`].
     pub fn run_unchecked(&self) -> Result<Finished> {
@@ -275,13 +291,21 @@ impl Cmd {
         let status = wait_with_timeout(&mut child, self.timeout)?;
         let elapsed = start.elapsed();
         let collect = |h: Option<JoinHandle<Vec<u8>>>| {
-            h.map(|h| String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned())
-                .unwrap_or_default()
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        // Text keeps the bytes it was made of; only output that is not UTF-8 is kept twice.
+        let (stdout, stdout_raw) = match String::from_utf8(collect(stdout)) {
+            Ok(text) => (text, None),
+            Err(e) => (
+                String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                Some(e.into_bytes()),
+            ),
         };
         let finished = Finished {
             status,
-            stdout: collect(stdout),
-            stderr: collect(stderr),
+            stdout,
+            stdout_raw,
+            stderr: String::from_utf8_lossy(&collect(stderr)).into_owned(),
             elapsed,
             display,
             log_file: self.log_file.clone(),
@@ -409,6 +433,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\ne\n");
         assert!(done.tail().contains("hello"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn binary_output_is_kept_byte_for_byte() {
+        let bytes = Cmd::new("printf")
+            .arg(r"a\377\000b")
+            .quiet()
+            .read_bytes()
+            .unwrap();
+        assert_eq!(bytes, b"a\xff\x00b");
+        let text = Cmd::new("printf").arg("text").quiet().run().unwrap();
+        assert_eq!(text.stdout_bytes(), b"text");
     }
 
     #[test]

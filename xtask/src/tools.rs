@@ -45,14 +45,9 @@ pub fn tools_dir() -> PathBuf {
     target_dir().join("tools")
 }
 
-/// Nix settings passed through the environment only: /etc/nix is never touched.
-pub const NIX_CONFIG: &str = "experimental-features = nix-command\n\
-build-users-group =\n\
-sandbox = false\n\
-substituters =\n\
-require-sigs = false\n\
-max-jobs = auto\n\
-warn-dirty = false";
+/// Nix settings passed through the environment only: /etc/nix is never touched. The tests'
+/// own, so that the harness, `nix.env` and every test run Nix alike.
+pub use storedisk_testkit::NIX_CONFIG;
 
 /// A Nix installation the harness can drive.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! `cargo xtask vm-test`: the differential microVM harness. It builds the fixtures of vm-tests/
-//! with real Nix (every scenario x store disk format x variant of the four store-disk fixes),
+//! with real Nix (every scenario x store disk format x variant of the five fixes),
 //! boots each distinct machine with the runner's own `bin/microvm-run` in QEMU, runs
 //! `storedisk verify` on every store disk with its runner, measures what a real `nix copy` of
 //! each runner transfers, and compares the result with the reviewed snapshots in golden/.
@@ -320,8 +320,8 @@ fn generate_realistic(work: &Path) -> Result<PathBuf> {
 }
 
 /// Builds the `storedisk` binary the fixtures use (the dev profile, like `cargo test`), never
-/// incrementally: its bytes decide the fixtures' closure-info store path (see Cargo.toml's
-/// `[profile.dev]`), so a `CARGO_INCREMENTAL=1` in the environment must not change them.
+/// incrementally: its bytes are an input of every store disk derivation (see Cargo.toml's
+/// `[profile.dev]`), so a `CARGO_INCREMENTAL=1` in the environment must not rebuild them all.
 fn build_storedisk() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     Cmd::new(cargo)
@@ -775,7 +775,7 @@ fn verify_all(
         done += 1;
         eprintln!("[verify {done}/{count}] {}", run.label());
         let closure_file = guest_closure_file(work, &run.plan);
-        let verdict = verify::verify(&verify::VerifyInputs {
+        let verdict = verify::verdict(&verify::VerifyCommand {
             storedisk,
             nix: &toolchain.nix,
             images: std::slice::from_ref(&run.plan.store_disk),

@@ -3,17 +3,16 @@
 //! evaluation with an error naming the option and the flag.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use storedisk_testkit::tool;
+use storedisk_testkit::nix_command;
 
 fn nix_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix")
 }
 
 fn instantiate(args: &[&str]) -> Output {
-    Command::new(tool("nix-instantiate"))
-        .env("NIX_CONFIG", "experimental-features = nix-command")
+    nix_command("nix-instantiate")
         .args(["--eval", "--strict", "--json"])
         .args(args)
         .output()

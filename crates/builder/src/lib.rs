@@ -28,62 +28,8 @@ use std::str::FromStr;
 
 use storedisk_nix::Closure;
 
+pub use storedisk_format::ImageFormat;
 pub use tree::{Entry, EntryKind, Tree};
-
-/// The image formats the builder writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ImageFormat {
-    Squashfs,
-    Erofs,
-}
-
-impl ImageFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            ImageFormat::Squashfs => "squashfs",
-            ImageFormat::Erofs => "erofs",
-        }
-    }
-
-    /// The compression used when none is asked for: zstd for squashfs (microvm.nix's
-    /// gensquashfs flags), lz4hc for erofs (microvm.nix's mkfs.erofs flags).
-    pub fn default_compression(self) -> Compression {
-        match self {
-            ImageFormat::Squashfs => Compression::Zstd,
-            ImageFormat::Erofs => Compression::Lz4hc,
-        }
-    }
-
-    /// The compressions this format can be asked for (erofs: subject to the installed
-    /// mkfs.erofs, checked when building).
-    pub fn compressions(self) -> &'static [Compression] {
-        use Compression::*;
-        match self {
-            ImageFormat::Squashfs => &[Zstd, Xz, Gzip, Lz4],
-            ImageFormat::Erofs => &[Lz4hc, Lz4, Zstd, Lzma, Deflate, None],
-        }
-    }
-}
-
-impl fmt::Display for ImageFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ImageFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "squashfs" => Ok(ImageFormat::Squashfs),
-            "erofs" => Ok(ImageFormat::Erofs),
-            other => Err(format!(
-                "unknown image format {other:?} (expected squashfs or erofs)"
-            )),
-        }
-    }
-}
 
 /// A compression algorithm for file data (and, for squashfs, metadata).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +56,25 @@ impl Compression {
             Compression::Lzma => "lzma",
             Compression::Deflate => "deflate",
             Compression::None => "none",
+        }
+    }
+
+    /// The compression used when none is asked for: zstd for squashfs (microvm.nix's
+    /// gensquashfs flags), lz4hc for erofs (microvm.nix's mkfs.erofs flags).
+    pub fn default_for(format: ImageFormat) -> Compression {
+        match format {
+            ImageFormat::Squashfs => Compression::Zstd,
+            ImageFormat::Erofs => Compression::Lz4hc,
+        }
+    }
+
+    /// The compressions `format` can be asked for (erofs: subject to the installed
+    /// mkfs.erofs, checked when building).
+    pub fn choices_for(format: ImageFormat) -> &'static [Compression] {
+        use Compression::*;
+        match format {
+            ImageFormat::Squashfs => &[Zstd, Xz, Gzip, Lz4],
+            ImageFormat::Erofs => &[Lz4hc, Lz4, Zstd, Lzma, Deflate, None],
         }
     }
 
@@ -152,7 +117,7 @@ impl FromStr for Compression {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOptions {
     pub format: ImageFormat,
-    /// `None`: the format's default ([`ImageFormat::default_compression`]).
+    /// `None`: the format's default ([`Compression::default_for`]).
     pub compression: Option<Compression>,
     /// `None`: the default level (zstd 15 for squashfs, the tool's default for erofs).
     pub compression_level: Option<u32>,
@@ -188,7 +153,7 @@ impl BuildOptions {
     /// The compression actually used.
     pub fn effective_compression(&self) -> Compression {
         self.compression
-            .unwrap_or_else(|| self.format.default_compression())
+            .unwrap_or_else(|| Compression::default_for(self.format))
     }
 }
 
@@ -357,13 +322,12 @@ fn build_image_inner(
     read_back: &dyn Fn(&Path) -> Result<(), String>,
 ) -> Result<BuildReport, BuildError> {
     let compression = options.effective_compression();
-    if !options.format.compressions().contains(&compression) {
+    let choices = Compression::choices_for(options.format);
+    if !choices.contains(&compression) {
         return Err(BuildError::UnsupportedCompression {
             format: options.format,
             compression,
-            choices: options
-                .format
-                .compressions()
+            choices: choices
                 .iter()
                 .map(|c| c.name())
                 .collect::<Vec<_>>()

@@ -289,13 +289,11 @@ mod tests {
         let root = dir.path().join(&top);
         std::fs::create_dir_all(root.join("small")).unwrap_or_else(|e| panic!("{e}"));
         let block = BLOCK_SIZE as usize;
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rng = storedisk_testkit::XorShift64::new(0x2545_f491_4f6c_dd1d);
         let mut bytes = |len: usize, text: bool| -> Vec<u8> {
             (0..len)
                 .map(|i| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
+                    let state = rng.next_u64();
                     if text {
                         b"abcdefgh /nix/store\n"[(state % 20) as usize]
                     } else if i % 3 == 0 {

@@ -2,6 +2,7 @@
 //! asking Nix), hands it to `storedisk_builder::build_image` and prints the one-line summary (or
 //! JSON).
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use storedisk_builder::layers::{build_layers, manifest_json, plan_layers, MANIFE
 use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
 use storedisk_nix::{Closure, PathInfo, StoreDir, StorePath};
 use storedisk_verifier::report::human_bytes;
+use storedisk_verifier::{ReadBackDiff, ReadBackError};
 
 use crate::closure_file;
 use crate::progress::TerminalProgress;
@@ -169,7 +171,6 @@ fn parse_compression(text: &str) -> Result<Compression, String> {
 pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let (roots, closure) = args.source.load(args.exact)?;
     let store_dir = &args.source.store_dir;
-
     let mut options = BuildOptions::new(args.format.into());
     options.compression = args.compression;
     options.compression_level = args.compression_level;
@@ -182,6 +183,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     }
 
     let progress = TerminalProgress::stderr();
+    // The read-back's full difference, kept for --json; the error message names the first few.
+    let differs: RefCell<Option<ReadBackDiff>> = RefCell::new(None);
     let read_back = |image: &Path, closure: &Closure| {
         if args.no_read_back {
             return Ok(());
@@ -194,23 +197,42 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         let advance = |n| check.advance(n);
         let result = storedisk_verifier::read_back(image, closure, store_dir, &advance);
         check.finish();
-        result
+        match result {
+            Ok(()) => Ok(()),
+            Err(ReadBackError::Unreadable(why)) => Err(why),
+            Err(ReadBackError::Differs(diff)) => {
+                let text = read_back_text(&diff);
+                *differs.borrow_mut() = Some(diff);
+                Err(text)
+            }
+        }
     };
+    let built = build(&args, roots, closure, &options, &progress, &read_back);
+    if let (Err(err), true, Some(diff)) = (&built, args.json, differs.take()) {
+        let failure = serde_json::json!({ "error": format!("{err:#}"), "read_back": diff });
+        println!("{failure:#}");
+    }
+    built
+}
+
+/// Builds the image, or the layers, and prints the summary (or JSON).
+fn build(
+    args: &BuildArgs,
+    roots: Vec<StorePath>,
+    closure: Closure,
+    options: &BuildOptions,
+    progress: &TerminalProgress,
+    read_back: &dyn Fn(&Path, &Closure) -> Result<(), String>,
+) -> anyhow::Result<ExitCode> {
+    let store_dir = &args.source.store_dir;
     if let Some(count) = args.layers {
         let closure = with_nar_sizes(closure, store_dir)?;
         let roots = roots.into_iter().collect();
         let plan = plan_layers(&closure, &roots, count)?;
-        let built = build_layers(
-            &closure,
-            &plan,
-            &options,
-            &args.output,
-            &progress,
-            &read_back,
-        )
-        .with_context(|| format!("building the layers in {}", args.output.display()))?;
+        let built = build_layers(&closure, &plan, options, &args.output, progress, read_back)
+            .with_context(|| format!("building the layers in {}", args.output.display()))?;
         if args.json {
-            println!("{:#}", manifest_json(&plan, &options, &built));
+            println!("{:#}", manifest_json(&plan, options, &built));
         } else {
             for layer in &built {
                 let path = args.output.join(&layer.image);
@@ -226,7 +248,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let report = build_image_checked(&closure, &options, &args.output, &progress, &|image| {
+    let report = build_image_checked(&closure, options, &args.output, progress, &|image| {
         read_back(image, &closure)
     })
     .with_context(|| format!("building {}", args.output.display()))?;
@@ -237,6 +259,61 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         println!("{}", summary_line(&report, &args.output));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How many paths read back wrong, of which kind, and the first few of them: a closure of
+/// thousands of paths read back against the wrong store would otherwise be one line per path.
+fn read_back_text(diff: &ReadBackDiff) -> String {
+    const SHOWN: usize = 3;
+    let kinds = [
+        (diff.missing.len(), "missing"),
+        (diff.extra.len(), "not in the closure"),
+        (diff.mismatched.len(), "with other contents"),
+        (diff.invalid_entries.len(), "not store paths"),
+    ];
+    let counts: Vec<String> = kinds
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, kind)| format!("{n} {kind}"))
+        .collect();
+    let problems = diff
+        .missing
+        .iter()
+        .map(|p| format!("{p} is missing"))
+        .chain(
+            diff.extra
+                .iter()
+                .map(|p| format!("{p} is not in the closure")),
+        )
+        .chain(diff.mismatched.iter().map(|m| {
+            format!(
+                "{} reads back with NAR hash {} ({} bytes), not {} ({} bytes)",
+                m.path,
+                m.actual,
+                m.actual_size,
+                m.expected,
+                m.expected_size.map_or("?".to_owned(), |s| s.to_string())
+            )
+        }))
+        .chain(
+            diff.invalid_entries
+                .iter()
+                .map(|e| format!("root entry {:?}: {}", e.name, e.why)),
+        );
+    let mut text = format!(
+        "{} path(s) differ from the closure of {} ({}): ",
+        diff.count(),
+        diff.closure_paths,
+        counts.join(", ")
+    );
+    text.push_str(&problems.take(SHOWN).collect::<Vec<_>>().join("; "));
+    if diff.count() > SHOWN {
+        text.push_str(&format!(
+            "; and {} more (--json lists them all)",
+            diff.count() - SHOWN
+        ));
+    }
+    text
 }
 
 /// A ROOT as a store path: a full logical path, a base name, or a path under `--store-dir`.

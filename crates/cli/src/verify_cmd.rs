@@ -30,6 +30,9 @@ reported as null (not checked), with the flag that would enable it; when no chec
 says `nothing checked` instead of `OK`. --require makes a check that did not run a finding.\n\n\
 Exit status: 0 every check that ran is ok (also when none ran: use --require to fail then), \
 1 findings, 2 could not run.\n\n\
+Report: the readable one leads with causes: each way into the guest closure (a reference from \
+the runner's side, or the image's own references) with the paths and bytes it drags and the fix, \
+then the largest leaked paths; --verbose lists every path, --json gives everything.\n\n\
 Layers: several IMAGEs are the layers of one store disk (each a squashfs or erofs image of whole \
 store paths, all of one format, stacked by the guest with overlayfs). They are checked as one: \
 complete, integrity, runner_overlap and policy over the union of their store paths, self_contained \
@@ -70,6 +73,10 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// List every path in the readable report (each leaked path with its reference chain):
+    /// without it, long lists show their first few entries and how many more there are.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// A `--require` value: a check's name as in the report, or `all`.
@@ -178,7 +185,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", verify_text::render(&report));
+        let ways_in = storedisk_verifier::ways_in(&report, &inputs, &layers);
+        print!("{}", verify_text::render(&report, &ways_in, args.verbose));
     }
     Ok(if report.ok {
         ExitCode::SUCCESS

@@ -1,10 +1,19 @@
 //! The readable `storedisk verify` report: the verifier's [`Report`] laid out for a terminal,
-//! with the flags that would enable each check that did not run. The JSON form is the report's
-//! own serde shape; this is the only place that knows the text layout.
+//! causes and sizes first (each way into the guest closure, with what it drags and the fix),
+//! lists cut to their first few entries unless `--verbose` asks for them whole, and the flags
+//! that would enable each check that did not run. The JSON form is the report's own serde
+//! shape; this is the only place that knows the text layout.
 
 use std::fmt::Write as _;
 
+use storedisk_verifier::locate::Location;
 use storedisk_verifier::report::{human_bytes, CheckName, MissingInput, Report};
+use storedisk_verifier::WayIn;
+
+/// Lists up to this long are shown whole.
+const WHOLE_LIST: usize = 8;
+/// How many entries of a longer list are shown without `--verbose`.
+const LIST_HEAD: usize = 5;
 
 /// How to give an input a check lacked, in this command's flags.
 pub fn flag_hint(missing: MissingInput) -> &'static str {
@@ -31,10 +40,35 @@ fn not_run_text(report: &Report, name: CheckName, why: Option<&str>) -> String {
     }
 }
 
+/// Writes `items` with `item`, all of them when `verbose` or when there are few, else the first
+/// [`LIST_HEAD`] and how many more there are.
+fn list<T>(out: &mut String, items: &[T], verbose: bool, item: impl Fn(&mut String, &T)) {
+    let shown = if verbose || items.len() <= WHOLE_LIST {
+        items.len()
+    } else {
+        LIST_HEAD
+    };
+    for x in &items[..shown] {
+        item(out, x);
+    }
+    more(out, items.len() - shown);
+}
+
+/// `  ... and N more`, pointing at the flags that list them.
+fn more(out: &mut String, hidden: usize) {
+    if hidden > 0 {
+        let _ = writeln!(
+            out,
+            "  ... and {hidden} more (--verbose lists them all, --json too)"
+        );
+    }
+}
+
 /// The readable report: `OK`, `nothing checked` (every check lacked its inputs) or
 /// `N findings` first, then a section per failing check, then a short summary of what was
 /// checked and, for each check that did not run, why and the flag that would enable it.
-pub fn render(report: &Report) -> String {
+/// `ways_in` are the causes of a failed `runner_overlap` ([`storedisk_verifier::ways_in`]).
+pub fn render(report: &Report, ways_in: &[WayIn], verbose: bool) -> String {
     let mut out = String::new();
     if report.ok && report.nothing_checked() {
         out.push_str("nothing checked\n");
@@ -64,6 +98,9 @@ pub fn render(report: &Report) -> String {
             );
         }
     }
+    if c.runner_overlap.ok == Some(false) {
+        runner_overlap(&mut out, report, ways_in, verbose);
+    }
     if c.complete.ok == Some(false) {
         let _ = writeln!(
             out,
@@ -71,16 +108,12 @@ pub fn render(report: &Report) -> String {
             c.complete.missing.len(),
             c.complete.closure_paths
         );
-        for m in &c.complete.missing {
-            match &m.needed_by {
-                Some(by) => {
-                    let _ = writeln!(out, "  {}\n    needed by {by}", m.path);
-                }
-                None => {
-                    let _ = writeln!(out, "  {} (a root of the closure)", m.path);
-                }
-            }
-        }
+        list(&mut out, &c.complete.missing, verbose, |out, m| {
+            let _ = match &m.needed_by {
+                Some(by) => writeln!(out, "  {}\n    needed by {by}", m.path),
+                None => writeln!(out, "  {} (a root of the closure)", m.path),
+            };
+        });
     }
     if c.integrity.ok == Some(false) {
         let _ = writeln!(
@@ -88,7 +121,7 @@ pub fn render(report: &Report) -> String {
             "\nintegrity: {} path(s) differ from what Nix recorded",
             c.integrity.mismatched.len()
         );
-        for m in &c.integrity.mismatched {
+        list(&mut out, &c.integrity.mismatched, verbose, |out, m| {
             let _ = writeln!(
                 out,
                 "  {}{}\n    expected {}\n    actual   {}",
@@ -97,8 +130,8 @@ pub fn render(report: &Report) -> String {
                 m.expected,
                 m.actual
             );
-        }
-        for e in &c.integrity.invalid_entries {
+        });
+        list(&mut out, &c.integrity.invalid_entries, verbose, |out, e| {
             let _ = writeln!(
                 out,
                 "  invalid root entry {:?}{}: {}",
@@ -106,7 +139,7 @@ pub fn render(report: &Report) -> String {
                 in_layer(report, e.layer),
                 e.why
             );
-        }
+        });
     }
     if c.self_contained.ok == Some(false) {
         let _ = writeln!(
@@ -123,28 +156,10 @@ pub fn render(report: &Report) -> String {
                     .to_owned()
             }
         );
-        for r in &c.self_contained.references {
+        let _ = writeln!(out, "  fix: {IMAGE_FIX}");
+        list(&mut out, &c.self_contained.references, verbose, |out, r| {
             let _ = writeln!(out, "  {r}");
-        }
-        let _ = writeln!(
-            out,
-            "  (build the image with __structuredAttrs = true; unsafeDiscardReferences.out = true;)"
-        );
-    }
-    if c.runner_overlap.ok == Some(false) {
-        let _ = writeln!(
-            out,
-            "\nrunner_overlap: {} path(s) leak into the runner's closure, {} copied twice",
-            c.runner_overlap.paths.len(),
-            human_bytes(c.runner_overlap.duplicated_bytes)
-        );
-        for leak in &c.runner_overlap.paths {
-            let _ = writeln!(out, "  {} ({})", leak.path, human_bytes(leak.nar_size));
-            let _ = writeln!(out, "    chain: {}", leak.chain.join(" -> "));
-            if let Some(at) = &leak.location {
-                let _ = writeln!(out, "    where: {at}");
-            }
-        }
+        });
     }
     if c.policy.ok == Some(false) {
         let _ = writeln!(
@@ -152,7 +167,7 @@ pub fn render(report: &Report) -> String {
             "\npolicy: {} runner closure path(s) match no --allow pattern",
             c.policy.violations.len()
         );
-        for v in &c.policy.violations {
+        list(&mut out, &c.policy.violations, verbose, |out, v| {
             let size = v
                 .nar_size
                 .map(human_bytes)
@@ -163,7 +178,7 @@ pub fn render(report: &Report) -> String {
                 v.path,
                 v.chain.join(" -> ")
             );
-        }
+        });
     }
     if c.disjoint.ok == Some(false) {
         let _ = writeln!(
@@ -171,10 +186,174 @@ pub fn render(report: &Report) -> String {
             "\ndisjoint: {} store path(s) are at the root of more than one layer",
             c.disjoint.duplicates.len()
         );
-        for d in &c.disjoint.duplicates {
+        list(&mut out, &c.disjoint.duplicates, verbose, |out, d| {
             let _ = writeln!(out, "  {}\n    in {}", d.path, d.images.join(" and "));
-        }
+        });
     }
+    summary(&mut out, report);
+    out
+}
+
+/// How to build an image that Nix records no references for.
+const IMAGE_FIX: &str =
+    "build the image with __structuredAttrs = true; unsafeDiscardReferences.out = true;";
+
+/// The `runner_overlap` section: the total, each way into the guest closure with what it drags
+/// and its fix, then the largest leaked paths (every one, with its chain, when `verbose`).
+fn runner_overlap(out: &mut String, report: &Report, ways_in: &[WayIn], verbose: bool) {
+    let overlap = &report.checks.runner_overlap;
+    let _ = writeln!(
+        out,
+        "\nrunner_overlap: {} path(s) leak into the runner's closure, {} copied twice",
+        overlap.paths.len(),
+        human_bytes(overlap.duplicated_bytes)
+    );
+    if !ways_in.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {} way(s) into the guest closure, each with what it brings in by itself:",
+            ways_in.len()
+        );
+    }
+    for way in ways_in {
+        let drags = format!("{} path(s), {}", way.drags, human_bytes(way.drags_bytes));
+        if way.image {
+            let _ = writeln!(
+                out,
+                "  - the image {}, through {} reference(s) Nix recorded for it: {drags}",
+                way.from,
+                way.to.len()
+            );
+        } else {
+            let _ = writeln!(out, "  - {} -> {}: {drags}", way.from, way.to.join(", "));
+        }
+        if let Some(at) = &way.location {
+            let names = way.to.first().map(String::as_str);
+            let _ = writeln!(out, "      at {}", location_text(at, names));
+        }
+        let _ = writeln!(out, "      fix: {}", fix_for(way));
+    }
+    if verbose {
+        let _ = writeln!(out, "  every leaked path, with its reference chain:");
+        for leak in &overlap.paths {
+            let _ = writeln!(out, "  {} ({})", leak.path, human_bytes(leak.nar_size));
+            let _ = writeln!(out, "    chain: {}", leak.chain.join(" -> "));
+            if let Some(at) = &leak.location {
+                let _ = writeln!(out, "    where: {}", location_text(at, None));
+            }
+        }
+        return;
+    }
+    let mut largest: Vec<_> = overlap.paths.iter().collect();
+    largest.sort_by(|a, b| b.nar_size.cmp(&a.nar_size).then(a.path.cmp(&b.path)));
+    let shown = if largest.len() <= WHOLE_LIST {
+        largest.len()
+    } else {
+        LIST_HEAD
+    };
+    let _ = writeln!(
+        out,
+        "  {}:",
+        if shown == largest.len() {
+            "the leaked paths, largest first"
+        } else {
+            "the largest leaked paths"
+        }
+    );
+    for leak in &largest[..shown] {
+        let _ = writeln!(out, "  {} ({})", leak.path, human_bytes(leak.nar_size));
+    }
+    more(out, largest.len() - shown);
+    let _ = writeln!(out, "  (each path's reference chain: --verbose, or --json)");
+}
+
+/// Where a reference sits: `symlink FILE -> TARGET`, or `FILE line N: EXCERPT` (`line N` when
+/// the store path is the file itself). With `names`, the store path referenced, the excerpt is
+/// cut to the word that holds it (`regInfo=/nix/store/...-closure-info/registration`): the
+/// excerpt is a window of the line, which may start and end inside other words.
+fn location_text(at: &Location, names: Option<&str>) -> String {
+    let file = if at.file.is_empty() { "." } else { &at.file };
+    match (&at.symlink_target, at.line) {
+        (Some(target), _) => format!("symlink {file} -> {target}"),
+        (None, Some(line)) => {
+            let place = if at.file.is_empty() {
+                format!("line {line}")
+            } else {
+                format!("{file} line {line}")
+            };
+            let excerpt = at.excerpt.as_deref().map(|excerpt| {
+                names
+                    .and_then(|path| word_holding(excerpt, path))
+                    .unwrap_or(excerpt)
+            });
+            match excerpt {
+                Some(excerpt) => format!("{place}: {excerpt}"),
+                None => place,
+            }
+        }
+        (None, None) => file.to_owned(),
+    }
+}
+
+/// The whitespace-separated word of `text` that holds `path`, without quotes around it.
+fn word_holding<'a>(text: &'a str, path: &str) -> Option<&'a str> {
+    text.split_whitespace()
+        .find(|word| word.contains(path))
+        .map(|word| word.trim_matches(|c| c == '"' || c == '\''))
+}
+
+/// What closes `way`: read from where the reference sits (a kernel parameter on the runner's
+/// command line, microvm.nix's `share/microvm/system` symlink) or what holds it (an image).
+fn fix_for(way: &WayIn) -> String {
+    if way.image {
+        return IMAGE_FIX.to_owned();
+    }
+    let to = way.to.first().map(String::as_str).unwrap_or_default();
+    match &way.location {
+        Some(Location {
+            file,
+            symlink_target: Some(_),
+            ..
+        }) if file == "share/microvm/system" => "set microvm.systemSymlink = false, or write the \
+            symlink without string context (storedisk's NixOS module does, \
+            storedisk.systemSymlink)"
+            .to_owned(),
+        Some(Location {
+            excerpt: Some(excerpt),
+            ..
+        }) => match parameter_naming(excerpt, to) {
+            Some(name) => format!(
+                "pass {name}= without string context (builtins.unsafeDiscardStringContext): \
+                 the store disk holds what it names"
+            ),
+            None => drop_reference(),
+        },
+        _ => drop_reference(),
+    }
+}
+
+fn drop_reference() -> String {
+    "remove this reference, or its string context where the store disk holds what it names"
+        .to_owned()
+}
+
+/// `NAME` when `excerpt` holds `NAME=<store path>` for the store path `to` (a kernel parameter
+/// such as `regInfo=` or `init=`).
+fn parameter_naming(excerpt: &str, to: &str) -> Option<String> {
+    let (store_dir, base) = to.rsplit_once('/')?;
+    let hash = base.get(..32)?;
+    let at = excerpt.find(&format!("{store_dir}/{hash}"))?;
+    let before = excerpt[..at].strip_suffix('=')?;
+    let name_start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'))
+        .map_or(0, |i| i + 1);
+    let name = &before[name_start..];
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// The image (or layers) and every check's status, with why a check did not run.
+fn summary(out: &mut String, report: &Report) {
+    let c = &report.checks;
     let total: u64 = report.paths.iter().map(|p| p.nar_size).sum();
     if report.images.len() > 1 {
         let _ = writeln!(
@@ -234,7 +413,6 @@ pub fn render(report: &Report) -> String {
             human_bytes(c.runner_overlap.shared_bytes)
         );
     }
-    out
 }
 
 /// ` (in LABEL)` naming layer `index` of a set; empty for a single image.
@@ -244,3 +422,6 @@ fn in_layer(report: &Report, index: usize) -> String {
         _ => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests;

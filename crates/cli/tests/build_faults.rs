@@ -21,7 +21,7 @@ use common::build_cmd;
 use sha2::{Digest, Sha256};
 use storedisk_testkit::{
     assert_success, erofs_utils_version, listing, pseudo_random_bytes, text, tool, StorePathSpec,
-    SyntheticStore, SyntheticStoreBuilder,
+    SyntheticStore, SyntheticStoreBuilder, XorShift64,
 };
 
 fn sha256_of(path: &Path) -> String {
@@ -44,13 +44,10 @@ fn tree_digest(dir: &Path) -> Vec<(String, String)> {
 
 /// `len` bytes no compressor can shrink (xorshift64), so images are as big as their data.
 fn incompressible(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = XorShift64::from_seed(seed);
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out

@@ -9,12 +9,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use storedisk_testkit::tool;
 
 mod common;
-use common::{nix, store_inputs, NIX_CONFIG};
+use common::{nix, store_inputs};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -61,14 +61,12 @@ fn every_nix_file_parses() {
             "{expected} not found among {relative:?}"
         );
     }
-    let nix_instantiate = tool("nix-instantiate");
     let failures: Vec<String> = files
         .iter()
         .filter_map(|file| {
-            let out = Command::new(&nix_instantiate)
+            let out = nix("nix-instantiate")
                 .arg("--parse")
                 .arg(file)
-                .env("NIX_CONFIG", NIX_CONFIG)
                 .output()
                 .unwrap();
             (!out.status.success()).then(|| {

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use storedisk_builder::{build_image, BuildOptions, ImageFormat, NoProgress};
-use storedisk_testkit::SyntheticStore;
+use storedisk_testkit::{SyntheticStore, XorShift64};
 use storedisk_verifier::inventory::take_inventory_with;
 use storedisk_verifier::{open_image, Limits};
 
@@ -75,18 +75,12 @@ fn inventories_and_errors_do_not_depend_on_the_thread_count() {
         }
         // Corrupt several spots of the data area (past the first 4 KiB of metadata): whatever
         // comes out, hashes or an error, is the same on any number of threads.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20 {
             let mut mutant = image.clone();
             let span = mutant.len().saturating_sub(4096).max(1);
             for _ in 0..4 {
-                let at = 4096.min(mutant.len() - 1) + (next() as usize % span);
+                let at = 4096.min(mutant.len() - 1) + (rng.next_u64() as usize % span);
                 if let Some(byte) = mutant.get_mut(at) {
                     *byte ^= 0x5a;
                 }

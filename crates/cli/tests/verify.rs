@@ -477,23 +477,33 @@ fn guest_image(store: &SyntheticStore) -> PathBuf {
     image
 }
 
+/// `IMAGE --closure ... --runner-closure ... --store-dir ...` for `runner`, its closure file
+/// written.
+fn runner_args(store: &SyntheticStore, image: &Path, runner: &StorePath) -> Vec<String> {
+    let runner_closure = store.scratch().join(format!("{}.json", runner.name()));
+    store.write_closure_json(std::slice::from_ref(runner), &runner_closure);
+    [
+        image,
+        Path::new("--closure"),
+        store.closure_json(),
+        Path::new("--runner-closure"),
+        &runner_closure,
+        Path::new("--store-dir"),
+        store.store_dir(),
+    ]
+    .iter()
+    .map(|p| p.to_str().unwrap().to_owned())
+    .collect()
+}
+
 fn verify_runner(
     store: &SyntheticStore,
     image: &Path,
     runner: &StorePath,
     extra: &[&str],
 ) -> (i32, Value) {
-    let runner_closure = store.scratch().join(format!("{}.json", runner.name()));
-    store.write_closure_json(std::slice::from_ref(runner), &runner_closure);
-    let mut args = vec![
-        image.to_str().unwrap(),
-        "--closure",
-        store.closure_json().to_str().unwrap(),
-        "--runner-closure",
-        runner_closure.to_str().unwrap(),
-        "--store-dir",
-        store.store_dir().to_str().unwrap(),
-    ];
+    let args = runner_args(store, image, runner);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args.extend_from_slice(extra);
     let (code, report, stderr) = verify(&args);
     (
@@ -570,6 +580,15 @@ fn a_system_symlink_leak_is_found_with_its_chain_and_location() {
         "p",
     );
     assert!(shared.contains(&store.logical(&store.path("busybox-1.36.1"))));
+    // The readable report names the one way in, the symlink, with what it drags and its fix.
+    let args = runner_args(&store, &image, runner);
+    let text = verify_text(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let way = format!(
+        "  - {} -> {toplevel}: 4 path(s), {}\n      at symlink share/microvm/system -> {toplevel}\n      fix: set microvm.systemSymlink = false",
+        store.logical(runner),
+        storedisk_verifier::report::human_bytes(sizes)
+    );
+    assert!(text.contains(&way), "{way}\nnot in\n{text}");
 }
 
 #[test]
@@ -587,20 +606,25 @@ fn an_init_line_leak_is_found_in_the_runner_script() {
         .as_str()
         .unwrap()
         .contains("init=/nix/store/"));
-    // The readable report shows the chain and the line.
-    let runner_closure = store.scratch().join(format!("{}.json", runners[1].name()));
-    let text = verify_text(&[
-        image.to_str().unwrap(),
-        "--closure",
-        store.closure_json().to_str().unwrap(),
-        "--runner-closure",
-        runner_closure.to_str().unwrap(),
-        "--store-dir",
-        store.store_dir().to_str().unwrap(),
-    ]);
+    // The readable report leads with the way in: the script's reference, its line and the
+    // fix; --verbose adds every leaked path's chain and where its first hop sits.
+    let args = runner_args(&store, &image, &runners[1]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = verify_text(&args);
     assert_eq!(text.lines().next(), Some("4 findings"));
-    assert!(text.contains("where: bin/microvm-run line 4"), "{text}");
-    assert!(text.contains(" -> "), "{text}");
+    assert!(text.contains("  1 way(s) into the guest closure"), "{text}");
+    assert!(text.contains("      at bin/microvm-run line 4: "), "{text}");
+    assert!(
+        text.contains("      fix: pass init= without string context"),
+        "{text}"
+    );
+    assert!(!text.contains("    chain: "), "{text}");
+    let verbose = verify_text(&[&args[..], &["--verbose"]].concat());
+    assert!(
+        verbose.contains("where: bin/microvm-run line 4"),
+        "{verbose}"
+    );
+    assert!(verbose.contains("    chain: "), "{verbose}");
 }
 
 /// Leak 4 (`regInfo=`): the runner references only the closure-info, whose registration lists

@@ -13,16 +13,7 @@ use std::process::Command;
 
 use assert_cmd::Command as Cmd;
 use serde_json::Value;
-use storedisk_testkit::{pseudo_random_bytes, tool};
-
-const NIX_CONFIG: &str =
-    "experimental-features = nix-command\nbuild-users-group =\nsandbox = false\nsubstituters =";
-
-fn nix(name: &str) -> Command {
-    let mut c = Command::new(tool(name));
-    c.env("NIX_CONFIG", NIX_CONFIG);
-    c
-}
+use storedisk_testkit::{nix_command as nix, pseudo_random_bytes, tool, NIX_CONFIG};
 
 fn output(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

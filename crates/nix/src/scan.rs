@@ -273,6 +273,8 @@ impl Hasher for WindowHasher {
 
 #[cfg(test)]
 mod tests {
+    use storedisk_testkit::XorShift64;
+
     use super::*;
 
     fn path(hash: &str, name: &str) -> StorePath {
@@ -356,22 +358,6 @@ mod tests {
         }
     }
 
-    /// A xorshift generator: reproducible pseudo-random test data without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     #[test]
     fn agrees_with_the_naive_definition_on_random_mixed_data_split_anywhere() {
         let alphabet = crate::base32::ALPHABET;
@@ -382,34 +368,34 @@ mod tests {
                 path(&crate::base32::encode(&digest[..20]), &format!("q{n}"))
             })
             .collect();
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift64::new(0x9E37_79B9_7F4A_7C15);
         let mut planted_found = 0;
         for round in 0..3000 {
             let mut data = Vec::new();
             // A candidate at every offset modulo the 64-byte block, somewhere in the buffer.
             data.extend((0..round % 64).map(|_| b'-'));
             data.extend_from_slice(candidates[round % 24].hash_part().as_bytes());
-            let target = 64 + rng.below(1500);
+            let target = 64 + rng.index(1500);
             while data.len() < target {
-                match rng.below(6) {
+                match rng.index(6) {
                     // Random bytes, mostly not base32.
-                    0 | 1 => data.extend((0..rng.below(70)).map(|_| rng.next() as u8)),
+                    0 | 1 => data.extend((0..rng.index(70)).map(|_| rng.next_u64() as u8)),
                     // A base32 run of 0 to 99 characters.
                     2 => {
-                        let len = rng.below(100);
-                        data.extend((0..len).map(|_| alphabet[rng.below(32)]));
+                        let len = rng.index(100);
+                        data.extend((0..len).map(|_| alphabet[rng.index(32)]));
                     }
                     // A whole candidate, alone or inside a base32 run.
-                    3 => data.extend_from_slice(candidates[rng.below(24)].hash_part().as_bytes()),
+                    3 => data.extend_from_slice(candidates[rng.index(24)].hash_part().as_bytes()),
                     // Most of a candidate: a window one character short.
                     4 => {
-                        let hash = candidates[rng.below(24)].hash_part().as_bytes();
-                        let cut = 1 + rng.below(HASH_PART_LEN - 1);
+                        let hash = candidates[rng.index(24)].hash_part().as_bytes();
+                        let cut = 1 + rng.index(HASH_PART_LEN - 1);
                         data.extend_from_slice(&hash[..cut]);
                         data.push(b'e');
                         data.extend_from_slice(&hash[cut..]);
                     }
-                    _ => data.push(b"-/ .e"[rng.below(5)]),
+                    _ => data.push(b"-/ .e"[rng.index(5)]),
                 }
             }
             if round % 7 == 0 {
@@ -424,10 +410,10 @@ mod tests {
             let mut scanner = ReferenceScanner::new(candidates.iter().cloned());
             let mut at = 0;
             while at < data.len() {
-                let len = match rng.below(4) {
-                    0 => rng.below(3),
-                    1 => rng.below(40),
-                    _ => rng.below(300),
+                let len = match rng.index(4) {
+                    0 => rng.index(3),
+                    1 => rng.index(40),
+                    _ => rng.index(300),
                 };
                 let end = (at + len).min(data.len());
                 scanner.scan(&data[at..end]);
@@ -453,13 +439,11 @@ mod tests {
                 path(&crate::base32::encode(&digest[..20]), &format!("p{n}"))
             })
             .collect();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = XorShift64::new(0x2545_F491_4F6C_DD1D);
         for round in 0..200 {
             let mut data = Vec::new();
             while data.len() < 4096 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
+                let state = rng.next_u64();
                 if state.is_multiple_of(50) {
                     let c = &candidates[(state % 40) as usize];
                     data.extend_from_slice(c.hash_part().as_bytes());

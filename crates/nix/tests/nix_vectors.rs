@@ -108,10 +108,11 @@ fn make_trees(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
         .collect()
 }
 
+/// `nix-hash` and `nix-store --dump` read files and print: they need no Nix settings (the
+/// tests' NIX_CONFIG, storedisk_testkit's, is for evaluating and building).
 fn nix_command(program: &str, args: &[&str]) -> Vec<u8> {
     let out = Command::new(program)
         .args(args)
-        .env("NIX_CONFIG", "experimental-features = nix-command")
         .output()
         .unwrap_or_else(|e| {
             panic!("running {program}: {e} (is Nix on PATH? see the module comment)")

@@ -3,7 +3,8 @@
 //! scenario), a synthetic Nix store holding every case a
 //! store disk must get right, written to a temp directory with its closure as
 //! exportReferencesGraph JSON, a lookup for the external tools tests use as oracles, and helpers
-//! to read what a command under test printed.
+//! to read what a command under test printed, the Nix settings every test and the harness run
+//! Nix with, and the generators of pseudo-random test data.
 //!
 //! Everything here is deterministic: the same code gives the same store paths and bytes on
 //! every machine. The NAR hashes in the closure come from `storedisk_nix::nar::hash_path`, which
@@ -13,11 +14,15 @@
 
 pub mod closure_gen;
 mod output;
+pub mod rng;
 mod synthetic;
 mod tools;
 
 pub use output::{assert_success, listing, text};
+pub use rng::XorShift64;
 pub use synthetic::{
     pseudo_random_bytes, store_path_for, StorePathSpec, SyntheticStore, SyntheticStoreBuilder,
 };
-pub use tools::{erofs_utils, erofs_utils_version, newest_erofs_utils, tool, ErofsUtils};
+pub use tools::{
+    erofs_utils, erofs_utils_version, newest_erofs_utils, nix_command, tool, ErofsUtils, NIX_CONFIG,
+};

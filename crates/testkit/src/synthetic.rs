@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 use storedisk_nix::nar::{dump_path, hash_path};
 use storedisk_nix::{base32, Closure, PathInfo, ReferenceScanner, StoreDir, StorePath};
 
+use crate::rng::XorShift64;
+
 /// What a store path is at its top: a directory tree, one regular file, or one symlink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorePathSpec {
@@ -48,12 +50,10 @@ pub fn store_path_for(name: &str) -> StorePath {
 /// `len` deterministic bytes: a xorshift stream interleaved with text runs, so compressors see
 /// both incompressible and compressible data.
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = XorShift64::from_seed(seed);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
+        let state = rng.next_u64();
         if state.is_multiple_of(5) {
             out.extend_from_slice(b"the quick brown fox jumps over the lazy dog\n");
         } else {

@@ -1,6 +1,28 @@
-//! Finding the external tools tests use as oracles (unsquashfs, fsck.erofs, nix, ...).
+//! Finding the external tools tests use as oracles (unsquashfs, fsck.erofs, nix, ...), and the
+//! settings Nix runs with.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Nix settings of every test and of the harness (`cargo xtask vm-test`, `nix.env`), given
+/// through the environment only: /etc/nix is never read or changed. Builds run as root without
+/// a build users group or sandbox, nothing is substituted (no network), and paths added or built
+/// here carry no signatures.
+pub const NIX_CONFIG: &str = "experimental-features = nix-command\n\
+build-users-group =\n\
+sandbox = false\n\
+substituters =\n\
+require-sigs = false\n\
+max-jobs = auto\n\
+warn-dirty = false";
+
+/// A command running Nix's `program` (`nix`, `nix-build`, `nix-store`, `nix-instantiate`; the
+/// provisioned one, see [`tool`]) with [`NIX_CONFIG`].
+pub fn nix_command(program: &str) -> Command {
+    let mut command = Command::new(tool(program));
+    command.env("NIX_CONFIG", NIX_CONFIG);
+    command
+}
 
 /// Directories searched after `PATH`: the private prefix `cargo xtask setup` provisions, then
 /// the system's (so a tool shadowed on `PATH` by the private prefix is still found).

@@ -3,7 +3,8 @@
 //!
 //! A set of layers is checked as one store disk: `complete`, `integrity`, `runner_overlap` and
 //! `policy` see the layers' merged [`Inventory`]; `self_contained` is checked per image and
-//! merged ([`merge_self_contained`]); `disjoint` compares the layers.
+//! merged ([`merge_self_contained`]); `disjoint` compares the layers. [`ways_in`] reads a
+//! failed `runner_overlap` as the few references that let the guest closure in.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,6 +17,9 @@ use crate::report::{
     Complete, Disjoint, Duplicate, Integrity, InvalidEntryReport, Leak, Mismatch, Missing,
     MissingInput, Policy, RunnerOverlap, SelfContained, Violation,
 };
+
+pub mod ways_in;
+pub use ways_in::{ways_in, WayIn};
 
 /// Where the guest closure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,3 +542,5 @@ pub fn check_policy(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod world;

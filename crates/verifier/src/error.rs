@@ -4,6 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use storedisk_format::ImageFormat;
 use storedisk_nix::ClosureError;
 
 /// Why the verifier could not produce a report.
@@ -20,6 +21,15 @@ pub enum VerifyError {
     /// hostile (bad offsets, cycles, impossible names).
     #[error("corrupt image: {what}")]
     CorruptImage { what: String },
+    /// A format library (backhand, erofs-rs) panicked on the image: the reader caught it
+    /// ([`crate::reader`]'s guard). Corrupt input to the user, a bug to a fuzzer: the library
+    /// should have returned an error.
+    #[error("corrupt image: the {format} reader failed while {doing} (library panic: {message})")]
+    ReaderPanic {
+        format: ImageFormat,
+        doing: String,
+        message: String,
+    },
     /// The image is structurally plausible but exceeds a safety limit (depth, entry count,
     /// data expansion); see [`crate::Limits`].
     #[error("image exceeds a safety limit: {what}")]
@@ -47,8 +57,17 @@ impl VerifyError {
                 other,
                 VerifyError::UnknownFormat { .. }
                     | VerifyError::CorruptImage { .. }
+                    | VerifyError::ReaderPanic { .. }
                     | VerifyError::LimitExceeded { .. }
             ),
+        }
+    }
+
+    /// True when a format library panicked and the reader caught it.
+    pub fn is_caught_panic(&self) -> bool {
+        match self {
+            VerifyError::InImage { cause, .. } => cause.is_caught_panic(),
+            other => matches!(other, VerifyError::ReaderPanic { .. }),
         }
     }
 

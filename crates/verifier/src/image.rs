@@ -11,12 +11,13 @@
 //! the kernel's, not counted in our resident set.
 
 use std::cell::RefCell;
-use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use storedisk_format::ImageFormat;
 
 use crate::error::VerifyError;
 
@@ -43,25 +44,6 @@ const DIRECT_READ: usize = 32 << 10;
 /// numerous windows read less of what is not used (measured on a 150 MB `--tar=f` image before
 /// [`SMALL_WINDOW_LEN`]: 8 of 64 KiB copy 1.9x the image, 4 of 128 KiB 2.9x).
 const WINDOWS_PER_THREAD: usize = 8;
-
-/// The on-disk format of a store disk image.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    Squashfs,
-    Erofs,
-}
-
-impl fmt::Display for ImageFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ImageFormat::Squashfs => "squashfs",
-            ImageFormat::Erofs => "erofs",
-        })
-    }
-}
 
 /// Detects the format from the magic numbers of the image's first bytes.
 pub fn detect_format(bytes: &[u8]) -> Result<ImageFormat, VerifyError> {

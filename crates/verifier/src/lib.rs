@@ -11,7 +11,7 @@
 //!
 //! Invariants: read-only; every size, offset and count read from an image is bounded
 //! ([`Limits`]) before it drives an allocation or a loop, and a panic inside a format library
-//! becomes [`VerifyError::CorruptImage`]. It starts no process (the CLI asks Nix and passes the answers in); the checks are pure
+//! becomes [`VerifyError::ReaderPanic`]. It starts no process (the CLI asks Nix and passes the answers in); the checks are pure
 //! functions over data. The JSON shape lives in [`report`].
 
 pub mod checks;
@@ -27,9 +27,10 @@ pub mod tree;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use serde::Serialize;
 use storedisk_nix::{Closure, StoreDir, StorePath};
 
-pub use checks::{ClosureSource, GuestClosure, Runner};
+pub use checks::{ClosureSource, GuestClosure, Runner, WayIn};
 pub use error::VerifyError;
 pub use image::{detect_format, ImageFile, ImageFormat, ImageSource};
 pub use inventory::{take_inventory, Inventory, PackedPath};
@@ -285,24 +286,57 @@ pub fn verify(
     })
 }
 
+/// Why a freshly built image failed its read-back.
+#[derive(Debug)]
+pub enum ReadBackError {
+    /// The image, or a store path to hash for the comparison, could not be read.
+    Unreadable(String),
+    /// The image reads, but holds other contents than the closure.
+    Differs(ReadBackDiff),
+}
+
+/// What a freshly built image holds that the closure does not say, path by path (the JSON of
+/// `storedisk build --json` when the read-back fails).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReadBackDiff {
+    /// Number of store paths in the closure.
+    pub closure_paths: usize,
+    /// Closure paths absent from the image.
+    pub missing: Vec<String>,
+    /// Paths at the image's root that are not in the closure.
+    pub extra: Vec<String>,
+    /// Paths whose contents read back with another NAR hash or size.
+    pub mismatched: Vec<report::Mismatch>,
+    /// Root entries that cannot be store paths.
+    pub invalid_entries: Vec<report::InvalidEntryReport>,
+}
+
+impl ReadBackDiff {
+    /// Number of paths (and root entries) that differ.
+    pub fn count(&self) -> usize {
+        self.missing.len() + self.extra.len() + self.mismatched.len() + self.invalid_entries.len()
+    }
+}
+
 /// Reads a freshly built image back and checks that it holds exactly `closure` with the NAR
 /// hashes recorded there: the builder's guard against writers (ours, mkfs.erofs) that produce
-/// images the kernel reads differently from the store. `Err` says what differs; paths of the
-/// closure without a recorded narHash are hashed from `physical_store` for the comparison.
+/// images the kernel reads differently from the store. Paths of the closure without a recorded
+/// narHash are hashed from `physical_store` for the comparison.
 pub fn read_back(
     image: &std::path::Path,
     closure: &Closure,
     physical_store: &std::path::Path,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<(), String> {
+) -> Result<(), ReadBackError> {
+    let unreadable = |e: &dyn std::fmt::Display| ReadBackError::Unreadable(e.to_string());
     let store_dir = &closure.store_dir;
-    let file = ImageFile::open(image).map_err(|e| e.to_string())?;
-    let reader = open_image(&file, &Limits::default()).map_err(|e| e.to_string())?;
-    let inventory = take_inventory(reader.as_ref(), false, progress).map_err(|e| e.to_string())?;
+    let file = ImageFile::open(image).map_err(|e| unreadable(&e))?;
+    let reader = open_image(&file, &Limits::default()).map_err(|e| unreadable(&e))?;
+    let inventory = take_inventory(reader.as_ref(), false, progress).map_err(|e| unreadable(&e))?;
     let mut expected = closure.clone();
     for info in closure.iter().filter(|i| i.nar_hash.is_none()) {
         let physical = physical_store.join(info.path.base_name());
-        let (hash, size) = storedisk_nix::nar::hash_path(&physical).map_err(|e| e.to_string())?;
+        let (hash, size) = storedisk_nix::nar::hash_path(&physical).map_err(|e| unreadable(&e))?;
         expected.set_nar_hash(&info.path, hash, size);
     }
     let guest = GuestClosure {
@@ -311,40 +345,38 @@ pub fn read_back(
     };
     let complete = checks::check_complete(&inventory, Some(&guest), None, store_dir);
     let integrity = checks::check_integrity(&inventory, Some(&guest), store_dir);
-    let mut problems: Vec<String> = Vec::new();
-    problems.extend(
-        complete
-            .missing
-            .iter()
-            .map(|m| format!("{} is missing", m.path)),
-    );
-    problems.extend(
-        complete
-            .extra
-            .iter()
-            .map(|p| format!("{p} is not in the closure")),
-    );
-    problems.extend(integrity.mismatched.iter().map(|m| {
-        format!(
-            "{} reads back with NAR hash {} ({} bytes), not {} ({} bytes)",
-            m.path,
-            m.actual,
-            m.actual_size,
-            m.expected,
-            m.expected_size.map_or("?".to_owned(), |s| s.to_string())
-        )
-    }));
-    problems.extend(
-        integrity
-            .invalid_entries
-            .iter()
-            .map(|e| format!("root entry {:?}: {}", e.name, e.why)),
-    );
-    if problems.is_empty() {
+    let diff = ReadBackDiff {
+        closure_paths: closure.len(),
+        missing: complete.missing.into_iter().map(|m| m.path).collect(),
+        extra: complete.extra,
+        mismatched: integrity.mismatched,
+        invalid_entries: integrity.invalid_entries,
+    };
+    if diff.count() == 0 {
         Ok(())
     } else {
-        Err(problems.join("; "))
+        Err(ReadBackError::Differs(diff))
     }
+}
+
+/// The ways into the guest closure behind `report`'s `runner_overlap` ([`checks::ways_in`]),
+/// each located in the files of the path that holds it when `inputs.physical_store` has them.
+/// Empty when nothing leaked or no runner was given.
+pub fn ways_in(report: &Report, inputs: &VerifyInputs, layers: &[Layer<'_>]) -> Vec<WayIn> {
+    let Some(runner) = &inputs.runner else {
+        return Vec::new();
+    };
+    let image_paths: Vec<StorePath> = layers.iter().filter_map(|l| l.image_path.clone()).collect();
+    let mut ways = checks::ways_in(
+        &report.checks.runner_overlap,
+        runner,
+        &image_paths,
+        &inputs.store_dir,
+    );
+    if let Some(physical) = &inputs.physical_store {
+        locate::locate_ways_in(&mut ways, physical, &inputs.store_dir);
+    }
+    ways
 }
 
 /// What the fuzz targets and the mutation test demand of any bytes: an inventory (`Ok(true)`)
@@ -354,9 +386,7 @@ pub fn judge_untrusted(bytes: &[u8], limits: &Limits) -> Result<bool, String> {
     match inventory_of(bytes, limits) {
         Ok(_) => Ok(true),
         Err(e) if !e.is_image_error() => Err(format!("unexpected error kind: {e}")),
-        Err(e) if e.to_string().contains("library panic") => {
-            Err(format!("a reader library panicked (caught): {e}"))
-        }
+        Err(e) if e.is_caught_panic() => Err(format!("a reader library panicked (caught): {e}")),
         Err(_) => Ok(false),
     }
 }

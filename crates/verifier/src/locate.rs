@@ -24,27 +24,6 @@ pub struct Location {
     pub excerpt: Option<String>,
 }
 
-impl std::fmt::Display for Location {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let file = if self.file.is_empty() {
-            "."
-        } else {
-            &self.file
-        };
-        match (&self.symlink_target, self.line) {
-            (Some(target), _) => write!(f, "symlink {file} -> {target}"),
-            (None, Some(line)) => {
-                write!(f, "{file} line {line}")?;
-                if let Some(excerpt) = &self.excerpt {
-                    write!(f, ": {excerpt}")?;
-                }
-                Ok(())
-            }
-            (None, None) => f.write_str(file),
-        }
-    }
-}
-
 /// Looks for `needle` (a store path's hash part) in the tree at `root` (symlinks are not
 /// followed). Files are streamed; the first match in sorted order is returned.
 pub fn locate_reference(root: &Path, needle: &str) -> io::Result<Option<Location>> {
@@ -165,6 +144,26 @@ pub fn locate_leaks(
                     .flatten()
             })
             .clone();
+    }
+}
+
+/// Fills in where each way into the guest closure sits in the files of the path that holds it
+/// (under `physical_store`), for a way in with one target. An image's references are not
+/// looked up: they are in the image's bytes, and the image is the whole closure's size.
+pub fn locate_ways_in(
+    ways: &mut [crate::checks::WayIn],
+    physical_store: &Path,
+    store_dir: &storedisk_nix::StoreDir,
+) {
+    for way in ways.iter_mut().filter(|w| !w.image) {
+        let [to] = way.to.as_slice() else {
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (store_dir.parse_path(&way.from), store_dir.parse_path(to)) else {
+            continue;
+        };
+        let files = store_dir.physical(physical_store, &from);
+        way.location = locate_reference(&files, to.hash_part()).ok().flatten();
     }
 }
 

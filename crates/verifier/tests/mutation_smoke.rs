@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use storedisk_testkit::XorShift64;
 use storedisk_verifier::{inventory_of, judge_untrusted, Limits};
 
 /// Mutants per format; `STOREDISK_MUTANTS` overrides it for longer runs.
@@ -17,20 +18,6 @@ fn mutants_per_format() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -47,21 +34,21 @@ fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut XorShift64, seed: &[u8]) -> Vec<u8> {
     let mut data = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         if data.is_empty() {
             break;
         }
         // Keep most mutations in the metadata-rich first 2 KiB (superblocks, inode tables).
-        let at = if rng.below(3) == 0 {
-            rng.below(data.len())
+        let at = if rng.index(3) == 0 {
+            rng.index(data.len())
         } else {
-            rng.below(data.len().min(2048))
+            rng.index(data.len().min(2048))
         };
-        match rng.below(7) {
-            0 => data[at] ^= 1 << rng.below(8),
-            1 => data[at] = rng.next() as u8,
+        match rng.index(7) {
+            0 => data[at] ^= 1 << rng.index(8),
+            1 => data[at] = rng.next_u64() as u8,
             2 => {
                 let value: u32 = [
                     0,
@@ -71,7 +58,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                     0xffff_ffff,
                     0x1000,
                     data.len() as u32,
-                ][rng.below(7)];
+                ][rng.index(7)];
                 for (i, b) in value.to_le_bytes().iter().enumerate() {
                     if let Some(slot) = data.get_mut(at + i) {
                         *slot = *b;
@@ -80,18 +67,18 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             }
             3 => data.truncate(at),
             4 => {
-                let n = 1 + rng.below(64);
-                let insert: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let n = 1 + rng.index(64);
+                let insert: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 data.splice(at..at, insert);
             }
             5 => {
-                let from = rng.below(data.len());
-                let n = rng.below(256).min(data.len() - from).min(data.len() - at);
+                let from = rng.index(data.len());
+                let n = rng.index(256).min(data.len() - from).min(data.len() - at);
                 let chunk = data[from..from + n].to_vec();
                 data[at..at + n].copy_from_slice(&chunk);
             }
             _ => {
-                let n = rng.below(512).min(data.len() - at);
+                let n = rng.index(512).min(data.len() - at);
                 data.drain(at..at + n);
             }
         }
@@ -111,7 +98,7 @@ fn run(target: &str, seed_value: u64) -> (usize, usize) {
             path.display()
         );
     }
-    let mut rng = Rng(seed_value);
+    let mut rng = XorShift64::new(seed_value);
     let (mut ok, mut errors) = (0, 0);
     let total = mutants_per_format();
     for i in 0..total {

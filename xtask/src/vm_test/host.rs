@@ -100,20 +100,16 @@ fn decompress(module: &Path) -> Result<Vec<u8>> {
     };
     match tool {
         None => std::fs::read(module).with_context(|| format!("reading {}", module.display())),
-        Some(tool) => {
-            let out = std::process::Command::new(tool)
-                .args(["-d", "-c"])
-                .arg(module)
-                .output()
-                .with_context(|| format!("running {tool} (apt packages xz-utils, zstd, gzip)"))?;
-            anyhow::ensure!(
-                out.status.success(),
-                "{tool} -d {} failed: {}",
-                module.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(out.stdout)
-        }
+        Some(tool) => Cmd::new(tool)
+            .args(["-d", "-c"])
+            .arg(module)
+            .read_bytes()
+            .with_context(|| {
+                format!(
+                    "decompressing {} (apt packages xz-utils, zstd, gzip)",
+                    module.display()
+                )
+            }),
     }
 }
 

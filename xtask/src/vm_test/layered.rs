@@ -323,7 +323,7 @@ fn verify_all(
         let closure_file = dir.join(format!("layered-{base}.json"));
         let json = super::closure_json(toolchain, &entry.guest_roots())?;
         crate::setup::write_atomically(&closure_file, json.as_bytes())?;
-        let verdict = verify::verify(&verify::VerifyInputs {
+        let verdict = verify::verdict(&verify::VerifyCommand {
             storedisk,
             nix: &toolchain.nix,
             images: &entry.disks,

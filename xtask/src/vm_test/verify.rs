@@ -68,7 +68,9 @@ impl Verdict {
     }
 }
 
-pub struct VerifyInputs<'a> {
+/// The `storedisk verify` command line of one run (the verifier library's own inputs are
+/// `storedisk_verifier::VerifyInputs`; this is the harness running the binary, as a user does).
+pub struct VerifyCommand<'a> {
     pub storedisk: &'a Path,
     pub nix: &'a Nix,
     /// The store disk's images: one, or every layer of a layered one.
@@ -78,7 +80,8 @@ pub struct VerifyInputs<'a> {
     pub runner: Option<&'a str>,
 }
 
-pub fn verify(inputs: &VerifyInputs<'_>) -> Result<Verdict> {
+/// Runs `storedisk verify ... --json` and keeps its [`Verdict`].
+pub fn verdict(inputs: &VerifyCommand<'_>) -> Result<Verdict> {
     let mut cmd = Cmd::new(inputs.storedisk)
         .arg("verify")
         .args(inputs.images)

@@ -14,16 +14,10 @@ use assert_cmd::Command as Cmd;
 use serde_json::Value;
 use storedisk_testkit::{tool, SyntheticStore};
 
-/// How the tests that run Nix configure it (through the environment only, as the harness does).
-pub const NIX_CONFIG: &str =
-    "experimental-features = nix-command\nbuild-users-group =\nsandbox = false\nsubstituters =";
-
-/// A Nix command (`nix-store`, `nix-build`...) configured with [`NIX_CONFIG`].
-pub fn nix(name: &str) -> Command {
-    let mut c = Command::new(tool(name));
-    c.env("NIX_CONFIG", NIX_CONFIG);
-    c
-}
+/// How the tests that run Nix configure it (through the environment only), and a Nix command
+/// so configured: the testkit's, which the harness uses too.
+#[allow(unused_imports)] // Each test file uses its own part.
+pub use storedisk_testkit::{nix_command as nix, NIX_CONFIG};
 
 fn add_to_store(path: &Path) -> String {
     let out = nix("nix-store")

@@ -35,7 +35,7 @@ pub fn open_image<'a>(
     })
 }
 
-/// Runs a call into a format library, turning a panic into [`VerifyError::CorruptImage`].
+/// Runs a call into a format library, turning a panic into [`VerifyError::ReaderPanic`].
 ///
 /// Why: backhand and erofs-rs parse untrusted bytes and, although both check most bounds, a
 /// corrupt image can still reach an `unwrap`, an index or an arithmetic overflow inside them.
@@ -55,9 +55,39 @@ pub(crate) fn guard<T>(
                 .map(|s| (*s).to_owned())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_owned());
-            Err(VerifyError::corrupt(format!(
-                "the {format} reader failed while {doing} (library panic: {message})"
-            )))
+            Err(VerifyError::ReaderPanic {
+                format,
+                doing: doing.to_owned(),
+                message,
+            })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_panic_becomes_a_typed_corrupt_image_error() {
+        let err = guard(
+            ImageFormat::Erofs,
+            "reading a directory",
+            || -> Result<(), _> { panic!("index out of bounds") },
+        )
+        .unwrap_err();
+        assert!(err.is_caught_panic() && err.is_image_error(), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "corrupt image: the erofs reader failed while reading a directory (library panic: \
+             index out of bounds)"
+        );
+        // Named by its layer, it is still a caught panic; an error of the image is not one.
+        assert!(err.in_image("layer1.img").is_caught_panic());
+        let refused = guard(ImageFormat::Erofs, "reading", || -> Result<(), _> {
+            Err(VerifyError::corrupt("library panic in the name only"))
+        })
+        .unwrap_err();
+        assert!(!refused.is_caught_panic());
     }
 }

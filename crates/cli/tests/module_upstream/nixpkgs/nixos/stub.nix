@@ -9,7 +9,8 @@
 # from `systemd.services`), the initrd (its modules and the file systems needed for boot), the
 # kernel, the kernel parameters and stage 2's `boot.postBootCommands`, and it fails on a failed
 # assertion and shows every warning. A toplevel that depended on less would hide exactly the
-# cycles a module can make (DESIGN.md 1c).
+# cycles a module can make (a value the toplevel reaches, computed from the toplevel, such as a
+# layer plan read by import from derivation: an infinite recursion).
 { config, lib, pkgs, ... }:
 
 let
