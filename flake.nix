@@ -82,9 +82,10 @@
             };
           };
           symlinkCheck = withSymlink.config.microvm.storeDiskCheck;
-          # storedisk.layers: the store disk as layers, checked as one disk (not evaluated in
-          # this project's CI, which has no nixpkgs; the harness's layered scenario boots the
-          # same lib.nix functions).
+          # storedisk.layers: the store disk as layers, checked as one disk. These checks need
+          # nixpkgs; offline, crates/cli/tests/module_upstream.rs evaluates the same modules
+          # against microvm.nix with stand-in packages, and the harness's layered scenario boots
+          # nix/lib.nix's layers.
           layered = exampleGuest {
             buildSystem = system;
             extraConfig.storedisk.layers = 6;
