@@ -75,7 +75,7 @@ fn flake_input(input: &str) -> Result<PathBuf, String> {
         .env(
             "NIX_CONFIG",
             format!(
-                "{}\nexperimental-features = nix-command flakes",
+                "{}\nextra-experimental-features = flakes",
                 common::NIX_CONFIG
             ),
         )
