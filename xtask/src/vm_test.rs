@@ -11,6 +11,7 @@ mod classify;
 mod host;
 mod layered;
 mod microvm_list;
+mod oracle;
 mod plan;
 mod report;
 mod shutdown;
@@ -83,6 +84,9 @@ pub struct BootRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct CopiedPath {
     pub name: String,
+    /// The store path itself, for the oracles; report.json keeps the redacted name only.
+    #[serde(skip)]
+    pub store_path: String,
     pub nar_size: u64,
     pub compressed_size: u64,
     /// Provided by the host (busybox, kernel, initrd with host modules, the QEMU wrapper, the
@@ -849,6 +853,7 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
             copied.push(CopiedPath {
                 host_provided: is_host_provided(&name),
                 name,
+                store_path: c.store_path.clone(),
                 nar_size: c.nar_size,
                 compressed_size: z.file_size,
                 in_image: classified.in_image,
@@ -897,6 +902,9 @@ fn transfer_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Result<
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+    // The second oracle needs every variant's copy: it bounds each verdict by what `fixed`
+    // copies.
+    oracle::check_all(runs);
     Ok(())
 }
 

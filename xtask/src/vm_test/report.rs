@@ -922,6 +922,7 @@ mod tests {
             .iter()
             .map(|(name, nar_size, in_image, class)| CopiedPath {
                 name: (*name).to_owned(),
+                store_path: format!("/nix/store/{:032}-{name}", 0),
                 nar_size: *nar_size,
                 compressed_size: *nar_size,
                 host_provided: false,
