@@ -1,5 +1,6 @@
-//! The erofs writer: a walked [`Tree`] packed by `mkfs.erofs` (erofs-utils) with microvm.nix's
-//! flags.
+//! The erofs writers: a walked [`Tree`] written by storedisk itself ([`write_native`]: the
+//! structures in [`format`], the file data in `data`, the layout in `native`), or packed by
+//! `mkfs.erofs` (erofs-utils) with microvm.nix's flags ([`write`], the rest of this file).
 //!
 //! With erofs-utils 1.7 or newer the tree is streamed to `mkfs.erofs --tar=f` on its standard
 //! input ([`tar`]): headers carry the canonical metadata and file data is read once, straight
@@ -25,6 +26,9 @@
 //! (when listed), `--tar=f` (when listed). mkfs.erofs 1.5 ignores unknown `-E` options silently,
 //! hence the version check.
 
+mod data;
+pub mod format;
+mod native;
 mod tar;
 
 use std::fs;
@@ -262,6 +266,21 @@ impl MkfsErofs {
         Ok(args)
     }
 }
+
+/// Writes `tree` as an erofs image into `image` (positioned anywhere) with storedisk's own
+/// writer; returns the compression level used. `work_dir` holds an unnamed spool of file tails
+/// while it runs.
+pub(crate) fn write_native(
+    tree: &Tree,
+    options: &BuildOptions,
+    image: &fs::File,
+    work_dir: &Path,
+    progress: &dyn ProgressSink,
+) -> Result<Option<u32>, BuildError> {
+    native::write(tree, options, image, work_dir, progress)
+}
+
+pub use native::DEFAULT_LZ4HC_LEVEL;
 
 /// Packs `tree` into `image` with mkfs.erofs: streamed as tar when the tool reads tar, else
 /// staged in a directory inside `work_dir`. `image` is any path mkfs.erofs can open and

@@ -3,7 +3,8 @@
 //!
 //! [`build_image`] walks the closure once into a [`tree::Tree`] (sorted, validated, canonical
 //! metadata, no file data) and hands it to the format writer: [`squashfs`] writes the image
-//! itself (backhand's compressors for the blocks), [`erofs`] runs `mkfs.erofs`. File data is streamed from the store, never
+//! itself (backhand's compressors for the blocks), [`erofs`] writes erofs itself (LZ4 through
+//! lzzzz) or runs `mkfs.erofs` ([`ErofsWriter`]). File data is streamed from the store, never
 //! held in memory. Ownership is root:root, timestamps fixed and permissions canonical (0444 /
 //! 0555, directories 0555, symlinks 0777), so the same closure gives the same bytes whatever the
 //! order of the roots, the working directory, the thread count or the directory order on disk.
@@ -113,6 +114,27 @@ impl FromStr for Compression {
     }
 }
 
+/// Which program writes an erofs image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ErofsWriter {
+    /// storedisk's own writer ([`erofs::write_native`]): lz4hc, lz4 or none, tail packing,
+    /// identical files stored once; no fragments.
+    Native,
+    /// erofs-utils' `mkfs.erofs` ([`BuildOptions::mkfs_erofs`]), for the algorithms and
+    /// `-Efragments` the native writer does not do.
+    #[default]
+    Mkfs,
+}
+
+impl ErofsWriter {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErofsWriter::Native => "native",
+            ErofsWriter::Mkfs => "mkfs",
+        }
+    }
+}
+
 /// What to build and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOptions {
@@ -124,7 +146,10 @@ pub struct BuildOptions {
     /// Where the closure's store paths physically are (`/nix/store` unless testing or building
     /// from a chroot store). Names in the image never include it.
     pub store_dir: PathBuf,
-    /// The `mkfs.erofs` to run for erofs images (a bare name is looked up on `PATH`).
+    /// Which writer makes erofs images.
+    pub erofs_writer: ErofsWriter,
+    /// The `mkfs.erofs` to run for erofs images with [`ErofsWriter::Mkfs`] (a bare name is
+    /// looked up on `PATH`).
     pub mkfs_erofs: PathBuf,
     /// Pass `-Eztailpacking` to mkfs.erofs (when it has it), as microvm.nix does for guest
     /// kernels 5.16 and newer; off for older guest kernels, which cannot mount such images.
@@ -143,6 +168,7 @@ impl BuildOptions {
             compression: None,
             compression_level: None,
             store_dir: PathBuf::from(storedisk_nix::store_path::DEFAULT_STORE_DIR),
+            erofs_writer: ErofsWriter::default(),
             mkfs_erofs: PathBuf::from("mkfs.erofs"),
             erofs_ztailpacking: true,
             erofs_fragments: false,
@@ -221,8 +247,13 @@ pub enum BuildError {
         output: PathBuf,
         cause: Box<BuildError>,
     },
+    /// An option the chosen writer does not support; the message names what does.
+    #[error("{option} is not supported: {reason}")]
+    UnsupportedOption { option: String, reason: String },
     #[error("squashfs writer failed: {0}")]
     Squashfs(String),
+    #[error("erofs writer failed: {0}")]
+    Erofs(String),
     #[error("{tool}: {message}")]
     Tool { tool: String, message: String },
 }
@@ -410,6 +441,10 @@ fn write_image(
             let level = squashfs::write(tree, options, image.file(), progress)?;
             Ok((level, None))
         }
+        ImageFormat::Erofs if options.erofs_writer == ErofsWriter::Native => {
+            let level = erofs::write_native(tree, options, image.file(), output_dir, progress)?;
+            Ok((level, None))
+        }
         ImageFormat::Erofs => {
             let used = erofs::write(tree, options, &image.path(), output_dir, progress)?;
             Ok((used.level, Some(used.tool)))
@@ -430,7 +465,7 @@ fn no_space_or(error: BuildError, image: &output::ImageFile, output: &Path) -> B
         BuildError::Read { cause: source, .. } if source.kind() == io::ErrorKind::StorageFull => {
             true
         }
-        BuildError::Squashfs(_) | BuildError::Tool { .. } => false,
+        BuildError::Squashfs(_) | BuildError::Erofs(_) | BuildError::Tool { .. } => false,
         // Not a failure to write.
         _ => return error,
     };

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use storedisk_builder::layers::{build_layers, manifest_json, plan_layers, MANIFEST_NAME};
-use storedisk_builder::{build_image_checked, BuildOptions, BuildReport, Compression, ImageFormat};
+use storedisk_builder::{
+    build_image_checked, BuildOptions, BuildReport, Compression, ErofsWriter, ImageFormat,
+};
 use storedisk_nix::{Closure, PathInfo, StoreDir, StorePath};
 use storedisk_verifier::report::human_bytes;
 use storedisk_verifier::{ReadBackDiff, ReadBackError};
@@ -32,6 +34,24 @@ impl From<FormatArg> for ImageFormat {
     }
 }
 
+/// Which program writes erofs images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ErofsWriterArg {
+    /// storedisk's own writer: lz4hc, lz4 or none, tail packing, identical files stored once.
+    Native,
+    /// erofs-utils' mkfs.erofs: also zstd, lzma, deflate and --erofs-fragments.
+    Mkfs,
+}
+
+impl From<ErofsWriterArg> for ErofsWriter {
+    fn from(w: ErofsWriterArg) -> Self {
+        match w {
+            ErofsWriterArg::Native => ErofsWriter::Native,
+            ErofsWriterArg::Mkfs => ErofsWriter::Mkfs,
+        }
+    }
+}
+
 /// Pack the closure of ROOTs into one store disk image: each store path at the image root under
 /// its base name, root:root, fixed times, the store's permissions, byte-identical on every run.
 #[derive(Debug, clap::Args)]
@@ -41,18 +61,25 @@ pub struct BuildArgs {
     format: FormatArg,
 
     /// Compression. squashfs: zstd (default), xz, gzip, lz4. erofs: lz4hc (default), lz4,
-    /// none, and zstd, lzma, deflate when the installed mkfs.erofs has them.
+    /// none, and with --erofs-writer mkfs zstd, lzma, deflate when the installed mkfs.erofs
+    /// has them.
     #[arg(long, value_parser = parse_compression)]
     compression: Option<Compression>,
 
-    /// Compression level (default: zstd 15, xz 6, gzip 9 for squashfs; mkfs.erofs's default).
+    /// Compression level (default: zstd 15, xz 6, gzip 9 for squashfs; lz4hc 9 for erofs,
+    /// mkfs.erofs's default with --erofs-writer mkfs).
     #[arg(long)]
     compression_level: Option<u32>,
 
     #[command(flatten)]
     source: ClosureArgs,
 
-    /// The mkfs.erofs to run for erofs images.
+    /// Who writes erofs images: storedisk itself (native), or mkfs.erofs (mkfs), which also
+    /// does zstd, lzma, deflate and --erofs-fragments.
+    #[arg(long, value_enum, value_name = "WRITER", default_value = "mkfs")]
+    erofs_writer: ErofsWriterArg,
+
+    /// The mkfs.erofs to run for erofs images with --erofs-writer mkfs.
     #[arg(long, value_name = "PATH", env = "STOREDISK_MKFS_EROFS")]
     mkfs_erofs: Option<PathBuf>,
 
@@ -73,20 +100,20 @@ pub struct BuildArgs {
     #[arg(long)]
     exact: bool,
 
-    /// Pass -Eztailpacking to mkfs.erofs (default true, when the installed one has it); false
-    /// for guest kernels older than 5.16, which cannot mount tail-packed images (microvm.nix
-    /// passes the flag only for 5.16 and newer).
+    /// Pack the tails of compressed files inline (-Eztailpacking; default true, with mkfs.erofs
+    /// when the installed one has it); false for guest kernels older than 5.16, which cannot
+    /// mount tail-packed images (microvm.nix passes the flag only for 5.16 and newer).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     erofs_ztailpacking: bool,
 
-    /// Pass -Efragments to mkfs.erofs, as microvm.nix does. Off by default: with
-    /// -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs
-    /// (the read-back check catches it).
+    /// Pass -Efragments to mkfs.erofs, as microvm.nix does (--erofs-writer mkfs only). Off by
+    /// default: with -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data
+    /// for some inputs (the read-back check catches it).
     #[arg(long)]
     erofs_fragments: bool,
 
-    /// Compression threads for squashfs (default: one per core); the image is the same for any
-    /// number.
+    /// Compression threads for squashfs and native erofs (default: one per core); the image is
+    /// the same for any number.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 
@@ -177,6 +204,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     options.store_dir = store_dir.clone();
     options.erofs_ztailpacking = args.erofs_ztailpacking;
     options.erofs_fragments = args.erofs_fragments;
+    options.erofs_writer = args.erofs_writer.into();
     options.threads = args.threads;
     if let Some(mkfs) = &args.mkfs_erofs {
         options.mkfs_erofs = mkfs.clone();

@@ -1,0 +1,423 @@
+//! `storedisk build --format erofs --erofs-writer native`, checked by readers that are not
+//! ours: every image is extracted by erofs-utils' `fsck.erofs --extract` (which checks the
+//! image as it goes) and compared with the store path by path by NAR hash, and read by
+//! `storedisk verify` (erofs-rs). The stores hit the writer's edges: sizes around the block
+//! size, tails of many lengths, incompressible and all-zero data, long names, wide and deep
+//! directories, long symlinks, hard links and many identical files.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed setup step should panic with its message.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use assert_cmd::Command as Cmd;
+use common::build_cmd;
+use serde_json::Value;
+use storedisk_nix::nar::hash_path;
+use storedisk_nix::Closure;
+use storedisk_testkit::{
+    assert_success, listing, newest_erofs_utils, pseudo_random_bytes, text, StorePathSpec,
+    SyntheticStore, SyntheticStoreBuilder, XorShift64,
+};
+
+const ZTAILPACKING: u32 = 0x10; // EROFS_FEATURE_INCOMPAT_ZTAILPACKING
+
+/// Runs `storedisk build --format erofs --erofs-writer native EXTRA` of `store`'s roots.
+fn build_native(store: &SyntheticStore, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--erofs-writer", "native"];
+    args.extend_from_slice(extra);
+    build_cmd(store, "erofs", output, &args).output().unwrap()
+}
+
+/// fsck.erofs 1.8 (from `cargo xtask setup`; the test fails without it), which checks the
+/// image while it extracts it into `into`.
+fn extract(image: &Path, into: &Path) {
+    let fsck = newest_erofs_utils().fsck;
+    let out = Command::new(&fsck)
+        .arg(format!("--extract={}", into.display()))
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} --extract {}: {}{}",
+        fsck.display(),
+        image.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The extraction holds exactly the closure's paths, each with the closure's NAR hash.
+fn assert_holds_closure(extracted: &Path, closure: &Closure) {
+    let names: BTreeSet<String> = fs::read_dir(extracted)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let want: BTreeSet<String> = closure
+        .iter()
+        .map(|i| i.path.base_name().to_owned())
+        .collect();
+    assert_eq!(names, want, "the image root must hold exactly the closure");
+    for info in closure.iter() {
+        let (hash, size) = hash_path(&extracted.join(info.path.base_name())).unwrap();
+        assert_eq!(Some(hash), info.nar_hash, "NAR hash of {}", info.path);
+        assert_eq!(Some(size), info.nar_size, "NAR size of {}", info.path);
+    }
+}
+
+/// `storedisk verify IMAGE --closure CLOSURE --json` passes complete and integrity.
+fn assert_verifies(store: &SyntheticStore, image: &Path) {
+    let out = Cmd::cargo_bin("storedisk")
+        .unwrap()
+        .arg("verify")
+        .arg(image)
+        .arg("--closure")
+        .arg(store.closure_json())
+        .arg("--json")
+        .timeout(std::time::Duration::from_secs(300))
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify {}: {stderr}",
+        image.display()
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["complete", "integrity"] {
+        let check = &report["checks"][name];
+        assert_eq!(check["ok"], true, "{name}: {check}");
+    }
+    assert_eq!(
+        report["checks"]["integrity"]["checked"],
+        store.closure().len(),
+        "every packed path compared"
+    );
+}
+
+fn incompat_features(image: &Path) -> u32 {
+    let bytes = fs::read(image).unwrap();
+    u32::from_le_bytes(bytes[1024 + 0x50..1024 + 0x54].try_into().unwrap())
+}
+
+fn label(image: &Path) -> Vec<u8> {
+    let bytes = fs::read(image).unwrap();
+    let name = &bytes[1024 + 64..1024 + 80];
+    name[..name.iter().position(|&b| b == 0).unwrap_or(16)].to_vec()
+}
+
+fn uuid(image: &Path) -> Vec<u8> {
+    fs::read(image).unwrap()[1024 + 48..1024 + 64].to_vec()
+}
+
+/// Modes as the store has them, times 0 (and root:root when the test runs as root).
+fn assert_canonical_metadata(extracted: &Path) {
+    let as_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let mut stack = vec![extracted.to_owned()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o555, "{}", path.display());
+                stack.push(path.clone());
+            } else if meta.is_file() {
+                assert!(
+                    mode == 0o444 || mode == 0o555,
+                    "{}: {mode:o}",
+                    path.display()
+                );
+            }
+            if !meta.file_type().is_symlink() {
+                assert_eq!(meta.mtime(), 0, "mtime of {}", path.display());
+            }
+            if as_root {
+                assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} entries extracted");
+}
+
+#[test]
+fn the_tricky_store_reads_back_byte_for_byte_through_fsck_erofs_and_verify() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("store.erofs");
+    let out = build_native(&store, &image, &["--json"]);
+    assert_success(&out);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["store_paths"], 6, "{report}");
+    assert_eq!(report["compression"], "lz4hc", "{report}");
+    assert_eq!(report["compression_level"], 9, "{report}");
+    assert_eq!(report["tool"], Value::Null, "no external tool: {report}");
+    assert_eq!(
+        report["image_bytes"].as_u64().unwrap(),
+        fs::metadata(&image).unwrap().len()
+    );
+    assert_eq!(fs::metadata(&image).unwrap().len() % 4096, 0);
+
+    let extracted = work.path().join("x");
+    extract(&image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
+    assert_canonical_metadata(&extracted);
+    // Hard links are one inode in the image, which fsck.erofs 1.8 extracts as links.
+    let doc = extracted
+        .join(store.path("hello-2.12.1").base_name())
+        .join("share/doc");
+    let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(doc.join("hello/COPYING")),
+        ino(doc.join("hello/LICENSE"))
+    );
+    let busybox_license = extracted
+        .join(store.path("busybox-1.36.1").base_name())
+        .join("share/doc/LICENSE");
+    assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
+    assert_verifies(&store, &image);
+
+    assert_eq!(label(&image), b"nix-store");
+    assert_eq!(
+        incompat_features(&image) & ZTAILPACKING,
+        ZTAILPACKING,
+        "tails are packed by default"
+    );
+    // The UUID is the closure's, as with mkfs.erofs.
+    let mkfs_image = work.path().join("mkfs.erofs");
+    let mkfs = newest_erofs_utils().mkfs;
+    assert_success(
+        &build_cmd(
+            &store,
+            "erofs",
+            &mkfs_image,
+            &[
+                "--erofs-writer",
+                "mkfs",
+                "--mkfs-erofs",
+                mkfs.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(uuid(&image), uuid(&mkfs_image));
+    assert_ne!(uuid(&image), vec![0; 16]);
+}
+
+/// One store path per kind of edge the writer must get right.
+fn edge_store() -> SyntheticStore {
+    let mut b = SyntheticStoreBuilder::new();
+    let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
+    let mut noise = |len: usize| -> Vec<u8> { (0..len).map(|_| rng.next_u64() as u8).collect() };
+    let text = |len: usize| -> Vec<u8> {
+        b"GNU GENERAL PUBLIC LICENSE /nix/store lorem ipsum dolor\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    };
+
+    let sizes = b.path("sizes", StorePathSpec::Directory);
+    for len in [0usize, 1, 4095, 4096, 4097, 8191, 8192, 8193, (5 << 20) + 3] {
+        b.file(&sizes, &format!("text-{len}"), &text(len), false);
+        b.file(&sizes, &format!("noise-{len}"), &noise(len), len % 2 == 1);
+        b.file(
+            &sizes,
+            &format!("mixed-{len}"),
+            &pseudo_random_bytes(len as u64, len),
+            false,
+        );
+        b.file(&sizes, &format!("zeros-{len}"), &vec![0u8; len], false);
+    }
+    // A large file of noise with a compressible middle and a zero end.
+    let mut patchy = noise(3 << 20);
+    patchy.extend(text(1 << 20));
+    patchy.extend(vec![0u8; (1 << 20) + 17]);
+    b.file(&sizes, "patchy", &patchy, true);
+
+    let tails = b.path("tails", StorePathSpec::Directory);
+    let mut lens: Vec<usize> = (1..4096).step_by(127).collect();
+    lens.extend([
+        2, 31, 32, 33, 4031, 4032, 4033, 4063, 4064, 4065, 4071, 4072, 4073, 4094, 4095,
+    ]);
+    for t in lens {
+        b.file(&tails, &format!("t{t}-text"), &text(3 * 4096 + t), false);
+        b.file(&tails, &format!("t{t}-noise"), &noise(4096 + t), false);
+        b.file(&tails, &format!("t{t}-small"), &noise(t), false);
+        // Compressible, then noise at the end: the tail follows compressed clusters.
+        let mut mixed = text(20_000);
+        mixed.extend(noise(t));
+        b.file(&tails, &format!("t{t}-mixed"), &mixed, false);
+    }
+
+    let names = b.path("names", StorePathSpec::Directory);
+    for c in ["a", "b", "Z", "-", "+", "~"] {
+        b.file(&names, &c.repeat(255), c.as_bytes(), false);
+    }
+    for i in 0..600 {
+        b.file(
+            &names,
+            &format!("wide/entry-{i:04}-{}", "x".repeat(i % 200)),
+            &text(i),
+            false,
+        );
+    }
+    let deep: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+    b.file(
+        &names,
+        &format!("{}/bottom", deep.join("/")),
+        b"deep",
+        false,
+    );
+    b.dir(&names, "empty-dir");
+
+    let links = b.path("links", StorePathSpec::Directory);
+    for len in [1usize, 2, 100, 2000, 4000, 4064, 4065, 4095] {
+        let target: String = "t/".repeat(len / 2) + &"x".repeat(len % 2);
+        b.symlink(&links, &format!("link-{len}"), &target);
+    }
+    b.file(&links, "first", &text(10_000), false);
+    b.hard_link(&links, "second", &links, "first");
+    b.hard_link(&links, "third", &links, "first");
+
+    let copies = b.path("copies", StorePathSpec::Directory);
+    let shared = noise(300_000);
+    let small = text(5000);
+    let zero = vec![0u8; 70_000];
+    for i in 0..20 {
+        b.file(&copies, &format!("big-{i:02}"), &shared, false);
+        b.file(&copies, &format!("small-{i:02}"), &small, false);
+        b.file(&copies, &format!("zero-{i:02}"), &zero, false);
+    }
+
+    let single = b.path("single-file", StorePathSpec::File);
+    b.file(&single, "", &text(12_345), true);
+    let lone_link = b.path("lone-link", StorePathSpec::Symlink);
+    b.symlink(&lone_link, "", "/nix/store/nowhere");
+
+    b.finish(&[sizes, tails, names, links, copies, single, lone_link])
+}
+
+/// Builds `store` with `extra`, checks it with fsck.erofs and verify; returns the image and
+/// the build report.
+fn build_and_check(
+    store: &SyntheticStore,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (PathBuf, Value) {
+    let image = dir.join(format!("{name}.erofs"));
+    let mut args = extra.to_vec();
+    args.push("--json");
+    let out = build_native(store, &image, &args);
+    assert_success(&out);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let extracted = dir.join(format!("{name}.x"));
+    extract(&image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
+    assert_verifies(store, &image);
+    fs::remove_dir_all(&extracted).unwrap();
+    (image, report)
+}
+
+#[test]
+fn edge_cases_read_back_with_every_algorithm_and_without_tail_packing() {
+    let store = edge_store();
+    let work = tempfile::tempdir().unwrap();
+    let mut sizes = Vec::new();
+    let mut file_bytes = 0;
+    for (name, extra) in [
+        ("lz4hc", &[][..]),
+        ("lz4hc-12", &["--compression-level", "12"][..]),
+        ("lz4", &["--compression", "lz4"][..]),
+        ("none", &["--compression", "none"][..]),
+        ("no-tails", &["--erofs-ztailpacking", "false"][..]),
+    ] {
+        let (image, report) = build_and_check(&store, work.path(), name, extra);
+        file_bytes = report["file_bytes"].as_u64().unwrap();
+        let features = incompat_features(&image);
+        match name {
+            "none" | "no-tails" => assert_eq!(features & ZTAILPACKING, 0, "{name}"),
+            _ => assert_eq!(features & ZTAILPACKING, ZTAILPACKING, "{name}"),
+        }
+        sizes.push((name, fs::metadata(&image).unwrap().len()));
+    }
+    let size = |n: &str| sizes.iter().find(|(name, _)| *name == n).unwrap().1;
+    assert!(size("lz4hc") < size("none"), "{sizes:?}");
+    assert!(size("lz4hc") <= size("no-tails"), "{sizes:?}");
+    // 20 copies each of 300 KB of noise, 70 KB of zeros and 5 KB of text are stored once:
+    // over 5 MB less than the file data, even uncompressed.
+    assert!(
+        size("none") + 5_000_000 < file_bytes,
+        "{sizes:?} of {file_bytes}"
+    );
+}
+
+#[test]
+fn images_are_byte_identical_whatever_the_thread_count() {
+    let store = edge_store();
+    let work = tempfile::tempdir().unwrap();
+    let one = work.path().join("one.erofs");
+    let four = work.path().join("four.erofs");
+    assert_success(&build_native(
+        &store,
+        &one,
+        &["--threads", "1", "--no-read-back"],
+    ));
+    assert_success(&build_native(
+        &store,
+        &four,
+        &["--threads", "4", "--no-read-back"],
+    ));
+    assert!(
+        fs::read(&one).unwrap() == fs::read(&four).unwrap(),
+        "--threads 1 and --threads 4 wrote different images"
+    );
+}
+
+#[test]
+fn what_only_mkfs_erofs_does_is_refused_naming_the_way_to_it() {
+    let store = SyntheticStore::tricky();
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("refused.erofs");
+    for extra in [
+        &["--compression", "zstd"][..],
+        &["--compression", "lzma"][..],
+        &["--erofs-fragments"][..],
+    ] {
+        let out = build_native(&store, &image, extra);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("--erofs-writer mkfs"),
+            "{extra:?}: {stderr}"
+        );
+        assert!(stderr.contains("not supported"), "{extra:?}: {stderr}");
+        assert_eq!(listing(work.path()), Vec::<String>::new(), "{extra:?}");
+    }
+    // A level lz4 does not have is a bad level, as with mkfs.erofs.
+    let out = build_native(
+        &store,
+        &image,
+        &["--compression", "lz4", "--compression-level", "3"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no levels"),
+        "{}",
+        text(&out.stderr)
+    );
+}
