@@ -121,6 +121,9 @@ pub struct RunnerFacts {
     pub guest_closure: BTreeSet<String>,
     /// The runner's closure paths it reaches by itself (see [`classify::RunnerClosure`]).
     pub runner_own: BTreeSet<String>,
+    /// The guest paths the runner reaches only through the store disk's references, or not
+    /// at all: whether a copy takes them depends on what the image's bytes name.
+    pub guest_only_via_image: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,6 +297,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             phases: &phases,
             total_seconds: total,
             accel,
+            boot_all: args.boot_all,
         },
         &work,
         &root.join("golden"),
@@ -750,6 +754,10 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
             .cloned()
             .collect();
         let runner_own = runner_closure.own;
+        let guest_only_via_image = guest_closure
+            .difference(&runner_closure.without_image)
+            .cloned()
+            .collect();
         if n == 0 || (n + 1) % 20 == 0 || n + 1 == count {
             eprintln!("[closures {}/{count}] {}", n + 1, run.label());
         }
@@ -760,6 +768,7 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
         run.facts = Some(RunnerFacts {
             guest_closure,
             runner_own,
+            guest_only_via_image,
         });
     }
     Ok(())
