@@ -614,15 +614,7 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
                     &log,
                     &state_dir,
                     timeout,
-                )
-                .unwrap_or_else(|e| boot::BootOutcome {
-                    ok: false,
-                    seconds: 0.0,
-                    result: None,
-                    error: Some(format!("{e:#}")),
-                    log: log.display().to_string(),
-                    attempts: 1,
-                });
+                );
                 eprintln!(
                     "[boot {}/{total}] {label}: {} in {:.1}s",
                     n + 1,
