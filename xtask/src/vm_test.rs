@@ -121,6 +121,9 @@ pub struct RunnerFacts {
     pub guest_closure: BTreeSet<String>,
     /// The runner's closure paths it reaches by itself (see [`classify::RunnerClosure`]).
     pub runner_own: BTreeSet<String>,
+    /// The guest paths the runner reaches only through the store disk's references, or not
+    /// at all: whether a copy takes them depends on what the image's bytes name.
+    pub guest_only_via_image: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,6 +297,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             phases: &phases,
             total_seconds: total,
             accel,
+            boot_all: args.boot_all,
         },
         &work,
         &root.join("golden"),
@@ -610,15 +614,7 @@ fn boot_all(runs: &mut [Run], accel: boot::Accel, args: &VmTestArgs, logs: &Path
                     &log,
                     &state_dir,
                     timeout,
-                )
-                .unwrap_or_else(|e| boot::BootOutcome {
-                    ok: false,
-                    seconds: 0.0,
-                    result: None,
-                    error: Some(format!("{e:#}")),
-                    log: log.display().to_string(),
-                    attempts: 1,
-                });
+                );
                 eprintln!(
                     "[boot {}/{total}] {label}: {} in {:.1}s",
                     n + 1,
@@ -750,6 +746,10 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
             .cloned()
             .collect();
         let runner_own = runner_closure.own;
+        let guest_only_via_image = guest_closure
+            .difference(&runner_closure.without_image)
+            .cloned()
+            .collect();
         if n == 0 || (n + 1) % 20 == 0 || n + 1 == count {
             eprintln!("[closures {}/{count}] {}", n + 1, run.label());
         }
@@ -760,6 +760,7 @@ fn runner_facts_all(runs: &mut [Run], toolchain: &Toolchain, work: &Path) -> Res
         run.facts = Some(RunnerFacts {
             guest_closure,
             runner_own,
+            guest_only_via_image,
         });
     }
     Ok(())

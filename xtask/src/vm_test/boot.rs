@@ -121,8 +121,27 @@ pub struct BootOutcome {
 /// anything (seen under TCG: the kernel stalls calibrating its clock) is tried once more; the
 /// first log is kept next to the second and the attempt count recorded. The runner runs in
 /// `state_dir` (created), where it puts its control socket, as microvm@.service runs it in the
-/// VM's state directory.
+/// VM's state directory. A boot that cannot even start (no state directory, no runner) is a
+/// failed outcome too, with the reason as its `error`: one machine's failure is that run's, and
+/// the report is still written.
 pub fn boot(
+    runner: &Path,
+    accel: Accel,
+    log: &Path,
+    state_dir: &Path,
+    timeout: Duration,
+) -> BootOutcome {
+    try_boot(runner, accel, log, state_dir, timeout).unwrap_or_else(|e| BootOutcome {
+        ok: false,
+        seconds: 0.0,
+        result: None,
+        error: Some(format!("{e:#}")),
+        log: log.display().to_string(),
+        attempts: 1,
+    })
+}
+
+fn try_boot(
     runner: &Path,
     accel: Accel,
     log: &Path,
@@ -210,6 +229,22 @@ pub fn parse_result_line(log: &str) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boot_that_cannot_start_is_a_failed_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let outcome = boot(
+            &dir.path().join("no-runner"),
+            Accel::Tcg,
+            &dir.path().join("boot.log"),
+            &dir.path().join("state"),
+            Duration::from_secs(5),
+        );
+        assert!(!outcome.ok);
+        assert_eq!(outcome.result, None);
+        let error = outcome.error.unwrap_or_default();
+        assert!(error.contains("no-runner/bin/microvm-run"), "{error}");
+    }
 
     #[test]
     fn result_line_is_found_among_kernel_noise() {

@@ -34,6 +34,9 @@ pub enum PathClass {
 pub struct RunnerClosure {
     pub all: BTreeSet<String>,
     pub own: BTreeSet<String>,
+    /// What it reaches ignoring the store disk's references only (guest roots entered): what
+    /// a copy takes whatever the image's bytes name.
+    pub without_image: BTreeSet<String>,
 }
 
 impl RunnerClosure {
@@ -61,7 +64,17 @@ impl RunnerClosure {
             .reachable_avoiding([parse(deployed)?], &cut)
             .with_context(|| format!("walking the closure of {deployed}"))?;
         let own = reached.iter().map(|p| closure.display(p)).collect();
-        Ok(RunnerClosure { all, own })
+        let without_image = closure
+            .requisites([parse(deployed)?])
+            .with_context(|| format!("walking the closure of {deployed}"))?
+            .iter()
+            .map(|p| closure.display(p))
+            .collect();
+        Ok(RunnerClosure {
+            all,
+            own,
+            without_image,
+        })
     }
 }
 
@@ -208,10 +221,32 @@ mod tests {
 
     #[test]
     fn the_runner_needs_its_shell_and_kernel_but_not_the_guest() {
-        let own = RunnerClosure::read(&upstream_closure(), &plan())
+        let closure = RunnerClosure::read(&upstream_closure(), &plan()).unwrap();
+        assert_eq!(closure.own, set(&[BUSYBOX, DISK, KERNEL, RUNNER, SCRIPT]));
+        // regInfo= reaches the guest without the image's references (which name APP and
+        // TOPLEVEL): all but nothing.
+        assert_eq!(closure.without_image, closure.all);
+    }
+
+    #[test]
+    fn without_reginfo_only_the_images_references_reach_the_closure_info() {
+        let closure = path_info(&[
+            (RUNNER, &[SCRIPT]),
+            (SCRIPT, &[BUSYBOX, KERNEL, TOPLEVEL, DISK]),
+            (REGINFO, &[TOPLEVEL, APP, BUSYBOX, KERNEL]),
+            (TOPLEVEL, &[APP, BUSYBOX, KERNEL]),
+            (DISK, &[REGINFO]),
+            (APP, &[BUSYBOX]),
+            (BUSYBOX, &[]),
+            (KERNEL, &[]),
+        ]);
+        let without = RunnerClosure::read(&closure, &plan())
             .unwrap()
-            .own;
-        assert_eq!(own, set(&[BUSYBOX, DISK, KERNEL, RUNNER, SCRIPT]));
+            .without_image;
+        assert_eq!(
+            without,
+            set(&[RUNNER, SCRIPT, BUSYBOX, KERNEL, TOPLEVEL, APP, DISK])
+        );
     }
 
     #[test]

@@ -270,6 +270,7 @@ mod tests {
                 run.facts = Some(RunnerFacts {
                     guest_closure: guest.clone(),
                     runner_own: BTreeSet::new(),
+                    guest_only_via_image: BTreeSet::new(),
                 });
                 run
             })

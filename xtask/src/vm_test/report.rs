@@ -32,6 +32,9 @@ pub struct Outcome<'a> {
     pub phases: &'a Phases,
     pub total_seconds: f64,
     pub accel: Accel,
+    /// `--boot-all`: every variant booted itself, so the snapshots' boot column (which records
+    /// the boots a byte-identical machine shared) is not comparable.
+    pub boot_all: bool,
 }
 
 /// Writes report.json and summary.md, compares the snapshots, checks the hard assertions and
@@ -51,6 +54,7 @@ pub fn finish(
         phases,
         total_seconds,
         accel,
+        boot_all,
     } = outcome;
     let every_run: Vec<&Run> = runs.iter().chain(&aarch64.runs).collect();
     let report = json!({
@@ -85,6 +89,24 @@ pub fn finish(
         &work.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    let (mut compared_snapshots, mut changed_snapshots) = if boot_all {
+        (Vec::new(), Vec::new())
+    } else {
+        check_snapshots(&every_run, list_checks, golden)
+    };
+    for (name, description, text) in layered.snapshots() {
+        if snapshot_differs(golden, &name, description, text) {
+            changed_snapshots.push(name.clone());
+        }
+        compared_snapshots.push(name);
+    }
+    let not_compared =
+        uncompared_snapshots(&every_run, golden, &compared_snapshots, selection, boot_all);
+    for n in &not_compared {
+        let not = if n.fails { "NOT" } else { "not" };
+        eprintln!("snapshot {}: {not} compared: {}", n.name, n.why);
+    }
+
     let mut markdown = markdown_summary(&every_run, phases, total_seconds, accel);
     markdown.push_str(&layered.markdown());
     if let Some(s) = shutdown {
@@ -96,6 +118,11 @@ pub fn finish(
             s.stop_seconds.map_or("-".to_owned(), |t| format!("{t:.1} s")),
         );
     }
+    markdown.push_str(&snapshots_markdown(
+        &compared_snapshots,
+        &changed_snapshots,
+        &not_compared,
+    ));
     write_atomically(&work.join("summary.md"), markdown.as_bytes())?;
     eprintln!("\n{markdown}");
     eprintln!(
@@ -104,20 +131,8 @@ pub fn finish(
         work.join("summary.md").display()
     );
 
-    let (mut compared_snapshots, mut changed_snapshots) =
-        check_snapshots(&every_run, list_checks, golden);
-    for (name, description, text) in layered.snapshots() {
-        if snapshot_differs(golden, &name, description, text) {
-            changed_snapshots.push(name.clone());
-        }
-        compared_snapshots.push(name);
-    }
-    let not_compared = uncompared_snapshots(&every_run, golden, &compared_snapshots, selection);
-    for (name, why) in &not_compared {
-        eprintln!("snapshot {name}: NOT compared: {why}");
-    }
     let mut failed_snapshots = changed_snapshots.clone();
-    failed_snapshots.extend(not_compared.into_iter().map(|(name, _)| name));
+    failed_snapshots.extend(not_compared.into_iter().filter(|n| n.fails).map(|n| n.name));
     let mut failed_assertions = hard_assertions(runs);
     failed_assertions.extend(list_assertions(list_checks));
     if let Some(error) = shutdown.and_then(|s| s.error.as_ref()) {
@@ -168,9 +183,14 @@ pub fn finish(
     Ok(())
 }
 
+/// The boot cell: the run's own result, or `= VARIANT` when its machine is byte-identical to
+/// that variant's and that boot was reused (`shared_with`).
 fn boot_text(run: &Run) -> String {
     match &run.boot {
         None => "not booted".to_owned(),
+        Some(b) if b.shared_with.is_some() => {
+            format!("= {}", b.shared_with.as_deref().unwrap_or_default())
+        }
         Some(b) if !b.outcome.ok => "FAILED".to_owned(),
         Some(b) => {
             let r = b.outcome.result.as_ref();
@@ -238,9 +258,58 @@ fn duplicated_text(run: &Run) -> String {
     }
 }
 
+/// A snapshot cell that differs between machines: the number is in summary.md.
+const VARIES: &str = "~";
+
+/// Whether the store disk's own references (what Nix finds scanning its bytes at build time)
+/// can differ between machines. Without fix 1 Nix records them; erofs stores every name
+/// uncompressed, so its image names every packed path on any machine, but a zstd squashfs image
+/// names only the paths whose hash zstd kept as raw literals, which depends on the bytes
+/// compressed in the same blocks: host-provided files (the kernel package and its modules,
+/// busybox, the initrd; small files and file tails share fragment blocks) and the store hashes
+/// themselves, which follow those inputs. With fix 1 there are none.
+fn image_references_vary(run: &Run) -> bool {
+    run.plan.format == ImageFormat::Squashfs && !run.plan.fixes.image
+}
+
+/// Whether what the run copies can differ between machines: its image's references vary and
+/// some guest path is reached only through them (or not at all), e.g. `leak-image` (nothing
+/// else reaches the guest) and `fix-reginfo` (nothing else reaches the closure info). Where the
+/// runner reaches the whole guest closure anyway (regInfo=), the copy is the same everywhere.
+fn copy_varies(run: &Run) -> bool {
+    image_references_vary(run)
+        && run
+            .facts
+            .as_ref()
+            .is_none_or(|f| !f.guest_only_via_image.is_empty())
+}
+
+/// Whether the run copying the path named `name` can differ between machines (see
+/// [`copy_varies`]).
+fn copied_path_varies(run: &Run, name: &str) -> bool {
+    image_references_vary(run)
+        && run.facts.as_ref().is_none_or(|f| {
+            f.guest_only_via_image
+                .iter()
+                .any(|p| super::transfer::redact(p) == name)
+        })
+}
+
+/// `text`, or `~` when `varies`.
+fn cell(varies: bool, text: String) -> String {
+    if varies {
+        VARIES.to_owned()
+    } else {
+        text
+    }
+}
+
 /// One cell of the copied-paths matrix: `.` not copied, `L` leaked, `S` shared (in the image and
 /// needed by the runner), `x` runner side; `d` copied and in the image where no verifier ran.
 fn matrix_cell(run: &Run, name: &str) -> &'static str {
+    if copied_path_varies(run, name) {
+        return VARIES;
+    }
     let copied = run
         .transfer
         .as_ref()
@@ -281,10 +350,21 @@ fn snapshot_for(group: &SnapshotGroup<'_>) -> String {
         "guest-side bytes minus unfixed's; `in image` = copied paths the store disk also holds",
         "(count, guest-side bytes): copied twice; `leaked` = of those, the ones the runner does not",
         "need by itself (the verifier's runner_overlap, checked against nix copy path by path).",
-        "",
+        "boot `= V`: the machine is byte-identical to variant V's, whose boot stands for it.",
     ] {
         let _ = writeln!(out, "{line}");
     }
+    let varies = runs.iter().chain(updates).chain(group.hosts);
+    if varies.into_iter().any(|r| image_references_vary(r)) {
+        for line in [
+            "`~`: differs between machines (squashfs without fix 1: the image's references are the",
+            "store hashes zstd kept literal, which follows the host's kernel, modules and busybox",
+            "compressed beside them); the numbers are in summary.md.",
+        ] {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = writeln!(out);
     let unfixed = runs
         .iter()
         .find(|r| r.plan.variant == Variant::Unfixed)
@@ -301,21 +381,28 @@ fn snapshot_for(group: &SnapshotGroup<'_>) -> String {
             (Some(b), Some(u)) => format!("{:+}", b as i128 - u as i128),
             _ => "?".to_owned(),
         };
+        let copy = copy_varies(run);
         let _ = writeln!(
             out,
             "{:<13} {:<35} {:<24} {:>5} {:>10} {:>10} {:>16} {:>6}  {}",
             run.plan.variant.name(),
             fixes_text(run),
             boot_text(run),
-            t.map_or("?".to_owned(), |t| t.paths.to_string()),
-            bytes.map_or("?".to_owned(), |b| b.to_string()),
-            delta,
-            duplicated_text(run),
-            t.and_then(|t| t.leaked_paths)
-                .map_or("?".to_owned(), |n| n.to_string()),
-            run.verify
-                .as_ref()
-                .map_or("not run".to_owned(), |v| v.summary()),
+            cell(copy, t.map_or("?".to_owned(), |t| t.paths.to_string())),
+            cell(copy, bytes.map_or("?".to_owned(), |b| b.to_string())),
+            cell(copy, delta),
+            cell(copy, duplicated_text(run)),
+            cell(
+                copy,
+                t.and_then(|t| t.leaked_paths)
+                    .map_or("?".to_owned(), |n| n.to_string())
+            ),
+            cell(
+                image_references_vary(run),
+                run.verify
+                    .as_ref()
+                    .map_or("not run".to_owned(), |v| v.summary())
+            ),
         );
     }
     let _ = writeln!(out);
@@ -394,10 +481,13 @@ fn snapshot_for(group: &SnapshotGroup<'_>) -> String {
         );
         for run in updates {
             let t = run.transfer.as_ref();
-            let names: Vec<String> = t
+            let copy = copy_varies(run);
+            // The paths copied whatever the image names, then `~` for the others.
+            let mut names: Vec<String> = t
                 .map(|t| {
                     t.copied
                         .iter()
+                        .filter(|c| !copied_path_varies(run, &c.name))
                         .map(|c| {
                             if c.host_provided {
                                 format!("{} (host)", c.name)
@@ -408,12 +498,18 @@ fn snapshot_for(group: &SnapshotGroup<'_>) -> String {
                         .collect()
                 })
                 .unwrap_or_default();
+            if copy {
+                names.push(VARIES.to_owned());
+            }
             let _ = writeln!(
                 out,
                 "{:<13} {:>5} {:>10}  {}",
                 run.plan.variant.name(),
-                t.map_or("?".to_owned(), |t| t.paths.to_string()),
-                guest_side_bytes(run, |_| true).map_or("?".to_owned(), |b| b.to_string()),
+                cell(copy, t.map_or("?".to_owned(), |t| t.paths.to_string())),
+                cell(
+                    copy,
+                    guest_side_bytes(run, |_| true).map_or("?".to_owned(), |b| b.to_string())
+                ),
                 names.join(", ")
             );
         }
@@ -449,16 +545,26 @@ fn host_section(out: &mut String, hosts: &[&Run], lists: &[&ListCheck]) {
             .iter()
             .find(|c| c.variant == run.plan.variant)
             .map_or("not checked".to_owned(), |c| c.text());
+        let copy = copy_varies(run);
         let _ = writeln!(
             out,
             "{:<13} {:>5} {:>10} {:>16} {:>6}  {:<8}  {}",
             run.plan.variant.name(),
-            t.map_or("?".to_owned(), |t| t.paths.to_string()),
-            guest_side_bytes(run, |_| true).map_or("?".to_owned(), |b| b.to_string()),
-            duplicated_text(run),
-            t.and_then(|t| t.leaked_paths)
-                .map_or("?".to_owned(), |n| n.to_string()),
-            if copies_toplevel { "copied" } else { "-" },
+            cell(copy, t.map_or("?".to_owned(), |t| t.paths.to_string())),
+            cell(
+                copy,
+                guest_side_bytes(run, |_| true).map_or("?".to_owned(), |b| b.to_string())
+            ),
+            cell(copy, duplicated_text(run)),
+            cell(
+                copy,
+                t.and_then(|t| t.leaked_paths)
+                    .map_or("?".to_owned(), |n| n.to_string())
+            ),
+            cell(
+                copied_path_varies(run, &toplevel),
+                if copies_toplevel { "copied" } else { "-" }.to_owned()
+            ),
             list
         );
     }
@@ -628,62 +734,132 @@ fn check_snapshots(
 /// The variants the aarch64 guest is measured with: its snapshot per disk needs all three.
 const AARCH64_VARIANTS: [Variant; 3] = [Variant::Unfixed, Variant::Upstream, Variant::Fixed];
 
-/// The snapshots that should have been compared and were not, with why: a selected group
-/// missing variants (allowed only under `--variant`), and, when nothing was filtered out, a
-/// golden/*.snap that no run produced (a renamed or dropped scenario).
+/// A snapshot this run did not compare, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NotCompared {
+    name: String,
+    why: String,
+    /// The run should have compared it: the run fails.
+    fails: bool,
+}
+
+/// Every snapshot this run did not compare (of its groups and of golden/), with why: a group
+/// missing variants fails the run unless `--variant` left them out; a group under `--boot-all`
+/// is not compared (its rows booted themselves, the snapshots record which boots are shared);
+/// a golden/*.snap no run produced is fine when `--scenario`/`--disk`/`--variant` left it out
+/// or its scenario is opt-in and was not asked for, and fails the run otherwise (a renamed or
+/// dropped scenario).
 fn uncompared_snapshots(
     runs: &[&Run],
     golden: &Path,
     compared: &[String],
     selection: &Selection<'_>,
-) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    if selection.filters_variants() {
-        eprintln!(
-            "snapshots: not compared (--variant leaves variants out; snapshots show them all)"
-        );
-        return out;
-    }
+    boot_all: bool,
+) -> Vec<NotCompared> {
+    const VARIANT: &str = "--variant leaves variants out; snapshots show them all";
+    let mut out: Vec<NotCompared> = Vec::new();
     for ((scenario, format), members) in snapshot_groups(runs.iter().copied()) {
-        if !has_every_variant(&members) {
-            out.push((
-                snapshot_name(&scenario, format),
+        let name = snapshot_name(&scenario, format);
+        if compared.contains(&name) {
+            continue;
+        }
+        let (why, fails) = if selection.filters_variants() {
+            (VARIANT.to_owned(), false)
+        } else if boot_all {
+            (
+                "--boot-all boots every variant itself; the boot column records shared boots"
+                    .to_owned(),
+                false,
+            )
+        } else {
+            (
                 format!(
                     "only {} of {} variants ran",
                     members.len(),
                     snapshot_variants(&scenario).len()
                 ),
-            ));
-        }
-    }
-    let unfiltered = selection.scenarios.is_empty() && selection.disks.is_empty();
-    if unfiltered {
-        let on_disk: BTreeSet<String> = std::fs::read_dir(golden)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".snap"))
-                    .map(str::to_owned)
-            })
-            .collect();
-        let opt_in = |name: &str| {
-            super::plan::OPT_IN_SCENARIOS.iter().any(|s| {
-                name.strip_prefix(s)
-                    .is_some_and(|rest| rest.starts_with('-'))
-            })
+                true,
+            )
         };
-        for name in on_disk {
-            if !compared.contains(&name) && !opt_in(&name) && !out.iter().any(|(n, _)| *n == name) {
-                out.push((
-                    name,
-                    "golden/ holds this snapshot but no run produced it (delete it if the scenario is gone)".to_owned(),
-                ));
-            }
+        out.push(NotCompared { name, why, fails });
+    }
+    let on_disk: BTreeSet<String> = std::fs::read_dir(golden)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".snap"))
+                .map(str::to_owned)
+        })
+        .collect();
+    for name in on_disk {
+        if compared.contains(&name) || out.iter().any(|n| n.name == name) {
+            continue;
+        }
+        let (scenario, disk) = name.rsplit_once('-').unwrap_or((name.as_str(), ""));
+        let left_out =
+            |wanted: &[String], v: &str| !wanted.is_empty() && !wanted.iter().any(|w| w == v);
+        let (why, fails) = if super::plan::OPT_IN_SCENARIOS.contains(&scenario)
+            && !selection.scenarios.iter().any(|s| s == scenario)
+        {
+            (
+                format!("opt-in scenario, not run (`--scenario {scenario}` runs it)"),
+                false,
+            )
+        } else if left_out(selection.scenarios, scenario) {
+            ("--scenario leaves it out".to_owned(), false)
+        } else if left_out(selection.disks, disk) {
+            ("--disk leaves it out".to_owned(), false)
+        } else if selection.filters_variants() {
+            (VARIANT.to_owned(), false)
+        } else {
+            (
+                "golden/ holds this snapshot but no run produced it (delete it if the scenario is gone)"
+                    .to_owned(),
+                true,
+            )
+        };
+        out.push(NotCompared { name, why, fails });
+    }
+    out
+}
+
+/// summary.md's account of the snapshots: how many were compared, which changed, which were
+/// not compared and why, and where the numbers of the `~` cells are.
+fn snapshots_markdown(
+    compared: &[String],
+    changed: &[String],
+    not_compared: &[NotCompared],
+) -> String {
+    let mut out = String::from("\n## Snapshots\n\n");
+    let _ = writeln!(
+        out,
+        "Compared: {} ({}).",
+        compared.len(),
+        if changed.is_empty() {
+            "none changed".to_owned()
+        } else {
+            format!("changed: {}", changed.join(", "))
+        }
+    );
+    if not_compared.is_empty() {
+        let _ = writeln!(
+            out,
+            "Every snapshot in golden/ and of this run was compared."
+        );
+    } else {
+        let _ = writeln!(out, "\nNot compared:\n");
+        for n in not_compared {
+            let fails = if n.fails { " (fails the run)" } else { "" };
+            let _ = writeln!(out, "- `{}`: {}{fails}", n.name, n.why);
         }
     }
+    let _ = writeln!(
+        out,
+        "\nA snapshot cell shown as `~` differs between machines (squashfs without fix 1); its number is in the table above."
+    );
     out
 }
 
@@ -1165,33 +1341,122 @@ mod tests {
     }
 
     #[test]
+    fn shared_boots_and_cells_that_differ_between_machines_are_marked() {
+        use crate::vm_test::RunnerFacts;
+        let facts = |only_via_image: &[&str]| RunnerFacts {
+            guest_closure: BTreeSet::new(),
+            runner_own: BTreeSet::new(),
+            guest_only_via_image: only_via_image
+                .iter()
+                .map(|name| format!("/nix/store/{:032}-{name}", 0))
+                .collect(),
+        };
+        let squashfs = ImageFormat::Squashfs;
+        // unfixed: no fix 1, but regInfo= reaches the whole guest: only its verdict (does the
+        // image name a packed path?) differs between machines.
+        let mut unfixed = run(
+            Variant::Unfixed,
+            squashfs,
+            &[RUNNER, KERNEL, TOPLEVEL, REGINFO],
+        );
+        unfixed.facts = Some(facts(&[]));
+        let mut fixed = run(Variant::Fixed, squashfs, &[RUNNER, IMAGE]);
+        fixed.plan.fixes.image = true;
+        fixed.facts = Some(facts(&["nixos-system-s", "closure-info", "linux-host"]));
+        // leak-image: only the image's references reach the guest; its machine is fixed's.
+        let mut leak = run(Variant::LeakImage, squashfs, &[RUNNER, IMAGE]);
+        leak.facts = Some(facts(&["nixos-system-s", "closure-info", "linux-host"]));
+        leak.boot.as_mut().unwrap().shared_with = Some("fixed".to_owned());
+        let text = snapshot_for(&SnapshotGroup {
+            runs: &[&unfixed, &fixed, &leak],
+            updates: &[],
+            hosts: &[],
+            lists: &[],
+        });
+        insta::assert_snapshot!(text, @r"
+        s on squashfs: what `nix copy` of each variant's runner transfers
+        Sizes are NAR bytes. Host-provided paths (busybox, the kernel package, initrd, kernel image,
+        QEMU and socat wrappers, the store disk) differ between machines: listed, but their sizes are
+        left out of every number here. `guest-side` = the other copied paths; `vs unfixed` =
+        guest-side bytes minus unfixed's; `in image` = copied paths the store disk also holds
+        (count, guest-side bytes): copied twice; `leaked` = of those, the ones the runner does not
+        need by itself (the verifier's runner_overlap, checked against nix copy path by path).
+        boot `= V`: the machine is byte-identical to variant V's, whose boot stands for it.
+        `~`: differs between machines (squashfs without fix 1: the image's references are the
+        store hashes zstd kept literal, which follows the host's kernel, modules and busybox
+        compressed beside them); the numbers are in summary.md.
+
+        variant       fixes                               boot                     paths guest-side vs unfixed         in image leaked  verify
+        unfixed       ----- ------- ---- ------- ------   ok: ? reg, ? files           4       5600         +0         3 (5500)      2  ~
+        fixed         image ------- ---- ------- ------   ok: ? reg, ? files           2       3100      -2500            0 (0)      0  ok
+        leak-image    ----- ------- ---- ------- ------   = fixed                      ~          ~          ~                ~      ~  ~
+
+        copied paths (. not copied, L leaked, S shared: in the image and needed by the runner,
+        x runner side; NAR bytes, `host` = host-provided; img = packed in the store disk):
+        path                                        NAR bytes img  U  F lI
+        closure-info                                      300 yes  L  .  ~
+        linux-host                                       5000 yes  S  .  ~
+        microvm-kernel-image                             3000      .  x  x
+        microvm-qemu-s                                    100      x  x  x
+        nixos-system-s                                    200 yes  L  .  ~
+        columns: U=unfixed F=fixed lI=leak-image
+        ");
+    }
+
+    #[test]
     fn an_incomplete_group_or_a_stale_snapshot_is_not_silently_skipped() {
         let golden = tempfile::tempdir().unwrap();
-        std::fs::write(golden.path().join("s-erofs.snap"), "").unwrap();
-        std::fs::write(golden.path().join("gone-erofs.snap"), "").unwrap();
-        // An opt-in scenario's snapshot is not stale when the default run leaves it out.
-        std::fs::write(golden.path().join("realistic-erofs.snap"), "").unwrap();
+        for name in ["s-erofs", "gone-erofs", "s-squashfs", "realistic-erofs"] {
+            std::fs::write(golden.path().join(format!("{name}.snap")), "").unwrap();
+        }
         let mut runs = group(ImageFormat::Erofs);
         runs.retain(|r| r.plan.variant != Variant::FixKernel);
-        let none = Selection::default();
         let refs: Vec<&Run> = runs.iter().collect();
-        let missing = uncompared_snapshots(&refs, golden.path(), &[], &none);
-        let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["s-erofs", "gone-erofs"]);
-        assert!(missing[0].1.contains("only 12 of 13 variants"));
-        // Under --variant the user asked for a partial run: said, not failed.
+        let render = |compared: &[String], selection: &Selection<'_>, boot_all: bool| {
+            uncompared_snapshots(&refs, golden.path(), compared, selection, boot_all)
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}{}: {}\n",
+                        if n.fails { "FAILS " } else { "" },
+                        n.name,
+                        n.why
+                    )
+                })
+                .collect::<String>()
+        };
+        // A default run: the incomplete group and the stale snapshots fail; the opt-in
+        // scenario's is said, not failed.
+        insta::assert_snapshot!(render(&[], &Selection::default(), false), @r"
+        FAILS s-erofs: only 12 of 13 variants ran
+        FAILS gone-erofs: golden/ holds this snapshot but no run produced it (delete it if the scenario is gone)
+        realistic-erofs: opt-in scenario, not run (`--scenario realistic` runs it)
+        FAILS s-squashfs: golden/ holds this snapshot but no run produced it (delete it if the scenario is gone)
+        ");
+        // What the user left out is said, not failed.
         let variants = ["fixed".to_owned()];
+        let scenarios = ["s".to_owned()];
+        let disks = ["erofs".to_owned()];
+        let selected = Selection {
+            scenarios: &scenarios,
+            disks: &disks,
+            ..Selection::default()
+        };
+        insta::assert_snapshot!(render(&[], &selected, true), @r"
+        s-erofs: --boot-all boots every variant itself; the boot column records shared boots
+        gone-erofs: --scenario leaves it out
+        realistic-erofs: opt-in scenario, not run (`--scenario realistic` runs it)
+        s-squashfs: --disk leaves it out
+        ");
         let partial = Selection {
             variants: &variants,
             ..Selection::default()
         };
-        assert!(uncompared_snapshots(&refs, golden.path(), &[], &partial).is_empty());
-        // A complete group that was compared is not reported.
-        let runs = group(ImageFormat::Erofs);
         let compared = ["s-erofs".to_owned()];
-        let refs: Vec<&Run> = runs.iter().collect();
-        let missing = uncompared_snapshots(&refs, golden.path(), &compared, &none);
-        assert_eq!(missing.len(), 1);
-        assert_eq!(missing[0].0, "gone-erofs");
+        insta::assert_snapshot!(render(&compared, &partial, false), @r"
+        gone-erofs: --variant leaves variants out; snapshots show them all
+        realistic-erofs: opt-in scenario, not run (`--scenario realistic` runs it)
+        s-squashfs: --variant leaves variants out; snapshots show them all
+        ");
     }
 }
