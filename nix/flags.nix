@@ -3,6 +3,8 @@
 # Nix (nix/tests.nix) on a machine without nixpkgs. Each gives { args; warnings; }:
 #
 #   erofs FLAGS       microvm.storeDiskErofsFlags (mkfs.erofs flags) -> `storedisk build` flags
+#                     (`--erofs-writer mkfs` when they ask for what only mkfs.erofs does:
+#                     -Efragments, zstd, lzma, deflate)
 #   squashfs FLAGS    microvm.storeDiskSquashfsFlags (gensquashfs flags) -> the same
 #
 # Every flag microvm.nix's defaults or docs name takes effect, or is dropped with a `warnings`
@@ -24,8 +26,9 @@ let
   erofsOption = "microvm.storeDiskErofsFlags";
   squashfsOption = "microvm.storeDiskSquashfsFlags";
 
-  # storedisk's erofs compressions (mkfs.erofs names).
+  # storedisk's erofs compressions (mkfs.erofs names); the last three through mkfs.erofs.
   erofsCompressions = [ "lz4" "lz4hc" "zstd" "lzma" "deflate" ];
+  mkfsOnlyCompressions = [ "zstd" "lzma" "deflate" ];
   # Set by storedisk itself, for reproducible images: accepted, not passed on.
   erofsOwnFlags = [ "--all-root" "-T0" "-Uclear" "--mount-point=/nix/store" "-Lnix-store" ];
 
@@ -71,10 +74,18 @@ in
     in
     if unknown != [ ] then
       refuse erofsOption (builtins.head unknown) "storedisk understands -zALGORITHM[,LEVEL] and -Eztailpacking/-Efragments/-Ededupe (and sets timestamps, ownership, label and UUID itself)"
-    else {
-      args = compressionArgs (if compressions == [ ] then null else last compressions)
+    else
+    let
+      compression = if compressions == [ ] then null else last compressions;
+      fragments = builtins.elem "fragments" extended;
+      # storedisk writes erofs itself (lz4hc, lz4, tail packing); -Efragments and the other
+      # algorithms only mkfs.erofs does.
+      mkfsOnly = fragments || (compression != null && builtins.elem compression.compression mkfsOnlyCompressions);
+    in {
+      args = (if mkfsOnly then [ "--erofs-writer" "mkfs" ] else [ ])
+        ++ compressionArgs compression
         ++ [ "--erofs-ztailpacking" (if builtins.elem "ztailpacking" extended then "true" else "false") ]
-        ++ (if builtins.elem "fragments" extended then [ "--erofs-fragments" ] else [ ]);
+        ++ (if fragments then [ "--erofs-fragments" ] else [ ]);
       warnings = if builtins.elem "dedupe" extended then [ dedupeWarning ] else [ ];
     };
 

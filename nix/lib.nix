@@ -15,8 +15,8 @@
 # No nixpkgs: every derivation's builder is busybox's sh (busybox picks the applet from argv[0],
 # so `busybox` must be a store directory with bin/<applet> symlinks). `storedisk` is a store
 # directory with bin/storedisk: a build input of the store disk and the check only, never part of
-# what a guest or a runner references. `mkfsErofs`: a mkfs.erofs for `storedisk build` to run, a
-# store path (an ordinary build input) or an absolute host path without string context (the
+# what a guest or a runner references. `mkfsErofs`: a mkfs.erofs for `storedisk build` to run when
+# a build asks for it (`--erofs-writer mkfs`; storedisk writes erofs itself otherwise), a store path (an ordinary build input) or an absolute host path without string context (the
 # harness builds with the sandbox off; its erofs-utils comes from a private prefix that only works
 # where it was unpacked): then its sha256 is a derivation input, so another mkfs.erofs rebuilds
 # the erofs disks. `system`: where the derivations build (the build machine), never the guest's
@@ -82,22 +82,30 @@ rec {
     let roots = guestRootsOf { inherit toplevel regInfo; };
       disk = runStructured "microvm-store-disk.${format}" ({
         exportReferencesGraph.closure = roots;
-      } // (erofsTool format) // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
+      } // (erofsTool format buildFlags) // (if discardReferences then { unsafeDiscardReferences.out = true; } else { })) ''
         ${storedisk}/bin/storedisk build --format ${format} --closure "$NIX_ATTRS_JSON_FILE" \
-          --closure-key closure ${mkfsFlag format} ${toString buildFlags} --output "$out" ${toString roots}
+          --closure-key closure ${mkfsFlag format buildFlags} ${toString buildFlags} --output "$out" ${toString roots}
       '';
     in disk // { guestRoots = roots; layers = [ disk ]; };
 
   # How a store disk derivation gets its mkfs.erofs (see `mkfsErofs` above): the host path and
-  # its hash as attributes, and the flag that passes it to `storedisk build`.
+  # its hash as attributes, and the flag that passes it to `storedisk build`. Only for builds
+  # that ask for it (`--erofs-writer mkfs`, which nix/flags.nix adds for -Efragments and the
+  # algorithms storedisk's own erofs writer does not have): the others never run it, so they do
+  # not depend on it either.
+  usesMkfs = format: buildFlags:
+    let n = builtins.length buildFlags;
+    in format == "erofs" && n >= 2 && builtins.any (i:
+      builtins.elemAt buildFlags i == "--erofs-writer" && builtins.elemAt buildFlags (i + 1) == "mkfs"
+    ) (builtins.genList (i: i) (n - 1));
   hostErofsTool = mkfsErofs != null && !(builtins.hasContext (toString mkfsErofs));
-  erofsTool = format: if format == "erofs" && hostErofsTool then {
+  erofsTool = format: buildFlags: if usesMkfs format buildFlags && hostErofsTool then {
     mkfsErofs = builtins.unsafeDiscardStringContext (toString mkfsErofs);
     mkfsErofsSha256 = builtins.hashFile "sha256" mkfsErofs;
   } else { };
-  mkfsFlag = format:
-    if format != "erofs" || mkfsErofs == null then ""
-    else if hostErofsTool then "--mkfs-erofs ${(erofsTool format).mkfsErofs}"
+  mkfsFlag = format: buildFlags:
+    if !(usesMkfs format buildFlags) || mkfsErofs == null then ""
+    else if hostErofsTool then "--mkfs-erofs ${(erofsTool format buildFlags).mkfsErofs}"
     else "--mkfs-erofs ${mkfsErofs}";
 
   # Fixes 3 and 4: the kernel command line with the string context of `init=` and `regInfo=` dropped
@@ -183,8 +191,8 @@ rec {
       own = path: builtins.appendContext path { ${path} = { path = true; }; };
       layer = l: runStructured "storedisk-${l.name}.${format}" ({
         unsafeDiscardReferences.out = true;
-      } // (erofsTool format)) ''
-        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format} ${toString buildFlags} \
+      } // (erofsTool format buildFlags)) ''
+        ${storedisk}/bin/storedisk build --format ${format} --exact ${mkfsFlag format buildFlags} ${toString buildFlags} \
           --output "$out" ${toString (map own l.paths)}
       '';
       images =

@@ -207,10 +207,11 @@ in
       # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
       # check's expectations do not depend on it. A definition by the user (`= true`) wins.
       microvm.systemSymlink = lib.mkDefault false;
-      # microvm.nix's default (options.nix:1042-1047) without -Efragments: with -Eztailpacking it
-      # makes erofs-utils 1.8.6 and 1.9.4 write wrong file data for some inputs (storedisk's
-      # read-back check would then fail the build). A user's own list, -Efragments included, is
-      # honoured as written.
+      # microvm.nix's default (options.nix:1042-1047) without -Efragments, which storedisk's own
+      # erofs writer does not do (and with -Eztailpacking makes erofs-utils 1.8.6 and 1.9.4 write
+      # wrong file data for some inputs; storedisk's read-back check would then fail the build).
+      # A user's own list, -Efragments included, is honoured as written (with mkfs.erofs:
+      # nix/flags.nix).
       microvm.storeDiskErofsFlags = lib.mkDefault
         ([ "-zlz4hc" ] ++ lib.optional (kernelAtLeast "5.16") "-Eztailpacking");
       warnings = translatedFlags.warnings;

@@ -38,13 +38,15 @@ let
   cases = [
     # microvm.nix's defaults (options.nix:1042-1047), gated on the guest kernel as upstream.
     (equal "erofs default, kernel 6.1+" (erofs (upstreamErofsDefault true true))
-      [ "--compression" "lz4hc" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
+      [ "--erofs-writer" "mkfs" "--compression" "lz4hc" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
     (equal "erofs default, kernel 5.16-6.0" (erofs (upstreamErofsDefault true false))
       [ "--compression" "lz4hc" "--erofs-ztailpacking" "true" ])
     (equal "erofs default, kernel < 5.16: no tail packing" (erofs (upstreamErofsDefault false false))
       [ "--compression" "lz4hc" "--erofs-ztailpacking" "false" ])
     (equal "erofs level and combined -E" (erofs [ "-zzstd,level=9" "-Eztailpacking,fragments" ])
-      [ "--compression" "zstd" "--compression-level" "9" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
+      [ "--erofs-writer" "mkfs" "--compression" "zstd" "--compression-level" "9" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
+    (equal "erofs zstd is mkfs.erofs's" (erofs [ "-zzstd" ])
+      [ "--erofs-writer" "mkfs" "--compression" "zstd" "--erofs-ztailpacking" "false" ])
     (equal "erofs level after a comma" (erofs [ "-zlz4hc,12" ])
       [ "--compression" "lz4hc" "--compression-level" "12" "--erofs-ztailpacking" "false" ])
     (equal "erofs: the flags storedisk sets itself are accepted" (erofs [ "-zlz4" "--all-root" ])

@@ -204,6 +204,8 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     let host_dir = phases.time("host inputs", || {
         host::prepare(&toolchain, &storedisk, &work.join("host"))
     })?;
+    // The store disks are storedisk's own erofs; mkfs.erofs runs only for a build that asks
+    // for it (`--erofs-writer mkfs`, nix/lib.nix), as microvm.nix's -Efragments does.
     let mkfs_erofs = tools::mkfs_erofs_with_fragments()
         .context("no mkfs.erofs 1.6+ (erofs-utils): run `cargo xtask setup`")?;
     let realistic_dir = if args.scenario.iter().any(|s| s == REALISTIC) {

@@ -119,10 +119,10 @@ impl FromStr for Compression {
 pub enum ErofsWriter {
     /// storedisk's own writer ([`erofs::write_native`]): lz4hc, lz4 or none, tail packing,
     /// identical files stored once; no fragments.
+    #[default]
     Native,
     /// erofs-utils' `mkfs.erofs` ([`BuildOptions::mkfs_erofs`]), for the algorithms and
     /// `-Efragments` the native writer does not do.
-    #[default]
     Mkfs,
 }
 

@@ -76,7 +76,7 @@ pub struct BuildArgs {
 
     /// Who writes erofs images: storedisk itself (native), or mkfs.erofs (mkfs), which also
     /// does zstd, lzma, deflate and --erofs-fragments.
-    #[arg(long, value_enum, value_name = "WRITER", default_value = "mkfs")]
+    #[arg(long, value_enum, value_name = "WRITER", default_value = "native")]
     erofs_writer: ErofsWriterArg,
 
     /// The mkfs.erofs to run for erofs images with --erofs-writer mkfs.

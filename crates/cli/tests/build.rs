@@ -264,7 +264,12 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
                 &tricky,
                 "erofs",
                 &image,
-                &["--mkfs-erofs", utils.mkfs.to_str().unwrap()],
+                &[
+                    "--erofs-writer",
+                    "mkfs",
+                    "--mkfs-erofs",
+                    utils.mkfs.to_str().unwrap(),
+                ],
             );
             let stderr = text(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -280,7 +285,13 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
             &store,
             "erofs",
             &image,
-            &["--mkfs-erofs", utils.mkfs.to_str().unwrap(), "--json"],
+            &[
+                "--erofs-writer",
+                "mkfs",
+                "--mkfs-erofs",
+                utils.mkfs.to_str().unwrap(),
+                "--json",
+            ],
         );
         assert_success(&out);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -607,7 +618,8 @@ fn bad_roots_and_closures_fail_naming_the_path_and_leave_nothing() {
         &output,
         std::slice::from_ref(&toplevel),
     );
-    cmd.arg("--mkfs-erofs").arg(&newest.mkfs);
+    cmd.args(["--erofs-writer", "mkfs", "--mkfs-erofs"])
+        .arg(&newest.mkfs);
     cmd.args(["--compression", "lz4hc", "--compression-level", "99"]);
     assert_fails_cleanly(cmd, out_dir.path(), "invalid compression level 99");
 }
@@ -714,7 +726,14 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
         &store,
         "erofs",
         &image,
-        &["--mkfs-erofs", mkfs, "--erofs-fragments", "--no-read-back"],
+        &[
+            "--erofs-writer",
+            "mkfs",
+            "--mkfs-erofs",
+            mkfs,
+            "--erofs-fragments",
+            "--no-read-back",
+        ],
     );
     assert_success(&out);
     let extracted = out_dir.path().join("extracted");
@@ -737,6 +756,8 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
         "--format",
         "erofs",
         "--erofs-fragments",
+        "--erofs-writer",
+        "mkfs",
         "--mkfs-erofs",
         mkfs,
         "--closure",
@@ -750,7 +771,12 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
     assert_fails_cleanly(cmd, out_dir.path(), lib.base_name());
 
     // The default flags (no -Efragments) pack it correctly.
-    let out = build(&store, "erofs", &image, &["--mkfs-erofs", mkfs]);
+    let out = build(
+        &store,
+        "erofs",
+        &image,
+        &["--erofs-writer", "mkfs", "--mkfs-erofs", mkfs],
+    );
     assert_success(&out);
     extract_erofs(&utils.fsck, &image, &extracted);
     assert_holds_closure(&extracted, store.closure());
@@ -843,6 +869,8 @@ fn erofs_compressions_give_the_same_content() {
                 utils.version.0, utils.version.1
             ));
             let mut extra = vec![
+                "--erofs-writer",
+                "mkfs",
                 "--mkfs-erofs",
                 utils.mkfs.to_str().unwrap(),
                 "--compression",
@@ -925,7 +953,15 @@ fn without_mkfs_erofs_the_newest_installed_one_is_used_whatever_the_path_order()
     let mut cmd = storedisk();
     cmd.env("PATH", std::env::join_paths(dirs).unwrap())
         .env_remove("STOREDISK_MKFS_EROFS")
-        .args(["build", "--format", "erofs", "--json", "--closure"])
+        .args([
+            "build",
+            "--format",
+            "erofs",
+            "--erofs-writer",
+            "mkfs",
+            "--json",
+            "--closure",
+        ])
         .arg(store.closure_json())
         .arg("--store-dir")
         .arg(store.store_dir())

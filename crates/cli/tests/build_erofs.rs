@@ -216,24 +216,51 @@ fn the_tricky_store_reads_back_byte_for_byte_through_fsck_erofs_and_verify() {
     assert_ne!(uuid(&image), vec![0; 16]);
 }
 
+/// Text: compresses well.
+fn prose(len: usize) -> Vec<u8> {
+    b"GNU GENERAL PUBLIC LICENSE /nix/store lorem ipsum dolor\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// Noise: does not compress.
+fn noise(rng: &mut XorShift64, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.next_u64() as u8).collect()
+}
+
+/// Runs of text and noise: clusters that compress and clusters stored as they are, ending
+/// anywhere in a logical cluster.
+fn runs(rng: &mut XorShift64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let run = 10 + (rng.next_u64() % 3000) as usize;
+        if rng.next_u64().is_multiple_of(2) {
+            out.extend(prose(run));
+        } else {
+            out.extend(noise(rng, run));
+        }
+    }
+    out.truncate(len);
+    out
+}
+
 /// One store path per kind of edge the writer must get right.
 fn edge_store() -> SyntheticStore {
     let mut b = SyntheticStoreBuilder::new();
     let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
-    let mut noise = |len: usize| -> Vec<u8> { (0..len).map(|_| rng.next_u64() as u8).collect() };
-    let text = |len: usize| -> Vec<u8> {
-        b"GNU GENERAL PUBLIC LICENSE /nix/store lorem ipsum dolor\n"
-            .iter()
-            .copied()
-            .cycle()
-            .take(len)
-            .collect()
-    };
 
     let sizes = b.path("sizes", StorePathSpec::Directory);
     for len in [0usize, 1, 4095, 4096, 4097, 8191, 8192, 8193, (5 << 20) + 3] {
-        b.file(&sizes, &format!("text-{len}"), &text(len), false);
-        b.file(&sizes, &format!("noise-{len}"), &noise(len), len % 2 == 1);
+        b.file(&sizes, &format!("text-{len}"), &prose(len), false);
+        b.file(
+            &sizes,
+            &format!("noise-{len}"),
+            &noise(&mut rng, len),
+            len % 2 == 1,
+        );
         b.file(
             &sizes,
             &format!("mixed-{len}"),
@@ -243,10 +270,25 @@ fn edge_store() -> SyntheticStore {
         b.file(&sizes, &format!("zeros-{len}"), &vec![0u8; len], false);
     }
     // A large file of noise with a compressible middle and a zero end.
-    let mut patchy = noise(3 << 20);
-    patchy.extend(text(1 << 20));
+    let mut patchy = noise(&mut rng, 3 << 20);
+    patchy.extend(prose(1 << 20));
     patchy.extend(vec![0u8; (1 << 20) + 17]);
     b.file(&sizes, "patchy", &patchy, true);
+
+    let mixed = b.path("mixed", StorePathSpec::Directory);
+    for i in 0..300u64 {
+        let len = match i % 3 {
+            0 => (i * 37) as usize % 100,
+            1 => (i * 7919) as usize % 20_000,
+            _ => (i * 104_729) as usize % 300_000,
+        };
+        b.file(
+            &mixed,
+            &format!("f{i:03}"),
+            &runs(&mut rng, len),
+            i % 2 == 0,
+        );
+    }
 
     let tails = b.path("tails", StorePathSpec::Directory);
     let mut lens: Vec<usize> = (1..4096).step_by(127).collect();
@@ -254,13 +296,24 @@ fn edge_store() -> SyntheticStore {
         2, 31, 32, 33, 4031, 4032, 4033, 4063, 4064, 4065, 4071, 4072, 4073, 4094, 4095,
     ]);
     for t in lens {
-        b.file(&tails, &format!("t{t}-text"), &text(3 * 4096 + t), false);
-        b.file(&tails, &format!("t{t}-noise"), &noise(4096 + t), false);
-        b.file(&tails, &format!("t{t}-small"), &noise(t), false);
+        b.file(&tails, &format!("t{t}-text"), &prose(3 * 4096 + t), false);
+        b.file(
+            &tails,
+            &format!("t{t}-noise"),
+            &noise(&mut rng, 4096 + t),
+            false,
+        );
+        b.file(&tails, &format!("t{t}-small"), &noise(&mut rng, t), false);
         // Compressible, then noise at the end: the tail follows compressed clusters.
-        let mut mixed = text(20_000);
-        mixed.extend(noise(t));
+        let mut mixed = prose(20_000);
+        mixed.extend(noise(&mut rng, t));
         b.file(&tails, &format!("t{t}-mixed"), &mixed, false);
+        b.file(
+            &tails,
+            &format!("t{t}-runs"),
+            &runs(&mut rng, 50_000 + t),
+            false,
+        );
     }
 
     let names = b.path("names", StorePathSpec::Directory);
@@ -271,7 +324,7 @@ fn edge_store() -> SyntheticStore {
         b.file(
             &names,
             &format!("wide/entry-{i:04}-{}", "x".repeat(i % 200)),
-            &text(i),
+            &prose(i),
             false,
         );
     }
@@ -289,13 +342,13 @@ fn edge_store() -> SyntheticStore {
         let target: String = "t/".repeat(len / 2) + &"x".repeat(len % 2);
         b.symlink(&links, &format!("link-{len}"), &target);
     }
-    b.file(&links, "first", &text(10_000), false);
+    b.file(&links, "first", &prose(10_000), false);
     b.hard_link(&links, "second", &links, "first");
     b.hard_link(&links, "third", &links, "first");
 
     let copies = b.path("copies", StorePathSpec::Directory);
-    let shared = noise(300_000);
-    let small = text(5000);
+    let shared = noise(&mut rng, 300_000);
+    let small = prose(5000);
     let zero = vec![0u8; 70_000];
     for i in 0..20 {
         b.file(&copies, &format!("big-{i:02}"), &shared, false);
@@ -304,11 +357,11 @@ fn edge_store() -> SyntheticStore {
     }
 
     let single = b.path("single-file", StorePathSpec::File);
-    b.file(&single, "", &text(12_345), true);
+    b.file(&single, "", &prose(12_345), true);
     let lone_link = b.path("lone-link", StorePathSpec::Symlink);
     b.symlink(&lone_link, "", "/nix/store/nowhere");
 
-    b.finish(&[sizes, tails, names, links, copies, single, lone_link])
+    b.finish(&[sizes, mixed, tails, names, links, copies, single, lone_link])
 }
 
 /// Builds `store` with `extra`, checks it with fsck.erofs and verify; returns the image and
@@ -420,4 +473,70 @@ fn what_only_mkfs_erofs_does_is_refused_naming_the_way_to_it() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A read-only loop mount of an erofs image by the running kernel, unmounted when dropped.
+struct KernelMount {
+    dir: tempfile::TempDir,
+}
+
+impl KernelMount {
+    fn new(image: &Path) -> KernelMount {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "erofs", "-o", "loop,ro"])
+            .arg(image)
+            .arg(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "this test has the kernel read the image: it must run as root (as on CI) with loop \
+             devices and erofs in /proc/filesystems; mount {} failed: {}",
+            image.display(),
+            text(&out.stderr)
+        );
+        KernelMount { dir }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn the_kernel_reads_the_edge_cases_as_the_store_has_them() {
+    let store = edge_store();
+    let work = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("lz4hc", &[][..]),
+        ("lz4", &["--compression", "lz4"][..]),
+        ("none", &["--compression", "none"][..]),
+        ("no-tails", &["--erofs-ztailpacking", "false"][..]),
+    ] {
+        let image = work.path().join(format!("{name}.erofs"));
+        let mut args = extra.to_vec();
+        args.push("--no-read-back");
+        assert_success(&build_native(&store, &image, &args));
+        let mounted = KernelMount::new(&image);
+        assert_holds_closure(mounted.dir.path(), store.closure());
+        let links = mounted.dir.path().join(store.path("links").base_name());
+        let first = fs::metadata(links.join("first")).unwrap();
+        assert_eq!(first.nlink(), 3, "{name}: hard links share one inode");
+        assert_eq!(
+            first.ino(),
+            fs::metadata(links.join("third")).unwrap().ino()
+        );
+    }
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use common::build_cmd;
 use sha2::{Digest, Sha256};
 use storedisk_testkit::{
-    assert_success, erofs_utils_version, listing, pseudo_random_bytes, text, tool, StorePathSpec,
-    SyntheticStore, SyntheticStoreBuilder, XorShift64,
+    assert_success, erofs_utils_version, listing, newest_erofs_utils, pseudo_random_bytes, text,
+    tool, StorePathSpec, SyntheticStore, SyntheticStoreBuilder, XorShift64,
 };
 
 fn sha256_of(path: &Path) -> String {
@@ -170,7 +170,7 @@ fn sigkill_in_the_middle_of_a_build_keeps_the_old_image_and_leaves_nothing() {
                 "{what}: killed after {delay:?}, the old image changed"
             );
             let mut left = listing(out_dir.path());
-            if mkfs.is_some() {
+            if stages(&mkfs) {
                 // mkfs.erofs 1.5 packs a staged copy, a directory that cannot be unnamed: the
                 // next build removes it (below).
                 let before_retain = left.len();
@@ -185,7 +185,7 @@ fn sigkill_in_the_middle_of_a_build_keeps_the_old_image_and_leaves_nothing() {
         }
         assert_eq!(
             staging_seen,
-            mkfs.is_some(),
+            stages(&mkfs),
             "{what}: a kill must leave mkfs.erofs 1.5's staged copy (and only then one), or the \
              sweep below tests nothing"
         );
@@ -289,20 +289,32 @@ impl Drop for Tmpfs {
     }
 }
 
-/// The ways to write an image: the format, and the mkfs.erofs to use (`None`: the default).
+/// The ways to write an image: the format, and the mkfs.erofs to use (`None`: the format's
+/// own writer, for erofs the native one): 1.8 streams a tar, 1.5 packs a staged copy.
 fn writers() -> Vec<(&'static str, Option<PathBuf>)> {
     vec![
         ("squashfs", None),
         ("erofs", None),
+        ("erofs", Some(newest_erofs_utils().mkfs)),
         ("erofs", Some(erofs_utils_version(1, 5).mkfs)),
     ]
 }
 
 fn mkfs_args(mkfs: &Option<PathBuf>) -> Vec<String> {
     match mkfs {
-        Some(path) => vec!["--mkfs-erofs".to_owned(), path.display().to_string()],
+        Some(path) => vec![
+            "--erofs-writer".to_owned(),
+            "mkfs".to_owned(),
+            "--mkfs-erofs".to_owned(),
+            path.display().to_string(),
+        ],
         None => Vec::new(),
     }
+}
+
+/// Whether `mkfs` packs a staged copy (mkfs.erofs 1.5 has no tar input).
+fn stages(mkfs: &Option<PathBuf>) -> bool {
+    mkfs.as_ref() == Some(&erofs_utils_version(1, 5).mkfs)
 }
 
 #[test]

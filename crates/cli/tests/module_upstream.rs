@@ -295,19 +295,25 @@ fn microvm_nix_documented_flags_take_effect_or_warn() {
             cases.guest(name).warnings
         );
     };
+    // storedisk writes erofs itself, but for -Efragments, which only mkfs.erofs does.
     expect(
         "erofs-flags-kernel-5-15",
         &["--compression lz4hc", "--erofs-ztailpacking false"],
-        &["--erofs-fragments"],
+        &["--erofs-fragments", "--erofs-writer mkfs", "--mkfs-erofs"],
     );
     expect(
         "erofs-flags-kernel-6-0",
         &["--erofs-ztailpacking true"],
-        &["--erofs-fragments"],
+        &["--erofs-fragments", "--erofs-writer mkfs", "--mkfs-erofs"],
     );
     expect(
         "erofs-flags-kernel-6-1",
-        &["--erofs-ztailpacking true", "--erofs-fragments"],
+        &[
+            "--erofs-ztailpacking true",
+            "--erofs-fragments",
+            "--erofs-writer mkfs",
+            "--mkfs-erofs",
+        ],
         &[],
     );
     expect(

@@ -660,6 +660,17 @@ fn lcluster_indexes(
                     blkaddr,
                 }
             }
+            // The last logical cluster, partly past the end of the file, where no extent starts:
+            // a plain head at the file's end (as mkfs.erofs writes it), so that an extent ending
+            // in it ends at the file's end, not at the cluster's (which a plain extent could not
+            // fill).
+            _ if cluster + 1 == clusters && !size.is_multiple_of(BLOCK_SIZE) => {
+                LclusterIndex::Head {
+                    plain: true,
+                    cluster_offset: (size % BLOCK_SIZE) as u16,
+                    blkaddr: 0,
+                }
+            }
             _ => {
                 let next_head = heads.get(next).map_or(clusters, |h| h.0 / BLOCK_SIZE);
                 LclusterIndex::NonHead {
@@ -671,4 +682,93 @@ fn lcluster_indexes(
         out.extend_from_slice(&index.to_bytes());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Vec<LclusterIndex> {
+        bytes
+            .chunks(8)
+            .map(|c| {
+                let word = |at: usize| u16::from_le_bytes([c[at], c[at + 1]]);
+                match word(0) {
+                    2 => LclusterIndex::NonHead {
+                        back: word(4),
+                        ahead: word(6),
+                    },
+                    kind => LclusterIndex::Head {
+                        plain: kind == 0,
+                        cluster_offset: word(2),
+                        blkaddr: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_extent_ending_in_the_last_cluster_ends_at_the_files_end() {
+        use LclusterIndex::{Head, NonHead};
+        let extent = |start, blkaddr, plain| data::Extent {
+            start,
+            blkaddr,
+            plain,
+        };
+        // Compressed [0, 5000), plain [5000, 9096): the last cluster gets a plain head at the
+        // file's end, as mkfs.erofs writes it.
+        let indexes = lcluster_indexes(9096, &[extent(0, 7, false), extent(5000, 8, true)], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            decode(&indexes),
+            [
+                Head {
+                    plain: false,
+                    cluster_offset: 0,
+                    blkaddr: 7
+                },
+                Head {
+                    plain: true,
+                    cluster_offset: 904,
+                    blkaddr: 8
+                },
+                Head {
+                    plain: true,
+                    cluster_offset: 904,
+                    blkaddr: 0
+                },
+            ]
+        );
+        // An inline tail starting in the last cluster needs no end mark; clusters inside an
+        // extent point back at its head and ahead at the next.
+        let tail = Tail {
+            spool_offset: 0,
+            len: 100,
+            compressed: true,
+            start: 20_000,
+        };
+        let indexes = lcluster_indexes(20_100, &[extent(0, 3, false)], Some(&tail))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            decode(&indexes),
+            [
+                Head {
+                    plain: false,
+                    cluster_offset: 0,
+                    blkaddr: 3
+                },
+                NonHead { back: 1, ahead: 3 },
+                NonHead { back: 2, ahead: 2 },
+                NonHead { back: 3, ahead: 1 },
+                Head {
+                    plain: false,
+                    cluster_offset: 20_000 - 16_384,
+                    blkaddr: 0
+                },
+            ]
+        );
+        // Two extents may not start in one cluster.
+        assert!(lcluster_indexes(9000, &[extent(0, 1, true), extent(100, 2, true)], None).is_err());
+    }
 }
