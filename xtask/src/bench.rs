@@ -6,8 +6,11 @@
 //! The closure is generated (NixOS-like, deterministic per size and seed: `closure_gen`) or,
 //! with `--store-dir DIR --closure FILE`, one of your own (`corpus`).
 //!
-//! mkfs.erofs runs twice per closure: with microvm.nix's flags (`-Efragments` included) and with
-//! exactly the flags `storedisk build` passes it, which is the fair comparison of our time.
+//! erofs: storedisk's own writer (the default, `--erofs-writer native`) against mkfs.erofs run
+//! twice per closure, with microvm.nix's flags (`-Efragments` included) and with the flags of
+//! the native writer's format (`-zlz4hc -Eztailpacking`, what `storedisk build --erofs-writer
+//! mkfs` passes it), the like-for-like comparison; and `storedisk build --erofs-writer mkfs`
+//! itself (the tar stream to that mkfs.erofs).
 //!
 //! Every tool is run under `/usr/bin/time` (Debian package `time`), which reports the child's
 //! own CPU time and peak RSS from `wait4`. The page cache is warm for every tool alike: the
@@ -168,6 +171,8 @@ enum ToolKind {
     /// `storedisk build --no-read-back`: what the read-back (a full NAR hash of the image)
     /// costs, shown as the ratio against it.
     StorediskNoReadBack,
+    /// `storedisk build --erofs-writer mkfs`: the tar stream to mkfs.erofs.
+    StorediskMkfs,
     Gensquashfs,
     Mksquashfs,
     /// microvm.nix's flags.
@@ -191,15 +196,22 @@ impl ImageTool {
         let mut push = |args: &[&OsStr]| argv.extend(args.iter().map(|a| a.to_os_string()));
         let s = |text: &'static str| OsStr::new(text);
         match self.kind {
-            ToolKind::Storedisk | ToolKind::StorediskNoReadBack => {
+            ToolKind::Storedisk | ToolKind::StorediskNoReadBack | ToolKind::StorediskMkfs => {
                 push(&[s("build"), s("--format"), s(self.format)]);
                 if matches!(self.kind, ToolKind::StorediskNoReadBack) {
                     push(&[s("--no-read-back")]);
                 }
                 push(&[s("--closure"), closure.closure_json.as_os_str()]);
                 push(&[s("--store-dir"), store, s("--output"), out]);
-                if self.format == "erofs" {
-                    push(&[s("--mkfs-erofs"), bench.mkfs_erofs.as_os_str()]);
+                match (self.format, self.kind) {
+                    ("erofs", ToolKind::StorediskMkfs) => push(&[
+                        s("--erofs-writer"),
+                        s("mkfs"),
+                        s("--mkfs-erofs"),
+                        bench.mkfs_erofs.as_os_str(),
+                    ]),
+                    ("erofs", _) => push(&[s("--erofs-writer"), s("native")]),
+                    _ => {}
                 }
                 for root in &closure.roots {
                     push(&[OsStr::new(root)]);
@@ -317,7 +329,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             kind: ToolKind::Mksquashfs,
         },
         ImageTool {
-            name: "storedisk",
+            name: "storedisk --erofs-writer native",
             format: "erofs",
             ours: true,
             program: storedisk.clone(),
@@ -329,6 +341,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ours: false,
             program: storedisk.clone(),
             kind: ToolKind::StorediskNoReadBack,
+        },
+        ImageTool {
+            name: "storedisk --erofs-writer mkfs",
+            format: "erofs",
+            ours: false,
+            program: storedisk.clone(),
+            kind: ToolKind::StorediskMkfs,
         },
         ImageTool {
             name: "mkfs.erofs",

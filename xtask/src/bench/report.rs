@@ -264,7 +264,7 @@ impl Report {
                 md,
                 "| {label} | {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {time_ratio} | {size_ratio} |",
                 t.format,
-                if t.ours { "**storedisk**" } else { &t.tool },
+                if t.ours { format!("**{}**", t.tool) } else { t.tool.clone() },
                 t.stats.wall_s,
                 t.stats.cpu_s,
                 t.stats.max_rss_mb,

@@ -3,14 +3,14 @@
 //!
 //! Image layout (4 KiB blocks, `meta_blkaddr` 0, so a nid is an inode's byte offset / 32):
 //! block 0 holds the superblock (at 1024) and the root directory's inode right after it (nid
-//! 36: the root's nid must fit 16 bits); file data follows from block 1; then every other inode
-//! in tree order, each followed by what it keeps inline (a compressed file's map header and
-//! logical cluster indexes, then its tail; the last partial block of a flat file, directory or
+//! 36: the root's nid must fit 16 bits); file data follows from block 1; then the other
+//! inodes, each followed by what it keeps inline (a compressed file's map header and logical
+//! cluster indexes, then its tail; the last partial block of a flat file, directory or
 //! symlink); then the directory and symlink blocks that did not fit inline.
 //!
 //! An inode never crosses a block; inline data never crosses a block, and a flat inode's inline
-//! data sits in the inode's own block (the kernel reads it from there), so an inode is moved
-//! to the next 32-byte slot that satisfies both. Hard-linked entries share one inode; a
+//! data sits in the inode's own block (the kernel reads it from there). [`place`] packs the
+//! inodes into blocks best-fit, so the metadata wastes little of them. Hard-linked entries share one inode; a
 //! directory's link count is 2 plus its subdirectories. Everything is root:root, time 0 (build
 //! time 0), the modes [`Entry::mode`] gives, no xattrs; the label is [`super::LABEL`] and the
 //! UUID [`super::closure_uuid`]'s.
@@ -127,24 +127,28 @@ pub(super) fn write(
     }
     let total_blocks = next_block;
 
-    // The inodes after the data, then the directory and symlink blocks.
+    // The inodes (those in block 0 aside), in the order of their places, then the directory and
+    // symlink blocks.
     out.seek(SeekFrom::Start(u64::from(data.end_block) * BLOCK_SIZE))
         .map_err(write_err)?;
     let mut at = u64::from(data.end_block) * BLOCK_SIZE;
-    let mut root_bytes = Vec::new();
+    let mut block0 = vec![0u8; BLOCK_SIZE as usize];
     let nids: Vec<u64> = placed.iloc.iter().map(|l| l / INODE_SLOT).collect();
-    for (i, shape) in shapes.iter().enumerate() {
-        let bytes = nodes.inode_bytes(i, shape, &nids, &plain_start, &data)?;
+    let mut order: Vec<usize> = (0..shapes.len()).collect();
+    order.sort_by_key(|&i| placed.iloc[i]);
+    for i in order {
+        let bytes = nodes.inode_bytes(i, &shapes[i], &nids, &plain_start, &data)?;
         if let Some(blocks) = bytes.plain {
             // After the metadata, apart from what `out` writes.
             image
                 .write_all_at(&blocks, u64::from(plain_start[i]) * BLOCK_SIZE)
                 .map_err(write_err)?;
         }
-        if i == 0 {
-            root_bytes = bytes.meta;
+        let iloc = placed.iloc[i];
+        if iloc < BLOCK_SIZE {
+            let at = iloc as usize;
+            block0[at..at + bytes.meta.len()].copy_from_slice(&bytes.meta);
         } else {
-            let iloc = placed.iloc[i];
             write_zeros(&mut out, iloc - at).map_err(write_err)?;
             out.write_all(&bytes.meta).map_err(write_err)?;
             at = iloc + bytes.meta.len() as u64;
@@ -152,8 +156,7 @@ pub(super) fn write(
     }
     let end = u64::from(total_blocks) * BLOCK_SIZE;
 
-    // Block 0: the superblock and the root inode.
-    let mut block0 = vec![0u8; BLOCK_SIZE as usize];
+    // Block 0: the superblock, the root inode and the inodes that fitted after it.
     let mut features = 0;
     if codec != Codec::None {
         features |= FEATURE_INCOMPAT_ZERO_PADDING;
@@ -172,8 +175,6 @@ pub(super) fn write(
     };
     let sb_at = SUPERBLOCK_OFFSET as usize;
     block0[sb_at..sb_at + SUPERBLOCK_LEN].copy_from_slice(&superblock.to_bytes());
-    let root_at = ROOT_ILOC as usize;
-    block0[root_at..root_at + root_bytes.len()].copy_from_slice(&root_bytes);
     out.seek(SeekFrom::Start(0)).map_err(write_err)?;
     out.write_all(&block0).map_err(write_err)?;
     out.flush().map_err(write_err)?;
@@ -502,49 +503,79 @@ struct Placement {
     meta_end: u64,
 }
 
-/// Places the root in block 0 and the other inodes from block `first_block` on.
+/// Places the root in block 0 right after the superblock, and the other inodes in the rest of
+/// block 0 and in blocks from `first_block` on. An inode that fits a block with what it keeps
+/// inline goes whole into the fullest block that still has room for it (best fit: the
+/// metadata wastes little of its blocks); a larger one (a compressed file with many indexes)
+/// starts a run of new blocks, placed so that its inline tail does not cross a block, and the
+/// room left in its last block is offered to the next ones.
 fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
+    use std::collections::BTreeSet;
+    // Room (bytes, a multiple of a slot) at the end of a block that is not full, and the block.
+    let mut open: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut next_fresh = u64::from(first_block);
     let mut iloc = Vec::with_capacity(shapes.len());
-    let mut at = u64::from(first_block) * BLOCK_SIZE;
     for (i, shape) in shapes.iter().enumerate() {
-        let inode_len = shape.inode_len;
+        let meta = shape.inode_len + shape.meta_extra;
+        let footprint = (meta + shape.inline).next_multiple_of(INODE_SLOT);
         if i == 0 {
             iloc.push(ROOT_ILOC);
+            let used = ROOT_ILOC + footprint;
+            if used > BLOCK_SIZE {
+                return Err(BuildError::Erofs(
+                    "the root directory's inode does not fit block 0".to_owned(),
+                ));
+            }
+            open.insert((BLOCK_SIZE - used, 0));
             continue;
         }
-        let meta = inode_len + shape.meta_extra;
-        let same_block = shape.layout != Layout::CompressedFull;
-        let at_slot = at.next_multiple_of(INODE_SLOT);
-        let fits = |loc: u64| {
-            let offset = loc % BLOCK_SIZE;
-            let tail_ok = shape.inline == 0
-                || if same_block {
-                    offset + meta + shape.inline <= BLOCK_SIZE
-                } else {
-                    (loc + meta) % BLOCK_SIZE + shape.inline <= BLOCK_SIZE
-                };
-            offset + inode_len <= BLOCK_SIZE && tail_ok
-        };
-        let mut loc = at_slot;
-        if !fits(loc) {
-            let tail_start = (loc + meta) % BLOCK_SIZE;
-            loc = if same_block || shape.inline == 0 {
-                loc.next_multiple_of(BLOCK_SIZE)
-            } else {
-                // The tail moves to the next block, at the first offset a slot allows.
-                loc + (BLOCK_SIZE - tail_start) + tail_start % INODE_SLOT
+        if footprint <= BLOCK_SIZE {
+            let loc = match open.range((footprint, 0)..).next().copied() {
+                Some((room, block)) => {
+                    open.remove(&(room, block));
+                    if room > footprint {
+                        open.insert((room - footprint, block));
+                    }
+                    block * BLOCK_SIZE + (BLOCK_SIZE - room)
+                }
+                None => {
+                    let block = next_fresh;
+                    next_fresh += 1;
+                    if footprint < BLOCK_SIZE {
+                        open.insert((BLOCK_SIZE - footprint, block));
+                    }
+                    block * BLOCK_SIZE
+                }
             };
-            if !fits(loc) {
-                return Err(BuildError::Erofs(format!(
-                    "cannot place inode {i} ({} bytes inline)",
-                    shape.inline
-                )));
-            }
+            iloc.push(loc);
+            continue;
+        }
+        // Across blocks: only the inline tail must not cross one (the inode itself is at a
+        // block's start, so it does not).
+        let start = next_fresh * BLOCK_SIZE;
+        let tail_start = (start + meta) % BLOCK_SIZE;
+        let loc = if shape.inline == 0 || tail_start + shape.inline <= BLOCK_SIZE {
+            start
+        } else if shape.layout == Layout::CompressedFull {
+            // The tail moves to the next block, at the first offset a slot allows.
+            start + (BLOCK_SIZE - tail_start) + tail_start % INODE_SLOT
+        } else {
+            return Err(BuildError::Erofs(format!(
+                "cannot place inode {i} ({} bytes inline)",
+                shape.inline
+            )));
+        };
+        let end = (loc + meta + shape.inline).next_multiple_of(INODE_SLOT);
+        next_fresh = end.div_ceil(BLOCK_SIZE);
+        if end % BLOCK_SIZE != 0 {
+            open.insert((BLOCK_SIZE - end % BLOCK_SIZE, end / BLOCK_SIZE));
         }
         iloc.push(loc);
-        at = loc + meta + shape.inline;
     }
-    Ok(Placement { iloc, meta_end: at })
+    Ok(Placement {
+        iloc,
+        meta_end: (next_fresh * BLOCK_SIZE).max(u64::from(first_block) * BLOCK_SIZE),
+    })
 }
 
 /// An inode's bytes: the inode and what follows it inline, and its blocks stored elsewhere.
