@@ -4,7 +4,7 @@
 #
 #   erofs FLAGS       microvm.storeDiskErofsFlags (mkfs.erofs flags) -> `storedisk build` flags
 #                     (`--erofs-writer mkfs` when they ask for what only mkfs.erofs does:
-#                     -Efragments, zstd, lzma, deflate)
+#                     zstd, lzma, deflate)
 #   squashfs FLAGS    microvm.storeDiskSquashfsFlags (gensquashfs flags) -> the same
 #
 # Every flag microvm.nix's defaults or docs name takes effect, or is dropped with a `warnings`
@@ -78,9 +78,9 @@ in
     let
       compression = if compressions == [ ] then null else last compressions;
       fragments = builtins.elem "fragments" extended;
-      # storedisk writes erofs itself (lz4hc, lz4, tail packing); -Efragments and the other
+      # storedisk writes erofs itself (lz4hc, lz4, tail packing, fragments); the other
       # algorithms only mkfs.erofs does.
-      mkfsOnly = fragments || (compression != null && builtins.elem compression.compression mkfsOnlyCompressions);
+      mkfsOnly = compression != null && builtins.elem compression.compression mkfsOnlyCompressions;
     in {
       args = (if mkfsOnly then [ "--erofs-writer" "mkfs" ] else [ ])
         ++ compressionArgs compression

@@ -90,9 +90,9 @@ rec {
 
   # How a store disk derivation gets its mkfs.erofs (see `mkfsErofs` above): the host path and
   # its hash as attributes, and the flag that passes it to `storedisk build`. Only for builds
-  # that ask for it (`--erofs-writer mkfs`, which nix/flags.nix adds for -Efragments and the
-  # algorithms storedisk's own erofs writer does not have): the others never run it, so they do
-  # not depend on it either.
+  # that ask for it (`--erofs-writer mkfs`, which nix/flags.nix adds for the algorithms
+  # storedisk's own erofs writer does not have): the others never run it, so they do not depend
+  # on it either.
   usesMkfs = format: buildFlags:
     let n = builtins.length buildFlags;
     in format == "erofs" && n >= 2 && builtins.any (i:

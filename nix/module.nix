@@ -207,11 +207,12 @@ in
       # microvm.nix's own default (options.nix:1061-1063, `!storeOnDisk`); stated here so the
       # check's expectations do not depend on it. A definition by the user (`= true`) wins.
       microvm.systemSymlink = lib.mkDefault false;
-      # microvm.nix's default (options.nix:1042-1047) without -Efragments, which storedisk's own
-      # erofs writer does not do (and with -Eztailpacking makes erofs-utils 1.8.6 and 1.9.4 write
-      # wrong file data for some inputs; storedisk's read-back check would then fail the build).
-      # A user's own list, -Efragments included, is honoured as written (with mkfs.erofs:
-      # nix/flags.nix).
+      # microvm.nix's default (options.nix:1042-1047) without -Efragments, as before storedisk's
+      # own erofs writer packed fragments (the vm-test snapshots pin the images this default
+      # makes; switching it is a change of its own). A user's own list, -Efragments included, is
+      # honoured as written (nix/flags.nix; fragments by storedisk's own writer, not by
+      # mkfs.erofs, whose -Efragments with -Eztailpacking writes wrong file data for some
+      # inputs in erofs-utils 1.8.6 and 1.9.4).
       microvm.storeDiskErofsFlags = lib.mkDefault
         ([ "-zlz4hc" ] ++ lib.optional (kernelAtLeast "5.16") "-Eztailpacking");
       warnings = translatedFlags.warnings;

@@ -37,8 +37,8 @@ let
 
   cases = [
     # microvm.nix's defaults (options.nix:1042-1047), gated on the guest kernel as upstream.
-    (equal "erofs default, kernel 6.1+" (erofs (upstreamErofsDefault true true))
-      [ "--erofs-writer" "mkfs" "--compression" "lz4hc" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
+    (equal "erofs default, kernel 6.1+: fragments by storedisk's own writer" (erofs (upstreamErofsDefault true true))
+      [ "--compression" "lz4hc" "--erofs-ztailpacking" "true" "--erofs-fragments" ])
     (equal "erofs default, kernel 5.16-6.0" (erofs (upstreamErofsDefault true false))
       [ "--compression" "lz4hc" "--erofs-ztailpacking" "true" ])
     (equal "erofs default, kernel < 5.16: no tail packing" (erofs (upstreamErofsDefault false false))

@@ -1,5 +1,5 @@
 //! The erofs writers: a walked [`Tree`] written by storedisk itself ([`write_native`]: the
-//! structures in [`format`], the file data in `data`, the layout in `native`), or packed by
+//! structures in [`format`], the file data and fragments in `data`, the layout in `native`), or packed by
 //! `mkfs.erofs` (erofs-utils) with microvm.nix's flags ([`write`], the rest of this file).
 //!
 //! With erofs-utils 1.7 or newer the tree is streamed to `mkfs.erofs --tar=f` on its standard

@@ -118,11 +118,11 @@ impl FromStr for Compression {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ErofsWriter {
     /// storedisk's own writer ([`erofs::write_native`]): lz4hc, lz4 or none, tail packing,
-    /// identical files stored once; no fragments.
+    /// fragments, identical files stored once.
     #[default]
     Native,
-    /// erofs-utils' `mkfs.erofs` ([`BuildOptions::mkfs_erofs`]), for the algorithms and
-    /// `-Efragments` the native writer does not do.
+    /// erofs-utils' `mkfs.erofs` ([`BuildOptions::mkfs_erofs`]), for the algorithms the
+    /// native writer does not do (zstd, lzma, deflate).
     Mkfs,
 }
 
@@ -154,7 +154,9 @@ pub struct BuildOptions {
     /// Pass `-Eztailpacking` to mkfs.erofs (when it has it), as microvm.nix does for guest
     /// kernels 5.16 and newer; off for older guest kernels, which cannot mount such images.
     pub erofs_ztailpacking: bool,
-    /// Pass `-Efragments` to mkfs.erofs, as microvm.nix does. Off by default: together with
+    /// Pack the ends of compressed files into the packed inode (`-Efragments`, as microvm.nix
+    /// does for guest kernels 6.1 and newer): the native writer does it itself; with
+    /// [`ErofsWriter::Mkfs`] it is passed to mkfs.erofs. Off by default: together with
     /// `-Eztailpacking` it corrupts file data with erofs-utils 1.8.6 and 1.9.4 on some inputs.
     pub erofs_fragments: bool,
     /// Compression workers for squashfs (`None`: one per core). The image does not depend on it.

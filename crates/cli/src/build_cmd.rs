@@ -37,9 +37,10 @@ impl From<FormatArg> for ImageFormat {
 /// Which program writes erofs images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ErofsWriterArg {
-    /// storedisk's own writer: lz4hc, lz4 or none, tail packing, identical files stored once.
+    /// storedisk's own writer: lz4hc, lz4 or none, tail packing, fragments, identical files
+    /// stored once.
     Native,
-    /// erofs-utils' mkfs.erofs: also zstd, lzma, deflate and --erofs-fragments.
+    /// erofs-utils' mkfs.erofs: also zstd, lzma and deflate.
     Mkfs,
 }
 
@@ -75,7 +76,7 @@ pub struct BuildArgs {
     source: ClosureArgs,
 
     /// Who writes erofs images: storedisk itself (native), or mkfs.erofs (mkfs), which also
-    /// does zstd, lzma, deflate and --erofs-fragments.
+    /// does zstd, lzma and deflate.
     #[arg(long, value_enum, value_name = "WRITER", default_value = "native")]
     erofs_writer: ErofsWriterArg,
 
@@ -106,9 +107,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     erofs_ztailpacking: bool,
 
-    /// Pass -Efragments to mkfs.erofs, as microvm.nix does (--erofs-writer mkfs only). Off by
-    /// default: with -Eztailpacking it makes erofs-utils 1.8.6 and 1.9.4 write wrong file data
-    /// for some inputs (the read-back check catches it).
+    /// Pack the ends of compressed files together into erofs's packed inode (-Efragments, as
+    /// microvm.nix does for guest kernels 6.1 and newer, which can mount such images): smaller
+    /// images. The native writer does it itself; with --erofs-writer mkfs it passes
+    /// -Efragments, which with -Eztailpacking makes erofs-utils 1.8.6 and 1.9.4 write wrong
+    /// file data for some inputs (the read-back check catches it). Off by default.
     #[arg(long)]
     erofs_fragments: bool,
 

@@ -26,6 +26,7 @@ use storedisk_testkit::{
 };
 
 const ZTAILPACKING: u32 = 0x10; // EROFS_FEATURE_INCOMPAT_ZTAILPACKING
+const FRAGMENTS: u32 = 0x20; // EROFS_FEATURE_INCOMPAT_FRAGMENTS
 
 /// Runs `storedisk build --format erofs --erofs-writer native EXTRA` of `store`'s roots.
 fn build_native(store: &SyntheticStore, output: &Path, extra: &[&str]) -> Output {
@@ -105,6 +106,12 @@ fn assert_verifies(store: &SyntheticStore, image: &Path) {
 fn incompat_features(image: &Path) -> u32 {
     let bytes = fs::read(image).unwrap();
     u32::from_le_bytes(bytes[1024 + 0x50..1024 + 0x54].try_into().unwrap())
+}
+
+/// The superblock's `packed_nid` (0: no packed inode).
+fn packed_nid(image: &Path) -> u64 {
+    let bytes = fs::read(image).unwrap();
+    u64::from_le_bytes(bytes[1024 + 96..1024 + 104].try_into().unwrap())
 }
 
 fn label(image: &Path) -> Vec<u8> {
@@ -386,31 +393,55 @@ fn build_and_check(
     (image, report)
 }
 
+/// Every combination of algorithm, tail packing and fragments the native writer takes.
+const COMBINATIONS: [(&str, &[&str]); 9] = [
+    ("lz4hc", &[]),
+    ("lz4hc-12", &["--compression-level", "12"]),
+    ("lz4", &["--compression", "lz4"]),
+    ("none", &["--compression", "none"]),
+    ("no-tails", &["--erofs-ztailpacking", "false"]),
+    ("fragments", &["--erofs-fragments"]),
+    (
+        "fragments-no-tails",
+        &["--erofs-fragments", "--erofs-ztailpacking", "false"],
+    ),
+    (
+        "fragments-lz4",
+        &["--erofs-fragments", "--compression", "lz4"],
+    ),
+    // Nothing is compressed, so there are no fragments to pack.
+    (
+        "fragments-none",
+        &["--erofs-fragments", "--compression", "none"],
+    ),
+];
+
 #[test]
-fn edge_cases_read_back_with_every_algorithm_and_without_tail_packing() {
+fn edge_cases_read_back_with_every_algorithm_with_and_without_tail_packing_and_fragments() {
     let store = edge_store();
     let work = tempfile::tempdir().unwrap();
     let mut sizes = Vec::new();
     let mut file_bytes = 0;
-    for (name, extra) in [
-        ("lz4hc", &[][..]),
-        ("lz4hc-12", &["--compression-level", "12"][..]),
-        ("lz4", &["--compression", "lz4"][..]),
-        ("none", &["--compression", "none"][..]),
-        ("no-tails", &["--erofs-ztailpacking", "false"][..]),
-    ] {
+    for (name, extra) in COMBINATIONS {
         let (image, report) = build_and_check(&store, work.path(), name, extra);
         file_bytes = report["file_bytes"].as_u64().unwrap();
         let features = incompat_features(&image);
-        match name {
-            "none" | "no-tails" => assert_eq!(features & ZTAILPACKING, 0, "{name}"),
-            _ => assert_eq!(features & ZTAILPACKING, ZTAILPACKING, "{name}"),
-        }
+        let tails = !(name.contains("none") || name.contains("no-tails"));
+        let fragments = name.starts_with("fragments") && name != "fragments-none";
+        assert_eq!(features & ZTAILPACKING != 0, tails, "{name}: {features:#x}");
+        assert_eq!(
+            features & FRAGMENTS != 0,
+            fragments,
+            "{name}: {features:#x}"
+        );
+        assert_eq!(packed_nid(&image) != 0, fragments, "{name}");
         sizes.push((name, fs::metadata(&image).unwrap().len()));
     }
     let size = |n: &str| sizes.iter().find(|(name, _)| *name == n).unwrap().1;
     assert!(size("lz4hc") < size("none"), "{sizes:?}");
     assert!(size("lz4hc") <= size("no-tails"), "{sizes:?}");
+    assert!(size("fragments") < size("lz4hc"), "{sizes:?}");
+    assert!(size("fragments-no-tails") < size("no-tails"), "{sizes:?}");
     // 20 copies each of 300 KB of noise, 70 KB of zeros and 5 KB of text are stored once:
     // over 5 MB less than the file data, even uncompressed.
     assert!(
@@ -423,22 +454,19 @@ fn edge_cases_read_back_with_every_algorithm_and_without_tail_packing() {
 fn images_are_byte_identical_whatever_the_thread_count() {
     let store = edge_store();
     let work = tempfile::tempdir().unwrap();
-    let one = work.path().join("one.erofs");
-    let four = work.path().join("four.erofs");
-    assert_success(&build_native(
-        &store,
-        &one,
-        &["--threads", "1", "--no-read-back"],
-    ));
-    assert_success(&build_native(
-        &store,
-        &four,
-        &["--threads", "4", "--no-read-back"],
-    ));
-    assert!(
-        fs::read(&one).unwrap() == fs::read(&four).unwrap(),
-        "--threads 1 and --threads 4 wrote different images"
-    );
+    for extra in [&[][..], &["--erofs-fragments"][..]] {
+        let one = work.path().join("one.erofs");
+        let four = work.path().join("four.erofs");
+        let mut args = vec!["--threads", "1", "--no-read-back"];
+        args.extend_from_slice(extra);
+        assert_success(&build_native(&store, &one, &args));
+        args[1] = "4";
+        assert_success(&build_native(&store, &four, &args));
+        assert!(
+            fs::read(&one).unwrap() == fs::read(&four).unwrap(),
+            "{extra:?}: --threads 1 and --threads 4 wrote different images"
+        );
+    }
 }
 
 #[test]
@@ -449,7 +477,6 @@ fn what_only_mkfs_erofs_does_is_refused_naming_the_way_to_it() {
     for extra in [
         &["--compression", "zstd"][..],
         &["--compression", "lzma"][..],
-        &["--erofs-fragments"][..],
     ] {
         let out = build_native(&store, &image, extra);
         let stderr = text(&out.stderr);
@@ -519,12 +546,10 @@ impl Drop for KernelMount {
 fn the_kernel_reads_the_edge_cases_as_the_store_has_them() {
     let store = edge_store();
     let work = tempfile::tempdir().unwrap();
-    for (name, extra) in [
-        ("lz4hc", &[][..]),
-        ("lz4", &["--compression", "lz4"][..]),
-        ("none", &["--compression", "none"][..]),
-        ("no-tails", &["--erofs-ztailpacking", "false"][..]),
-    ] {
+    for (name, extra) in COMBINATIONS {
+        if name == "lz4hc-12" {
+            continue;
+        }
         let image = work.path().join(format!("{name}.erofs"));
         let mut args = extra.to_vec();
         args.push("--no-read-back");

@@ -17,9 +17,16 @@
 //! inode allows it. A file none of whose clusters compressed is stored flat (plain blocks and an
 //! inline tail) instead, as mkfs.erofs does.
 //!
+//! With fragments (`-Efragments`) the end of a compressed file (what is shorter than a block or
+//! compresses whole into less than one) is a *fragment* instead: its bytes, as they are, are
+//! appended to the packed inode's content (another unnamed spool file, in file order), which
+//! the caller then compresses as one more file. A file shorter than a block is a fragment whole;
+//! a file of plain blocks whose end does not shrink under LZ4 stays flat, its end inline.
+//!
 //! Identical files (same length, same SHA-256, hashed only when another file has the same
 //! length) are stored once: the copy's blocks are written over and its extents point at the
-//! first one's. Tails are not shared: each inode keeps its own inline copy.
+//! first one's. Inline tails are not shared: each inode keeps its own inline copy; identical
+//! fragments (same length, same SHA-256) are stored once in the packed inode.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -28,6 +35,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -69,6 +77,9 @@ impl Codec {
 #[derive(Debug, Clone)]
 pub(super) struct SourceFile {
     pub path: PathBuf,
+    /// Read from this open file (from its start) instead of opening `path`: the packed
+    /// inode's spool, which has no name.
+    pub handle: Option<Arc<File>>,
     pub len: u64,
     /// Longest tail that can follow the inode of a flat file (0: none).
     pub flat_tail_max: usize,
@@ -86,6 +97,14 @@ pub(super) struct Tail {
     pub compressed: bool,
     /// Offset in the file where the tail starts.
     pub start: u64,
+}
+
+/// A compressed file's last extent kept in the packed inode (`-Efragments`): the file from
+/// `start` on, at `offset` in the packed inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fragment {
+    pub start: u64,
+    pub offset: u64,
 }
 
 /// One physical cluster of a compressed file: the file from `start` on (up to the next
@@ -109,10 +128,12 @@ pub(super) enum Stored {
         blocks: u32,
         tail: Option<Tail>,
     },
-    /// Physical clusters, then the tail inline.
+    /// Physical clusters, then the tail inline or the last extent in the packed inode (never
+    /// both; no extents and a fragment from 0: the whole file is in the packed inode).
     Compressed {
         extents: Vec<Extent>,
         tail: Option<Tail>,
+        fragment: Option<Fragment>,
     },
 }
 
@@ -124,6 +145,8 @@ pub(super) struct DataLayout {
     pub end_block: u32,
     /// The tails, at [`Tail::spool_offset`].
     pub spool: File,
+    /// The packed inode's content (the fragments) and its length, when fragments are on.
+    pub packed: Option<(Arc<File>, u64)>,
 }
 
 impl DataLayout {
@@ -171,31 +194,49 @@ enum TailOut {
         at: usize,
     },
     Compressed(Vec<u8>),
+    /// Bytes `at..` of the segment, for the packed inode (fragments on); `shrinks`: LZ4
+    /// makes them smaller on their own.
+    Fragment {
+        at: usize,
+        shrinks: bool,
+    },
 }
 
 /// Writes the data of `files` to `out` from block `first_block` on (where `out` is
-/// positioned), with `threads` compression workers. `spool_dir` holds the unnamed spool file.
+/// positioned), with `threads` compression workers. `spool_dir` holds the unnamed spool files.
+/// `fragments`: the last extent of a compressed file goes to the packed inode's content.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write_data(
     files: &[SourceFile],
     codec: Codec,
+    fragments: bool,
     out: &mut BufWriter<&File>,
     first_block: u32,
     threads: usize,
     spool_dir: &std::path::Path,
     progress: &dyn ProgressSink,
 ) -> Result<DataLayout, BuildError> {
-    let spool = tempfile::tempfile_in(spool_dir).map_err(|e| BuildError::Write {
-        path: spool_dir.to_owned(),
-        cause: e,
-    })?;
+    let spool_file = || {
+        tempfile::tempfile_in(spool_dir).map_err(|e| BuildError::Write {
+            path: spool_dir.to_owned(),
+            cause: e,
+        })
+    };
+    let spool = spool_file()?;
+    let packed_file = if fragments && codec != Codec::None {
+        Some(spool_file()?)
+    } else {
+        None
+    };
+    let fragments = packed_file.is_some();
     let (batches, received) = mpsc::sync_channel::<Result<Vec<Item>, BuildError>>(1);
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || read_files(files, &batches));
-        let mut writer = Writer::new(files, out, first_block, &spool);
+        let mut writer = Writer::new(files, out, first_block, &spool, packed_file.as_ref());
         let mut result = Ok(());
         for batch in received.iter() {
             let step = batch.and_then(|items| {
-                let outs = compress_batch(&items, codec, files, threads)?;
+                let outs = compress_batch(&items, codec, fragments, files, threads)?;
                 for (item, compressed) in items.iter().zip(outs) {
                     writer.take(item, compressed, progress)?;
                 }
@@ -214,10 +255,13 @@ pub(super) fn write_data(
         result?;
         writer.finish()
     })
-    .map(|(stored, end_block)| DataLayout {
+    .map(|(stored, end_block, packed_len)| DataLayout {
         files: stored,
         end_block,
         spool,
+        packed: packed_file
+            .filter(|_| packed_len > 0)
+            .map(|f| (Arc::new(f), packed_len)),
     })
 }
 
@@ -310,7 +354,14 @@ fn read_file(
         path: file.path.clone(),
         cause,
     };
-    let mut handle = File::open(&file.path).map_err(read_err)?;
+    let mut handle = match &file.handle {
+        Some(handle) => {
+            let mut handle = handle.try_clone().map_err(read_err)?;
+            handle.seek(SeekFrom::Start(0)).map_err(read_err)?;
+            handle
+        }
+        None => File::open(&file.path).map_err(read_err)?,
+    };
     let mut done = 0u64;
     loop {
         let want = (file.len - done).min(SEGMENT as u64) as usize;
@@ -362,6 +413,7 @@ fn fill(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 fn compress_batch(
     items: &[Item],
     codec: Codec,
+    fragments: bool,
     files: &[SourceFile],
     threads: usize,
 ) -> Result<Vec<SegmentOut>, BuildError> {
@@ -383,6 +435,7 @@ fn compress_batch(
                     } else {
                         0
                     },
+                    fragments,
                 ),
                 Item::Copy { .. } => Ok(SegmentOut::default()),
             };
@@ -414,12 +467,14 @@ fn compress_batch(
 
 /// Cuts one segment into physical clusters. `packed_tail_max`: the longest compressed tail
 /// that may be kept for inline storage (0 when the segment is not a file's last, or tail
-/// packing is off).
+/// packing is off). `fragments`: the end of a file's last segment that is shorter than a
+/// block, or that compresses whole into less than one, is a fragment.
 fn compress_segment(
     codec: Codec,
     bytes: &[u8],
     last: bool,
     packed_tail_max: usize,
+    fragments: bool,
 ) -> Result<SegmentOut, BuildError> {
     let mut out = SegmentOut::default();
     let mut block = vec![0u8; BLOCK];
@@ -428,6 +483,13 @@ fn compress_segment(
     while at < end {
         let rest = end - at;
         let (read, written) = codec.fill(&bytes[at..end.min(at + MAX_EXTENT)], &mut block)?;
+        if fragments && last && (rest < BLOCK || (read == rest && written < BLOCK)) {
+            out.tail = Some(TailOut::Fragment {
+                at,
+                shrinks: read == rest && written < rest,
+            });
+            return Ok(out);
+        }
         if last && read == rest && read > 0 && written <= packed_tail_max {
             // The whole rest compresses into an inline tail; raw when that is no bigger.
             out.tail = Some(if rest < BLOCK && written >= rest {
@@ -468,12 +530,39 @@ struct Current {
     compressed: bool,
 }
 
+/// The packed inode's content being written: fragments appended in file order, identical
+/// ones stored once.
+struct Packer<'a> {
+    out: BufWriter<&'a File>,
+    len: u64,
+    /// Offset of each fragment content written, by length and SHA-256.
+    seen: HashMap<(usize, [u8; 32]), u64>,
+}
+
+impl Packer<'_> {
+    /// Where `data` is in the packed inode, appending it if it is not there yet.
+    fn add(&mut self, data: &[u8]) -> Result<u64, BuildError> {
+        let key = (data.len(), Sha256::digest(data).into());
+        if let Some(&offset) = self.seen.get(&key) {
+            return Ok(offset);
+        }
+        let offset = self.len;
+        self.out
+            .write_all(data)
+            .map_err(|e| BuildError::Erofs(format!("spooling a fragment: {e}")))?;
+        self.len += data.len() as u64;
+        self.seen.insert(key, offset);
+        Ok(offset)
+    }
+}
+
 /// Takes compressed segments in order and writes them.
 struct Writer<'a, 'o> {
     files: &'a [SourceFile],
     out: &'a mut BufWriter<&'o File>,
     spool: BufWriter<&'a File>,
     spool_len: u64,
+    packer: Option<Packer<'a>>,
     next_block: u32,
     stored: Vec<Stored>,
     current: Option<Current>,
@@ -487,12 +576,18 @@ impl<'a, 'o> Writer<'a, 'o> {
         out: &'a mut BufWriter<&'o File>,
         first_block: u32,
         spool: &'a File,
+        packed: Option<&'a File>,
     ) -> Self {
         Writer {
             files,
             out,
             spool: BufWriter::with_capacity(1 << 20, spool),
             spool_len: 0,
+            packer: packed.map(|file| Packer {
+                out: BufWriter::with_capacity(1 << 20, file),
+                len: 0,
+                seen: HashMap::new(),
+            }),
             next_block: first_block,
             stored: vec![Stored::Empty; files.len()],
             current: None,
@@ -565,10 +660,38 @@ impl<'a, 'o> Writer<'a, 'o> {
     fn end_file(&mut self, bytes: &[u8], tail: Option<TailOut>) -> Result<(), BuildError> {
         let mut current = self.current.take().ok_or_else(no_current)?;
         let limits = &self.files[current.file];
+        let tail = match tail {
+            Some(TailOut::Fragment { at, shrinks }) => {
+                let raw = &bytes[at..];
+                // A file of plain blocks whose end does not compress on its own is cheaper
+                // flat, its end inline.
+                let flat_inline =
+                    !current.compressed && !shrinks && raw.len() <= limits.flat_tail_max;
+                match self.packer.as_mut() {
+                    Some(packer) if !flat_inline => {
+                        let offset = packer.add(raw)?;
+                        let stored = Stored::Compressed {
+                            extents: current.extents,
+                            tail: None,
+                            fragment: Some(Fragment {
+                                start: current.logical,
+                                offset,
+                            }),
+                        };
+                        self.stored[current.file] = stored;
+                        self.last_ended = Some((current.file, current.start_block));
+                        return Ok(());
+                    }
+                    _ => Some(TailOut::Raw { at }),
+                }
+            }
+            other => other,
+        };
         let stored = match tail {
             None if current.compressed => Stored::Compressed {
                 extents: current.extents,
                 tail: None,
+                fragment: None,
             },
             None => flat(&current, None),
             Some(TailOut::Compressed(data)) => {
@@ -576,7 +699,13 @@ impl<'a, 'o> Writer<'a, 'o> {
                 Stored::Compressed {
                     extents: current.extents,
                     tail: Some(tail),
+                    fragment: None,
                 }
+            }
+            Some(TailOut::Fragment { .. }) => {
+                return Err(BuildError::Erofs(
+                    "a fragment with no packed inode to hold it".to_owned(),
+                ))
             }
             Some(TailOut::Raw { at }) => {
                 let raw = &bytes[at..];
@@ -591,6 +720,7 @@ impl<'a, 'o> Writer<'a, 'o> {
                         Stored::Compressed {
                             extents: current.extents,
                             tail: Some(tail),
+                            fragment: None,
                         }
                     } else {
                         flat(&current, Some(tail))
@@ -607,6 +737,7 @@ impl<'a, 'o> Writer<'a, 'o> {
                         Stored::Compressed {
                             extents: current.extents,
                             tail: None,
+                            fragment: None,
                         }
                     } else {
                         flat(&current, None)
@@ -653,11 +784,19 @@ impl<'a, 'o> Writer<'a, 'o> {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(Vec<Stored>, u32), BuildError> {
+    fn finish(mut self) -> Result<(Vec<Stored>, u32, u64), BuildError> {
         self.spool
             .flush()
             .map_err(|e| BuildError::Erofs(format!("spooling a tail: {e}")))?;
-        Ok((self.stored, self.next_block))
+        let mut packed_len = 0;
+        if let Some(mut packer) = self.packer.take() {
+            packer
+                .out
+                .flush()
+                .map_err(|e| BuildError::Erofs(format!("spooling a fragment: {e}")))?;
+            packed_len = packer.len;
+        }
+        Ok((self.stored, self.next_block, packed_len))
     }
 }
 
@@ -711,8 +850,8 @@ mod tests {
         bytes.extend(&noise);
         bytes.extend(vec![0u8; 3 << 20]);
         bytes.truncate(SEGMENT);
-        let out =
-            compress_segment(Codec::Lz4hc(9), &bytes, false, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &bytes, false, 0, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.tail.is_none());
         let mut at = 0;
         for piece in &out.pieces {
@@ -738,23 +877,70 @@ mod tests {
     #[test]
     fn a_last_segment_keeps_its_tail_aside() {
         let small = b"hello hello hello hello hello hello".to_vec();
-        let out =
-            compress_segment(Codec::Lz4hc(9), &small, true, 4072).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
         assert!(matches!(out.tail, Some(TailOut::Compressed(ref c)) if c.len() < small.len()));
-        let out =
-            compress_segment(Codec::Lz4hc(9), b"xy", true, 4072).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
         // Tail packing off: a short end is still a raw tail (the writer decides where it goes).
-        let out =
-            compress_segment(Codec::Lz4hc(9), &small, true, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 0, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
-        let out =
-            compress_segment(Codec::None, &[1u8; 5000], true, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::None, &[1u8; 5000], true, 0, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             out.pieces[..],
             [Piece::Plain { at: 0, len: 4096 }]
         ));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 4096 })));
+    }
+
+    #[test]
+    fn with_fragments_a_last_segment_ends_in_a_fragment() {
+        // Shorter than a block: a fragment from the start, whether it compresses or not.
+        let small = b"hello hello hello hello hello hello".to_vec();
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.pieces.is_empty());
+        assert!(matches!(
+            out.tail,
+            Some(TailOut::Fragment {
+                at: 0,
+                shrinks: true
+            })
+        ));
+        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            out.tail,
+            Some(TailOut::Fragment {
+                at: 0,
+                shrinks: false
+            })
+        ));
+        // 100 KB of zeros compress whole into less than a block: all of it is the fragment.
+        let out = compress_segment(Codec::Lz4hc(9), &[0u8; 100_000], true, 0, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.pieces.is_empty());
+        assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0, .. })));
+        // Noise: plain blocks, then the short end.
+        let mut rng = storedisk_testkit::XorShift64::new(3);
+        let noise: Vec<u8> = (0..10_000).map(|_| rng.next_u64() as u8).collect();
+        let out = compress_segment(Codec::Lz4hc(9), &noise, true, 0, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.pieces.len(), 2);
+        assert!(matches!(
+            out.tail,
+            Some(TailOut::Fragment {
+                at: 8192,
+                shrinks: false
+            })
+        ));
+        // Not the last segment: no fragment.
+        let out = compress_segment(Codec::Lz4hc(9), &noise, false, 0, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.tail.is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! The erofs on-disk structures the native writer emits, as byte layouts: the superblock, compact
 //! (32-byte) and extended (64-byte) inodes, directory entries, the map header of a compressed
-//! inode and its full (8-byte) logical cluster indexes. Everything is little-endian; offsets and
+//! inode (inline tail, fragment or whole-file fragment) and its full (8-byte) logical cluster
+//! indexes. Everything is little-endian; offsets and
 //! values are those of the Linux kernel's `erofs_fs.h`.
 
 /// Block size of every image the native writer makes (`blkszbits` 12).
@@ -23,9 +24,14 @@ pub const LCLUSTER_INDEX_LEN: u64 = 8;
 /// `feature_incompat` bits.
 pub const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x0000_0001;
 pub const FEATURE_INCOMPAT_ZTAILPACKING: u32 = 0x0000_0010;
+/// Some file keeps data in the packed inode (superblock `packed_nid`).
+pub const FEATURE_INCOMPAT_FRAGMENTS: u32 = 0x0000_0020;
 
 /// `h_advise` bit: the last pcluster is stored inline after the indexes (ztailpacking).
 pub const ADVISE_INLINE_PCLUSTER: u16 = 0x0008;
+/// `h_advise` bit: the last extent is in the packed inode, at `h_fragmentoff` (its low 32
+/// bits; with full indexes the high ones are the extent head's `blkaddr`).
+pub const ADVISE_FRAGMENT_PCLUSTER: u16 = 0x0020;
 /// `h_algorithmtype` of LZ4 (lz4 and lz4hc write the same stream).
 pub const ALGORITHM_LZ4: u8 = 0;
 
@@ -70,6 +76,8 @@ pub struct Superblock {
     pub meta_blkaddr: u32,
     pub uuid: [u8; 16],
     pub volume_name: [u8; 16],
+    /// The packed inode's nid (0: none).
+    pub packed_nid: u64,
 }
 
 impl Superblock {
@@ -84,6 +92,7 @@ impl Superblock {
         b[48..64].copy_from_slice(&self.uuid);
         b[64..80].copy_from_slice(&self.volume_name);
         put32(&mut b, 80, self.feature_incompat);
+        put64(&mut b, 96, self.packed_nid);
         b
     }
 }
@@ -154,6 +163,22 @@ pub fn map_header(inline_size: u16) -> [u8; 8] {
     b[6] = ALGORITHM_LZ4;
     // h_clusterbits 0: a logical cluster is one block.
     b
+}
+
+/// `z_erofs_map_header` of a compressed inode whose last extent is at `offset` in the packed
+/// inode (full indexes, 4 KiB logical clusters).
+pub fn map_header_fragment(offset: u64) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    put32(&mut b, 0, offset as u32);
+    put16(&mut b, 4, ADVISE_FRAGMENT_PCLUSTER);
+    b[6] = ALGORITHM_LZ4;
+    b
+}
+
+/// The map header of a file kept whole in the packed inode at `offset` (< 2^63): the top bit
+/// of the 8 bytes says so, the others are the offset; no indexes follow.
+pub fn map_header_whole_fragment(offset: u64) -> [u8; 8] {
+    (offset | 1 << 63).to_le_bytes()
 }
 
 /// One full logical cluster index (`z_erofs_lcluster_index`).
@@ -240,6 +265,7 @@ mod tests {
             meta_blkaddr: 0,
             uuid: [0xaa; 16],
             volume_name: *b"nix-store\0\0\0\0\0\0\0",
+            packed_nid: 0x0102,
         }
         .to_bytes();
         assert_eq!(&sb[0..4], &[0xe2, 0xe1, 0xf5, 0xe0]);
@@ -248,6 +274,7 @@ mod tests {
         assert_eq!(sb[36], 9);
         assert_eq!(&sb[64..73], b"nix-store");
         assert_eq!(sb[80], 1);
+        assert_eq!(&sb[96..100], &[2, 1, 0, 0]);
 
         let inode = Inode {
             file_type: FileType::Regular,
@@ -275,6 +302,14 @@ mod tests {
         assert_eq!(big[44], 2);
 
         assert_eq!(map_header(300), [0, 0, 44, 1, 8, 0, 0, 0]);
+        assert_eq!(
+            map_header_fragment(0x1_0000_0203),
+            [3, 2, 0, 0, 0x20, 0, 0, 0]
+        );
+        assert_eq!(
+            map_header_whole_fragment(0x0405),
+            [5, 4, 0, 0, 0, 0, 0, 0x80]
+        );
         assert_eq!(
             LclusterIndex::Head {
                 plain: false,

@@ -3,10 +3,18 @@
 //!
 //! Image layout (4 KiB blocks, `meta_blkaddr` 0, so a nid is an inode's byte offset / 32):
 //! block 0 holds the superblock (at 1024) and the root directory's inode right after it (nid
-//! 36: the root's nid must fit 16 bits); file data follows from block 1; then the other
-//! inodes, each followed by what it keeps inline (a compressed file's map header and logical
-//! cluster indexes, then its tail; the last partial block of a flat file, directory or
-//! symlink); then the directory and symlink blocks that did not fit inline.
+//! 36: the root's nid must fit 16 bits); file data follows from block 1, then (with fragments)
+//! the packed inode's data, the fragments compressed as one more file; then the other inodes,
+//! each followed by what it keeps inline (a compressed file's map header and logical cluster
+//! indexes, then its tail; the last partial block of a flat file, directory or symlink), the
+//! packed inode among them (in no directory; the superblock's `packed_nid`); then the directory
+//! and symlink blocks that did not fit inline.
+//!
+//! A file with a fragment has the fragment flag and the low 32 bits of its offset in its map
+//! header, and a compressed head for the fragment's extent whose block address holds the
+//! offset's high 32 bits; a file whose every byte is in the packed inode has the short form
+//! (the map header's top bit set, the offset in the other 63, no indexes), as mkfs.erofs
+//! writes it.
 //!
 //! An inode never crosses a block; inline data never crosses a block, and a flat inode's inline
 //! data sits in the inode's own block (the kernel reads it from there). [`place`] packs the
@@ -24,8 +32,9 @@ use std::path::Path;
 use super::data::{self, Codec, DataLayout, SourceFile, Stored, Tail};
 use super::format::{
     self, DataLayout as Layout, FileType, Inode, LclusterIndex, Superblock, BLOCK_SIZE,
-    COMPACT_INODE_LEN, DIRENT_LEN, FEATURE_INCOMPAT_ZERO_PADDING, FEATURE_INCOMPAT_ZTAILPACKING,
-    INODE_SLOT, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA, SUPERBLOCK_LEN, SUPERBLOCK_OFFSET,
+    COMPACT_INODE_LEN, DIRENT_LEN, FEATURE_INCOMPAT_FRAGMENTS, FEATURE_INCOMPAT_ZERO_PADDING,
+    FEATURE_INCOMPAT_ZTAILPACKING, INODE_SLOT, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA, SUPERBLOCK_LEN,
+    SUPERBLOCK_OFFSET,
 };
 use crate::tree::{Entry, EntryKind, Tree};
 use crate::{BuildError, BuildOptions, Compression, ProgressSink};
@@ -42,14 +51,6 @@ const MAX_THREADS: usize = 16;
 /// The codec for `options`, refusing what the native writer does not do.
 pub(super) fn codec(options: &BuildOptions) -> Result<(Codec, Option<u32>), BuildError> {
     let compression = options.effective_compression();
-    if options.erofs_fragments {
-        return Err(BuildError::UnsupportedOption {
-            option: "--erofs-fragments".to_owned(),
-            reason: "the native erofs writer does not pack fragments; use --erofs-writer mkfs \
-                     for -Efragments"
-                .to_owned(),
-        });
-    }
     let bad_level = |level, reason: &str| BuildError::BadCompressionLevel {
         compression,
         level,
@@ -100,7 +101,8 @@ pub(super) fn write(
         })
         .clamp(1, MAX_THREADS);
     let tail_packing = options.erofs_ztailpacking && codec != Codec::None;
-    let nodes = Nodes::new(tree);
+    let fragments = options.erofs_fragments && codec != Codec::None;
+    let mut nodes = Nodes::new(tree);
 
     progress.phase("packing", tree.counts().file_bytes);
     let write_err = |cause| BuildError::Write {
@@ -110,10 +112,35 @@ pub(super) fn write(
     let mut out = BufWriter::with_capacity(1 << 20, image);
     out.seek(SeekFrom::Start(BLOCK_SIZE)).map_err(write_err)?;
     let files = nodes.source_files(tree, tail_packing);
-    let data = data::write_data(&files, codec, &mut out, 1, threads, work_dir, progress)?;
+    let data = data::write_data(
+        &files, codec, fragments, &mut out, 1, threads, work_dir, progress,
+    )?;
+    // The fragments, compressed as one more file (whose own tail may go inline), after the
+    // other files' data.
+    let packed = match &data.packed {
+        Some((handle, len)) => {
+            out.seek(SeekFrom::Start(u64::from(data.end_block) * BLOCK_SIZE))
+                .map_err(write_err)?;
+            let source = packed_source(handle, *len, tail_packing);
+            let layout = data::write_data(
+                &[source],
+                codec,
+                false,
+                &mut out,
+                data.end_block,
+                threads,
+                work_dir,
+                &crate::NoProgress,
+            )?;
+            nodes.add_packed(*len);
+            Some(layout)
+        }
+        None => None,
+    };
+    let data_end = packed.as_ref().map_or(data.end_block, |p| p.end_block);
 
-    let shapes = nodes.shapes(&data);
-    let placed = place(&shapes, data.end_block)?;
+    let shapes = nodes.shapes(&data, packed.as_ref());
+    let placed = place(&shapes, data_end)?;
     let meta_end = placed.meta_end.div_ceil(BLOCK_SIZE);
     let mut next_block = u32::try_from(meta_end).map_err(|_| too_big())?;
     let mut plain_start = vec![0u32; shapes.len()];
@@ -129,15 +156,16 @@ pub(super) fn write(
 
     // The inodes (those in block 0 aside), in the order of their places, then the directory and
     // symlink blocks.
-    out.seek(SeekFrom::Start(u64::from(data.end_block) * BLOCK_SIZE))
+    out.seek(SeekFrom::Start(u64::from(data_end) * BLOCK_SIZE))
         .map_err(write_err)?;
-    let mut at = u64::from(data.end_block) * BLOCK_SIZE;
+    let mut at = u64::from(data_end) * BLOCK_SIZE;
     let mut block0 = vec![0u8; BLOCK_SIZE as usize];
     let nids: Vec<u64> = placed.iloc.iter().map(|l| l / INODE_SLOT).collect();
     let mut order: Vec<usize> = (0..shapes.len()).collect();
     order.sort_by_key(|&i| placed.iloc[i]);
     for i in order {
-        let bytes = nodes.inode_bytes(i, &shapes[i], &nids, &plain_start, &data)?;
+        let bytes =
+            nodes.inode_bytes(i, &shapes[i], &nids, &plain_start, &data, packed.as_ref())?;
         if let Some(blocks) = bytes.plain {
             // After the metadata, apart from what `out` writes.
             image
@@ -164,6 +192,13 @@ pub(super) fn write(
     if tail_packing {
         features |= FEATURE_INCOMPAT_ZTAILPACKING;
     }
+    let packed_nid = match nodes.kinds.last() {
+        Some(NodeKind::Packed(_)) => nids[nodes.kinds.len() - 1],
+        _ => 0,
+    };
+    if packed_nid != 0 {
+        features |= FEATURE_INCOMPAT_FRAGMENTS;
+    }
     let superblock = Superblock {
         feature_incompat: features,
         root_nid: (ROOT_ILOC / INODE_SLOT) as u16,
@@ -172,6 +207,7 @@ pub(super) fn write(
         meta_blkaddr: 0,
         uuid: uuid_bytes(&super::closure_uuid(tree)),
         volume_name: volume_name(),
+        packed_nid,
     };
     let sb_at = SUPERBLOCK_OFFSET as usize;
     block0[sb_at..sb_at + SUPERBLOCK_LEN].copy_from_slice(&superblock.to_bytes());
@@ -181,6 +217,29 @@ pub(super) fn write(
     drop(out);
     image.set_len(end).map_err(write_err)?;
     Ok(level)
+}
+
+/// The packed inode's content as a file to compress: read through `handle`, its tail inline
+/// when tail packing is on (and its inode compact).
+fn packed_source(handle: &std::sync::Arc<File>, len: u64, tail_packing: bool) -> SourceFile {
+    let compact = !Inode::needs_extended(len, 1);
+    let packed_meta =
+        COMPACT_INODE_LEN + MAP_HEADER_AREA + len.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN;
+    SourceFile {
+        path: "(the packed inode)".into(),
+        handle: Some(handle.clone()),
+        len,
+        flat_tail_max: if compact {
+            (BLOCK_SIZE - COMPACT_INODE_LEN) as usize
+        } else {
+            0
+        },
+        packed_tail_max: if compact && tail_packing {
+            (BLOCK_SIZE - packed_meta % INODE_SLOT) as usize
+        } else {
+            0
+        },
+    }
 }
 
 fn write_zeros(out: &mut impl Write, mut n: u64) -> std::io::Result<()> {
@@ -222,6 +281,8 @@ enum NodeKind {
     Symlink(usize),
     /// Entry index, and ordinal among the stored files.
     File(usize, usize),
+    /// The packed inode (in no directory), of this many bytes.
+    Packed(u64),
 }
 
 /// The image's inodes in order: the root, then one per tree entry but later hard links.
@@ -298,6 +359,14 @@ impl<'t> Nodes<'t> {
         }
     }
 
+    /// Adds the packed inode, the last one.
+    fn add_packed(&mut self, len: u64) {
+        self.kinds.push(NodeKind::Packed(len));
+        self.nlink.push(1);
+        self.children.push(Vec::new());
+        self.parent.push(0);
+    }
+
     /// The regular files to store, in image order, with what their inodes can take inline.
     fn source_files(&self, tree: &Tree, tail_packing: bool) -> Vec<SourceFile> {
         let mut files = Vec::new();
@@ -314,6 +383,7 @@ impl<'t> Nodes<'t> {
             let packed_meta = COMPACT_INODE_LEN + MAP_HEADER_AREA + clusters * LCLUSTER_INDEX_LEN;
             files.push(SourceFile {
                 path: tree.source(entry),
+                handle: None,
                 len: size,
                 flat_tail_max: if compact {
                     (BLOCK_SIZE - COMPACT_INODE_LEN) as usize
@@ -333,7 +403,7 @@ impl<'t> Nodes<'t> {
     }
 
     /// Each inode's shape: sizes, layout and what goes inline.
-    fn shapes(&self, data: &DataLayout) -> Vec<Shape> {
+    fn shapes(&self, data: &DataLayout, packed: Option<&DataLayout>) -> Vec<Shape> {
         let mut shapes = Vec::with_capacity(self.kinds.len());
         for (node, kind) in self.kinds.iter().enumerate() {
             let flat = |size: u64, inline_max: u64| {
@@ -367,29 +437,12 @@ impl<'t> Nodes<'t> {
                     let EntryKind::Regular { size, .. } = self.entries[entry].kind else {
                         continue;
                     };
-                    match &data.files[ordinal] {
-                        Stored::Empty => Shape::flat(FileType::Regular, 0, Layout::FlatPlain, 0, 0),
-                        Stored::Flat { tail, .. } => {
-                            let layout = if tail.is_some() {
-                                Layout::FlatInline
-                            } else {
-                                Layout::FlatPlain
-                            };
-                            let inline = tail.map_or(0, |t| t.len as u64);
-                            Shape::flat(FileType::Regular, size, layout, inline, 0)
-                        }
-                        Stored::Compressed { tail, .. } => Shape {
-                            file_type: FileType::Regular,
-                            inode_len: COMPACT_INODE_LEN,
-                            size,
-                            layout: Layout::CompressedFull,
-                            meta_extra: MAP_HEADER_AREA
-                                + size.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN,
-                            inline: tail.map_or(0, |t| t.len as u64),
-                            plain_blocks: 0,
-                        },
-                    }
+                    file_shape(size, &data.files[ordinal])
                 }
+                NodeKind::Packed(len) => match packed.and_then(|p| p.files.first()) {
+                    Some(stored) => file_shape(len, stored),
+                    None => continue,
+                },
             };
             shapes.push(Shape {
                 inode_len: if Inode::needs_extended(shape.size, self.nlink[node]) {
@@ -427,6 +480,40 @@ impl<'t> Nodes<'t> {
         }
         list.sort_by(|a, b| a.0.cmp(b.0));
         dir_blocks(&list)
+    }
+}
+
+/// The shape of a regular file of `size` bytes stored as `stored`.
+fn file_shape(size: u64, stored: &Stored) -> Shape {
+    match stored {
+        Stored::Empty => Shape::flat(FileType::Regular, 0, Layout::FlatPlain, 0, 0),
+        Stored::Flat { tail, .. } => {
+            let layout = if tail.is_some() {
+                Layout::FlatInline
+            } else {
+                Layout::FlatPlain
+            };
+            let inline = tail.map_or(0, |t| t.len as u64);
+            Shape::flat(FileType::Regular, size, layout, inline, 0)
+        }
+        Stored::Compressed {
+            extents,
+            tail,
+            fragment,
+        } => Shape {
+            file_type: FileType::Regular,
+            inode_len: COMPACT_INODE_LEN,
+            size,
+            layout: Layout::CompressedFull,
+            meta_extra: if extents.is_empty() && fragment.is_some() {
+                // Whole in the packed inode: the map header alone.
+                MAP_HEADER_AREA
+            } else {
+                MAP_HEADER_AREA + size.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN
+            },
+            inline: tail.map_or(0, |t| t.len as u64),
+            plain_blocks: 0,
+        },
     }
 }
 
@@ -592,9 +679,11 @@ impl Nodes<'_> {
         nids: &[u64],
         plain_start: &[u32],
         data: &DataLayout,
+        packed: Option<&DataLayout>,
     ) -> Result<InodeBytes, BuildError> {
         let permissions = match self.kinds[node] {
             NodeKind::Root => 0o555,
+            NodeKind::Packed(_) => 0o600,
             NodeKind::Directory(e) | NodeKind::Symlink(e) | NodeKind::File(e, _) => {
                 self.entries[e].mode()
             }
@@ -626,27 +715,18 @@ impl Nodes<'_> {
                 after.extend_from_slice(&bytes[split..]);
                 debug_assert_eq!(after.len() as u64, shape.inline);
             }
-            NodeKind::File(_, ordinal) => match &data.files[ordinal] {
-                Stored::Empty => inode.i_u = 0,
-                Stored::Flat {
-                    start_block, tail, ..
-                } => {
-                    inode.i_u = *start_block;
-                    if let Some(tail) = tail {
-                        after = data.tail_bytes(tail)?;
-                    }
-                }
-                Stored::Compressed { extents, tail } => {
-                    inode.i_u = extents.len() as u32;
-                    let header = format::map_header(tail.map_or(0, |t| t.len as u16));
-                    after.extend_from_slice(&header);
-                    after.extend_from_slice(&[0u8; 8]);
-                    after.extend(lcluster_indexes(shape.size, extents, tail.as_ref())?);
-                    if let Some(tail) = tail {
-                        after.extend(data.tail_bytes(tail)?);
-                    }
-                }
-            },
+            NodeKind::File(_, ordinal) => {
+                after = file_after_inode(&mut inode, &data.files[ordinal], data)?;
+            }
+            NodeKind::Packed(_) => {
+                let packed = packed
+                    .ok_or_else(|| BuildError::Erofs("the packed inode has no data".to_owned()))?;
+                let stored = packed
+                    .files
+                    .first()
+                    .ok_or_else(|| BuildError::Erofs("the packed inode has no data".to_owned()))?;
+                after = file_after_inode(&mut inode, stored, packed)?;
+            }
         }
         let mut meta = inode.to_bytes();
         meta.extend(after);
@@ -654,11 +734,71 @@ impl Nodes<'_> {
     }
 }
 
-/// The full logical cluster indexes of a compressed file of `size` bytes.
+/// What follows a regular file's inode (`stored` in `data`), setting the inode's `i_u`.
+fn file_after_inode(
+    inode: &mut Inode,
+    stored: &Stored,
+    data: &DataLayout,
+) -> Result<Vec<u8>, BuildError> {
+    let mut after = Vec::new();
+    match stored {
+        Stored::Empty => inode.i_u = 0,
+        Stored::Flat {
+            start_block, tail, ..
+        } => {
+            inode.i_u = *start_block;
+            if let Some(tail) = tail {
+                after = data.tail_bytes(tail)?;
+            }
+        }
+        Stored::Compressed {
+            extents,
+            tail,
+            fragment: Some(fragment),
+        } if extents.is_empty() => {
+            if tail.is_some() || fragment.start != 0 || fragment.offset >> 63 != 0 {
+                return Err(BuildError::Erofs(
+                    "a whole-file fragment must start at 0 and have no tail".to_owned(),
+                ));
+            }
+            inode.i_u = 0;
+            after.extend_from_slice(&format::map_header_whole_fragment(fragment.offset));
+            after.extend_from_slice(&[0u8; 8]);
+        }
+        Stored::Compressed {
+            extents,
+            tail,
+            fragment,
+        } => {
+            inode.i_u = extents.len() as u32;
+            let header = match fragment {
+                Some(fragment) => format::map_header_fragment(fragment.offset),
+                None => format::map_header(tail.map_or(0, |t| t.len as u16)),
+            };
+            after.extend_from_slice(&header);
+            after.extend_from_slice(&[0u8; 8]);
+            after.extend(lcluster_indexes(
+                inode.size,
+                extents,
+                tail.as_ref(),
+                fragment.as_ref(),
+            )?);
+            if let Some(tail) = tail {
+                after.extend(data.tail_bytes(tail)?);
+            }
+        }
+    }
+    Ok(after)
+}
+
+/// The full logical cluster indexes of a compressed file of `size` bytes: a head for each
+/// extent, the inline tail's and the fragment's (a compressed head whose `blkaddr` is the high
+/// 32 bits of its offset in the packed inode).
 fn lcluster_indexes(
     size: u64,
     extents: &[data::Extent],
     tail: Option<&Tail>,
+    fragment: Option<&data::Fragment>,
 ) -> Result<Vec<u8>, BuildError> {
     let clusters = size.div_ceil(BLOCK_SIZE);
     let mut heads: Vec<(u64, bool, u32)> = extents
@@ -667,6 +807,9 @@ fn lcluster_indexes(
         .collect();
     if let Some(tail) = tail {
         heads.push((tail.start, !tail.compressed, 0));
+    }
+    if let Some(fragment) = fragment {
+        heads.push((fragment.start, false, (fragment.offset >> 32) as u32));
     }
     let distance = |n: u64| {
         u16::try_from(n)
@@ -749,8 +892,13 @@ mod tests {
         };
         // Compressed [0, 5000), plain [5000, 9096): the last cluster gets a plain head at the
         // file's end, as mkfs.erofs writes it.
-        let indexes = lcluster_indexes(9096, &[extent(0, 7, false), extent(5000, 8, true)], None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let indexes = lcluster_indexes(
+            9096,
+            &[extent(0, 7, false), extent(5000, 8, true)],
+            None,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             decode(&indexes),
             [
@@ -779,7 +927,7 @@ mod tests {
             compressed: true,
             start: 20_000,
         };
-        let indexes = lcluster_indexes(20_100, &[extent(0, 3, false)], Some(&tail))
+        let indexes = lcluster_indexes(20_100, &[extent(0, 3, false)], Some(&tail), None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             decode(&indexes),
@@ -800,6 +948,12 @@ mod tests {
             ]
         );
         // Two extents may not start in one cluster.
-        assert!(lcluster_indexes(9000, &[extent(0, 1, true), extent(100, 2, true)], None).is_err());
+        assert!(lcluster_indexes(
+            9000,
+            &[extent(0, 1, true), extent(100, 2, true)],
+            None,
+            None
+        )
+        .is_err());
     }
 }
