@@ -780,6 +780,15 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
     assert_success(&out);
     extract_erofs(&utils.fsck, &image, &extracted);
     assert_holds_closure(&extracted, store.closure());
+    fs::remove_file(&image).unwrap();
+    fs::remove_dir_all(&extracted).unwrap();
+
+    // storedisk's own writer packs it correctly with fragments and tail packing, read back and
+    // extracted by fsck.erofs.
+    let out = build(&store, "erofs", &image, &["--erofs-fragments"]);
+    assert_success(&out);
+    extract_erofs(&utils.fsck, &image, &extracted);
+    assert_holds_closure(&extracted, store.closure());
 }
 
 #[test]

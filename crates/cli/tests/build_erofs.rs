@@ -363,12 +363,47 @@ fn edge_store() -> SyntheticStore {
         b.file(&copies, &format!("zero-{i:02}"), &zero, false);
     }
 
+    // Files sharing whole blocks at block-aligned offsets but not all their content: with
+    // fragments, identical clusters are stored once, so a file of plain blocks may end up with
+    // blocks that are not consecutive (stored compressed, of plain clusters) or that start
+    // inside another file's (flat).
+    let shared_blocks = b.path("shared-blocks", StorePathSpec::Directory);
+    let x = noise(&mut rng, 3 * 4096);
+    let mut prefixed = x[..8192].to_vec();
+    prefixed.extend(noise(&mut rng, 4096));
+    let mut short_end = x[..4096].to_vec();
+    short_end.extend(noise(&mut rng, 100));
+    let mut text_a = prose(50_000);
+    text_a.extend(noise(&mut rng, 5000));
+    let mut text_b = prose(50_000);
+    text_b.extend(noise(&mut rng, 3000));
+    for (name, bytes) in [
+        ("x", x.clone()),
+        ("x-prefix-then-other", prefixed),
+        ("x-middle-blocks", x[4096..].to_vec()),
+        ("x-first-block-and-short-end", short_end),
+        ("text-a", text_a),
+        ("text-b", text_b),
+    ] {
+        b.file(&shared_blocks, name, &bytes, false);
+    }
+
     let single = b.path("single-file", StorePathSpec::File);
     b.file(&single, "", &prose(12_345), true);
     let lone_link = b.path("lone-link", StorePathSpec::Symlink);
     b.symlink(&lone_link, "", "/nix/store/nowhere");
 
-    b.finish(&[sizes, mixed, tails, names, links, copies, single, lone_link])
+    b.finish(&[
+        sizes,
+        mixed,
+        tails,
+        names,
+        links,
+        copies,
+        shared_blocks,
+        single,
+        lone_link,
+    ])
 }
 
 /// Builds `store` with `extra`, checks it with fsck.erofs and verify; returns the image and

@@ -20,8 +20,10 @@
 //! With fragments (`-Efragments`) the end of a compressed file (what is shorter than a block or
 //! compresses whole into less than one) is a *fragment* instead: its bytes, as they are, are
 //! appended to the packed inode's content (another unnamed spool file, in file order), which
-//! the caller then compresses as one more file. A file shorter than a block is a fragment whole;
-//! a file of plain blocks whose end does not shrink under LZ4 stays flat, its end inline.
+//! the caller then compresses as one more file. A file shorter than a block is a fragment whole.
+//! With fragments, as with mkfs.erofs then, identical clusters (same block, by SHA-256) are
+//! also stored once, whichever files they are in; a file of plain blocks that are then not
+//! consecutive is stored compressed, of plain clusters.
 //!
 //! Identical files (same length, same SHA-256, hashed only when another file has the same
 //! length) are stored once: the copy's blocks are written over and its extents point at the
@@ -194,11 +196,9 @@ enum TailOut {
         at: usize,
     },
     Compressed(Vec<u8>),
-    /// Bytes `at..` of the segment, for the packed inode (fragments on); `shrinks`: LZ4
-    /// makes them smaller on their own.
+    /// Bytes `at..` of the segment, for the packed inode (fragments on).
     Fragment {
         at: usize,
-        shrinks: bool,
     },
 }
 
@@ -484,10 +484,7 @@ fn compress_segment(
         let rest = end - at;
         let (read, written) = codec.fill(&bytes[at..end.min(at + MAX_EXTENT)], &mut block)?;
         if fragments && last && (rest < BLOCK || (read == rest && written < BLOCK)) {
-            out.tail = Some(TailOut::Fragment {
-                at,
-                shrinks: read == rest && written < rest,
-            });
+            out.tail = Some(TailOut::Fragment { at });
             return Ok(out);
         }
         if last && read == rest && read > 0 && written <= packed_tail_max {
@@ -563,6 +560,11 @@ struct Writer<'a, 'o> {
     spool: BufWriter<&'a File>,
     spool_len: u64,
     packer: Option<Packer<'a>>,
+    /// With fragments (as mkfs.erofs does then): the block of each cluster written, by
+    /// SHA-256, so that an identical one is stored once.
+    clusters: Option<HashMap<[u8; 32], u32>>,
+    /// The clusters the current (or last ended) file added to `clusters`.
+    file_clusters: Vec<[u8; 32]>,
     next_block: u32,
     stored: Vec<Stored>,
     current: Option<Current>,
@@ -588,6 +590,8 @@ impl<'a, 'o> Writer<'a, 'o> {
                 len: 0,
                 seen: HashMap::new(),
             }),
+            clusters: packed.map(|_| HashMap::new()),
+            file_clusters: Vec::new(),
             next_block: first_block,
             stored: vec![Stored::Empty; files.len()],
             current: None,
@@ -607,6 +611,13 @@ impl<'a, 'o> Writer<'a, 'o> {
                     Some((written, start_block)) if written == *file => {
                         // Its blocks were the last written: the next data goes over them.
                         self.next_block = start_block;
+                        if let Some(clusters) = self.clusters.as_mut() {
+                            for hash in self.file_clusters.drain(..) {
+                                if clusters.get(&hash).is_some_and(|&b| b >= start_block) {
+                                    clusters.remove(&hash);
+                                }
+                            }
+                        }
                         self.out
                             .seek(SeekFrom::Start(u64::from(start_block) * BLOCK_SIZE))
                             .map_err(out_err)?;
@@ -620,6 +631,7 @@ impl<'a, 'o> Writer<'a, 'o> {
             Item::Segment { file, bytes, last } => {
                 progress.advance(bytes.len() as u64);
                 if self.current.as_ref().map(|c| c.file) != Some(*file) {
+                    self.file_clusters.clear();
                     self.current = Some(Current {
                         file: *file,
                         start_block: self.next_block,
@@ -629,20 +641,18 @@ impl<'a, 'o> Writer<'a, 'o> {
                     });
                 }
                 for piece in &compressed.pieces {
-                    let (len, plain) = match piece {
+                    let (len, plain, blkaddr) = match piece {
                         Piece::Plain { at, len } => {
-                            self.write_block(&bytes[*at..*at + *len])?;
-                            (*len, true)
+                            (*len, true, self.write_cluster(&bytes[*at..*at + *len])?)
                         }
                         Piece::Compressed { len, block } => {
-                            self.write_block(block)?;
-                            (*len, false)
+                            (*len, false, self.write_cluster(block)?)
                         }
                     };
                     let current = self.current.as_mut().ok_or_else(no_current)?;
                     current.extents.push(Extent {
                         start: current.logical,
-                        blkaddr: self.next_block - 1,
+                        blkaddr,
                         plain,
                     });
                     current.logical += len as u64;
@@ -661,14 +671,13 @@ impl<'a, 'o> Writer<'a, 'o> {
         let mut current = self.current.take().ok_or_else(no_current)?;
         let limits = &self.files[current.file];
         let tail = match tail {
-            Some(TailOut::Fragment { at, shrinks }) => {
+            Some(TailOut::Fragment { at }) => {
                 let raw = &bytes[at..];
-                // A file of plain blocks whose end does not compress on its own is cheaper
-                // flat, its end inline.
-                let flat_inline =
-                    !current.compressed && !shrinks && raw.len() <= limits.flat_tail_max;
+                // Even the end of a file of plain blocks, or a small file that LZ4 does not
+                // shrink on its own: in the packed inode it shares blocks with the others and
+                // compresses with its neighbours (cheaper than inline, measured).
                 match self.packer.as_mut() {
-                    Some(packer) if !flat_inline => {
+                    Some(packer) => {
                         let offset = packer.add(raw)?;
                         let stored = Stored::Compressed {
                             extents: current.extents,
@@ -693,7 +702,7 @@ impl<'a, 'o> Writer<'a, 'o> {
                 tail: None,
                 fragment: None,
             },
-            None => flat(&current, None),
+            None => flat(&current, None)?,
             Some(TailOut::Compressed(data)) => {
                 let tail = self.spool_tail(&data, true, current.logical)?;
                 Stored::Compressed {
@@ -723,7 +732,7 @@ impl<'a, 'o> Writer<'a, 'o> {
                             fragment: None,
                         }
                     } else {
-                        flat(&current, Some(tail))
+                        flat(&current, Some(tail))?
                     }
                 } else {
                     // No room inline: the tail takes a block of its own.
@@ -740,7 +749,7 @@ impl<'a, 'o> Writer<'a, 'o> {
                             fragment: None,
                         }
                     } else {
-                        flat(&current, None)
+                        flat(&current, None)?
                     }
                 }
             }
@@ -767,6 +776,26 @@ impl<'a, 'o> Writer<'a, 'o> {
             .map_err(|e| BuildError::Erofs(format!("spooling a tail: {e}")))?;
         self.spool_len += data.len() as u64;
         Ok(tail)
+    }
+
+    /// Writes a cluster's block (`block`, zero-filled), or finds an identical one written before
+    /// (with fragments); returns its address.
+    fn write_cluster(&mut self, block: &[u8]) -> Result<u32, BuildError> {
+        let Some(clusters) = self.clusters.as_mut() else {
+            self.write_block(block)?;
+            return Ok(self.next_block - 1);
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(block);
+        hasher.update(&ZEROS[..BLOCK - block.len()]);
+        let hash: [u8; 32] = hasher.finalize().into();
+        if let Some(&blkaddr) = clusters.get(&hash) {
+            return Ok(blkaddr);
+        }
+        clusters.insert(hash, self.next_block);
+        self.file_clusters.push(hash);
+        self.write_block(block)?;
+        Ok(self.next_block - 1)
     }
 
     /// Writes `data` (at most a block) as one block, zero-filled.
@@ -803,17 +832,40 @@ impl<'a, 'o> Writer<'a, 'o> {
 static ZEROS: [u8; BLOCK] = [0; BLOCK];
 
 /// A file none of whose clusters compressed: its plain blocks are the file's blocks in order.
-fn flat(current: &Current, tail: Option<Tail>) -> Stored {
+/// With fragments a plain block may be one written before for another file: when they are not
+/// consecutive, the file is stored compressed, of plain clusters.
+fn flat(current: &Current, tail: Option<Tail>) -> Result<Stored, BuildError> {
     debug_assert!(current
         .extents
         .iter()
         .enumerate()
         .all(|(i, e)| e.plain && e.start == i as u64 * BLOCK_SIZE));
-    Stored::Flat {
-        start_block: current.start_block,
-        blocks: current.extents.len() as u32,
-        tail,
+    let start_block = current
+        .extents
+        .first()
+        .map_or(current.start_block, |e| e.blkaddr);
+    let consecutive = current
+        .extents
+        .iter()
+        .enumerate()
+        .all(|(i, e)| u64::from(e.blkaddr) == u64::from(start_block) + i as u64);
+    if consecutive {
+        return Ok(Stored::Flat {
+            start_block,
+            blocks: current.extents.len() as u32,
+            tail,
+        });
     }
+    if tail.is_some() {
+        return Err(BuildError::Erofs(
+            "a flat file with shared blocks and an inline tail".to_owned(),
+        ));
+    }
+    Ok(Stored::Compressed {
+        extents: current.extents.clone(),
+        tail: None,
+        fragment: None,
+    })
 }
 
 fn no_current() -> BuildError {
@@ -904,22 +956,10 @@ mod tests {
         let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
-        assert!(matches!(
-            out.tail,
-            Some(TailOut::Fragment {
-                at: 0,
-                shrinks: true
-            })
-        ));
+        assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0 })));
         let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, true)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(
-            out.tail,
-            Some(TailOut::Fragment {
-                at: 0,
-                shrinks: false
-            })
-        ));
+        assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0 })));
         // 100 KB of zeros compress whole into less than a block: all of it is the fragment.
         let out = compress_segment(Codec::Lz4hc(9), &[0u8; 100_000], true, 0, true)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -931,13 +971,7 @@ mod tests {
         let out = compress_segment(Codec::Lz4hc(9), &noise, true, 0, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.pieces.len(), 2);
-        assert!(matches!(
-            out.tail,
-            Some(TailOut::Fragment {
-                at: 8192,
-                shrinks: false
-            })
-        ));
+        assert!(matches!(out.tail, Some(TailOut::Fragment { at: 8192 })));
         // Not the last segment: no fragment.
         let out = compress_segment(Codec::Lz4hc(9), &noise, false, 0, true)
             .unwrap_or_else(|e| panic!("{e}"));
