@@ -31,7 +31,7 @@ use std::sync::mpsc;
 
 use sha2::{Digest, Sha256};
 
-use super::format::BLOCK_SIZE;
+use super::format::{BLOCK_SIZE, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA};
 use crate::{BuildError, ProgressSink};
 
 /// Bytes of a file compressed as one unit: clusters never cross a segment's end, so segments
@@ -383,6 +383,7 @@ fn compress_batch(
                     } else {
                         0
                     },
+                    files[*file].len == bytes.len() as u64,
                 ),
                 Item::Copy { .. } => Ok(SegmentOut::default()),
             };
@@ -414,12 +415,14 @@ fn compress_batch(
 
 /// Cuts one segment into physical clusters. `packed_tail_max`: the longest compressed tail
 /// that may be kept for inline storage (0 when the segment is not a file's last, or tail
-/// packing is off).
+/// packing is off). `whole_file`: the segment is the whole file, so a compressed tail that
+/// saves less than the compressed layout's indexes cost is kept raw (the file stays flat).
 fn compress_segment(
     codec: Codec,
     bytes: &[u8],
     last: bool,
     packed_tail_max: usize,
+    whole_file: bool,
 ) -> Result<SegmentOut, BuildError> {
     let mut out = SegmentOut::default();
     let mut block = vec![0u8; BLOCK];
@@ -429,8 +432,15 @@ fn compress_segment(
         let rest = end - at;
         let (read, written) = codec.fill(&bytes[at..end.min(at + MAX_EXTENT)], &mut block)?;
         if last && read == rest && read > 0 && written <= packed_tail_max {
-            // The whole rest compresses into an inline tail; raw when that is no bigger.
-            out.tail = Some(if rest < BLOCK && written >= rest {
+            // The whole rest compresses into an inline tail; raw when that is no smaller, with
+            // the indexes a flat file would not need.
+            let all_plain = out.pieces.iter().all(|p| matches!(p, Piece::Plain { .. }));
+            let indexes = if whole_file && all_plain {
+                (MAP_HEADER_AREA + (end as u64).div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN) as usize
+            } else {
+                0
+            };
+            out.tail = Some(if rest < BLOCK && written + indexes >= rest {
                 TailOut::Raw { at }
             } else {
                 TailOut::Compressed(block[..written].to_vec())
@@ -711,8 +721,8 @@ mod tests {
         bytes.extend(&noise);
         bytes.extend(vec![0u8; 3 << 20]);
         bytes.truncate(SEGMENT);
-        let out =
-            compress_segment(Codec::Lz4hc(9), &bytes, false, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &bytes, false, 0, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.tail.is_none());
         let mut at = 0;
         for piece in &out.pieces {
@@ -738,19 +748,19 @@ mod tests {
     #[test]
     fn a_last_segment_keeps_its_tail_aside() {
         let small = b"hello hello hello hello hello hello".to_vec();
-        let out =
-            compress_segment(Codec::Lz4hc(9), &small, true, 4072).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
         assert!(matches!(out.tail, Some(TailOut::Compressed(ref c)) if c.len() < small.len()));
-        let out =
-            compress_segment(Codec::Lz4hc(9), b"xy", true, 4072).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, true)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
         // Tail packing off: a short end is still a raw tail (the writer decides where it goes).
-        let out =
-            compress_segment(Codec::Lz4hc(9), &small, true, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 0, true)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
-        let out =
-            compress_segment(Codec::None, &[1u8; 5000], true, 0).unwrap_or_else(|e| panic!("{e}"));
+        let out = compress_segment(Codec::None, &[1u8; 5000], true, 0, true)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             out.pieces[..],
             [Piece::Plain { at: 0, len: 4096 }]
