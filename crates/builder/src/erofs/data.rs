@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::format::BLOCK_SIZE;
+use super::format::{BLOCK_SIZE, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA};
 use crate::{BuildError, ProgressSink};
 
 /// Bytes of a file compressed as one unit: clusters never cross a segment's end, so segments
@@ -436,6 +436,7 @@ fn compress_batch(
                         0
                     },
                     fragments,
+                    files[*file].len == bytes.len() as u64,
                 ),
                 Item::Copy { .. } => Ok(SegmentOut::default()),
             };
@@ -469,12 +470,15 @@ fn compress_batch(
 /// that may be kept for inline storage (0 when the segment is not a file's last, or tail
 /// packing is off). `fragments`: the end of a file's last segment that is shorter than a
 /// block, or that compresses whole into less than one, is a fragment.
+/// `whole_file`: the segment is the whole file, so a compressed tail that saves less than the
+/// compressed layout's indexes cost is kept raw (the file stays flat).
 fn compress_segment(
     codec: Codec,
     bytes: &[u8],
     last: bool,
     packed_tail_max: usize,
     fragments: bool,
+    whole_file: bool,
 ) -> Result<SegmentOut, BuildError> {
     let mut out = SegmentOut::default();
     let mut block = vec![0u8; BLOCK];
@@ -488,8 +492,15 @@ fn compress_segment(
             return Ok(out);
         }
         if last && read == rest && read > 0 && written <= packed_tail_max {
-            // The whole rest compresses into an inline tail; raw when that is no bigger.
-            out.tail = Some(if rest < BLOCK && written >= rest {
+            // The whole rest compresses into an inline tail; raw when that is no smaller, with
+            // the indexes a flat file would not need.
+            let all_plain = out.pieces.iter().all(|p| matches!(p, Piece::Plain { .. }));
+            let indexes = if whole_file && all_plain {
+                (MAP_HEADER_AREA + (end as u64).div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN) as usize
+            } else {
+                0
+            };
+            out.tail = Some(if rest < BLOCK && written + indexes >= rest {
                 TailOut::Raw { at }
             } else {
                 TailOut::Compressed(block[..written].to_vec())
@@ -902,7 +913,7 @@ mod tests {
         bytes.extend(&noise);
         bytes.extend(vec![0u8; 3 << 20]);
         bytes.truncate(SEGMENT);
-        let out = compress_segment(Codec::Lz4hc(9), &bytes, false, 0, false)
+        let out = compress_segment(Codec::Lz4hc(9), &bytes, false, 0, false, false)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.tail.is_none());
         let mut at = 0;
@@ -929,18 +940,18 @@ mod tests {
     #[test]
     fn a_last_segment_keeps_its_tail_aside() {
         let small = b"hello hello hello hello hello hello".to_vec();
-        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, false)
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, false, false)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
         assert!(matches!(out.tail, Some(TailOut::Compressed(ref c)) if c.len() < small.len()));
-        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, false)
+        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, false, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
         // Tail packing off: a short end is still a raw tail (the writer decides where it goes).
-        let out = compress_segment(Codec::Lz4hc(9), &small, true, 0, false)
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 0, false, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Raw { at: 0 })));
-        let out = compress_segment(Codec::None, &[1u8; 5000], true, 0, false)
+        let out = compress_segment(Codec::None, &[1u8; 5000], true, 0, false, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             out.pieces[..],
@@ -953,27 +964,27 @@ mod tests {
     fn with_fragments_a_last_segment_ends_in_a_fragment() {
         // Shorter than a block: a fragment from the start, whether it compresses or not.
         let small = b"hello hello hello hello hello hello".to_vec();
-        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, true)
+        let out = compress_segment(Codec::Lz4hc(9), &small, true, 4072, true, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
         assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0 })));
-        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, true)
+        let out = compress_segment(Codec::Lz4hc(9), b"xy", true, 4072, true, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0 })));
         // 100 KB of zeros compress whole into less than a block: all of it is the fragment.
-        let out = compress_segment(Codec::Lz4hc(9), &[0u8; 100_000], true, 0, true)
+        let out = compress_segment(Codec::Lz4hc(9), &[0u8; 100_000], true, 0, true, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.pieces.is_empty());
         assert!(matches!(out.tail, Some(TailOut::Fragment { at: 0, .. })));
         // Noise: plain blocks, then the short end.
         let mut rng = storedisk_testkit::XorShift64::new(3);
         let noise: Vec<u8> = (0..10_000).map(|_| rng.next_u64() as u8).collect();
-        let out = compress_segment(Codec::Lz4hc(9), &noise, true, 0, true)
+        let out = compress_segment(Codec::Lz4hc(9), &noise, true, 0, true, true)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.pieces.len(), 2);
         assert!(matches!(out.tail, Some(TailOut::Fragment { at: 8192 })));
         // Not the last segment: no fragment.
-        let out = compress_segment(Codec::Lz4hc(9), &noise, false, 0, true)
+        let out = compress_segment(Codec::Lz4hc(9), &noise, false, 0, true, false)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.tail.is_none());
     }

@@ -601,12 +601,18 @@ fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
     // Room (bytes, a multiple of a slot) at the end of a block that is not full, and the block.
     let mut open: BTreeSet<(u64, u64)> = BTreeSet::new();
     let mut next_fresh = u64::from(first_block);
-    let mut iloc = Vec::with_capacity(shapes.len());
-    for (i, shape) in shapes.iter().enumerate() {
+    let mut iloc = vec![0u64; shapes.len()];
+    let footprint =
+        |s: &Shape| (s.inode_len + s.meta_extra + s.inline).next_multiple_of(INODE_SLOT);
+    // The root first, then the largest first: best fit then leaves little room unused.
+    let mut order: Vec<usize> = (1..shapes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(footprint(&shapes[i])));
+    for i in std::iter::once(0).chain(order) {
+        let shape = &shapes[i];
         let meta = shape.inode_len + shape.meta_extra;
-        let footprint = (meta + shape.inline).next_multiple_of(INODE_SLOT);
+        let footprint = footprint(shape);
         if i == 0 {
-            iloc.push(ROOT_ILOC);
+            iloc[0] = ROOT_ILOC;
             let used = ROOT_ILOC + footprint;
             if used > BLOCK_SIZE {
                 return Err(BuildError::Erofs(
@@ -634,7 +640,7 @@ fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
                     block * BLOCK_SIZE
                 }
             };
-            iloc.push(loc);
+            iloc[i] = loc;
             continue;
         }
         // Across blocks: only the inline tail must not cross one (the inode itself is at a
@@ -654,10 +660,10 @@ fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
         };
         let end = (loc + meta + shape.inline).next_multiple_of(INODE_SLOT);
         next_fresh = end.div_ceil(BLOCK_SIZE);
-        if end % BLOCK_SIZE != 0 {
+        if !end.is_multiple_of(BLOCK_SIZE) {
             open.insert((BLOCK_SIZE - end % BLOCK_SIZE, end / BLOCK_SIZE));
         }
-        iloc.push(loc);
+        iloc[i] = loc;
     }
     Ok(Placement {
         iloc,
