@@ -25,7 +25,7 @@ use super::data::{self, Codec, DataLayout, SourceFile, Stored, Tail};
 use super::format::{
     self, DataLayout as Layout, FileType, Inode, LclusterIndex, Superblock, BLOCK_SIZE,
     COMPACT_INODE_LEN, DIRENT_LEN, FEATURE_INCOMPAT_ZERO_PADDING, FEATURE_INCOMPAT_ZTAILPACKING,
-    INODE_SLOT, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA, SUPERBLOCK_LEN, SUPERBLOCK_OFFSET,
+    INODE_SLOT, SUPERBLOCK_LEN, SUPERBLOCK_OFFSET,
 };
 use crate::tree::{Entry, EntryKind, Tree};
 use crate::{BuildError, BuildOptions, Compression, ProgressSink};
@@ -310,8 +310,7 @@ impl<'t> Nodes<'t> {
                 continue;
             };
             let compact = !Inode::needs_extended(size, self.nlink[node]);
-            let clusters = size.div_ceil(BLOCK_SIZE);
-            let packed_meta = COMPACT_INODE_LEN + MAP_HEADER_AREA + clusters * LCLUSTER_INDEX_LEN;
+            let packed_meta = COMPACT_INODE_LEN + format::compressed_meta_len(size);
             files.push(SourceFile {
                 path: tree.source(entry),
                 len: size,
@@ -382,9 +381,8 @@ impl<'t> Nodes<'t> {
                             file_type: FileType::Regular,
                             inode_len: COMPACT_INODE_LEN,
                             size,
-                            layout: Layout::CompressedFull,
-                            meta_extra: MAP_HEADER_AREA
-                                + size.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN,
+                            layout: Layout::CompressedCompact,
+                            meta_extra: format::compressed_meta_len(size),
                             inline: tail.map_or(0, |t| t.len as u64),
                             plain_blocks: 0,
                         },
@@ -562,7 +560,7 @@ fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
         let tail_start = (start + meta) % BLOCK_SIZE;
         let loc = if shape.inline == 0 || tail_start + shape.inline <= BLOCK_SIZE {
             start
-        } else if shape.layout == Layout::CompressedFull {
+        } else if shape.layout == Layout::CompressedCompact {
             // The tail moves to the next block, at the first offset a slot allows.
             start + (BLOCK_SIZE - tail_start) + tail_start % INODE_SLOT
         } else {
@@ -646,8 +644,8 @@ impl Nodes<'_> {
                     inode.i_u = extents.len() as u32;
                     let header = format::map_header(tail.map_or(0, |t| t.len as u16));
                     after.extend_from_slice(&header);
-                    after.extend_from_slice(&[0u8; 8]);
-                    after.extend(lcluster_indexes(shape.size, extents, tail.as_ref())?);
+                    let indexes = lcluster_indexes(shape.size, extents, tail.as_ref())?;
+                    after.extend(format::compact_indexes(&indexes).map_err(BuildError::Erofs)?);
                     if let Some(tail) = tail {
                         after.extend(data.tail_bytes(tail)?);
                     }
@@ -660,12 +658,12 @@ impl Nodes<'_> {
     }
 }
 
-/// The full logical cluster indexes of a compressed file of `size` bytes.
+/// The logical cluster indexes of a compressed file of `size` bytes, one per 4 KiB of it.
 fn lcluster_indexes(
     size: u64,
     extents: &[data::Extent],
     tail: Option<&Tail>,
-) -> Result<Vec<u8>, BuildError> {
+) -> Result<Vec<LclusterIndex>, BuildError> {
     let clusters = size.div_ceil(BLOCK_SIZE);
     let mut heads: Vec<(u64, bool, u32)> = extents
         .iter()
@@ -678,7 +676,7 @@ fn lcluster_indexes(
         u16::try_from(n)
             .map_err(|_| BuildError::Erofs(format!("an extent spans {n} logical clusters")))
     };
-    let mut out = Vec::with_capacity(clusters as usize * 8);
+    let mut out = Vec::with_capacity(clusters as usize);
     let mut next = 0;
     let mut head_cluster = 0;
     for cluster in 0..clusters {
@@ -716,7 +714,7 @@ fn lcluster_indexes(
                 }
             }
         };
-        out.extend_from_slice(&index.to_bytes());
+        out.push(index);
     }
     Ok(out)
 }
@@ -724,26 +722,6 @@ fn lcluster_indexes(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode(bytes: &[u8]) -> Vec<LclusterIndex> {
-        bytes
-            .chunks(8)
-            .map(|c| {
-                let word = |at: usize| u16::from_le_bytes([c[at], c[at + 1]]);
-                match word(0) {
-                    2 => LclusterIndex::NonHead {
-                        back: word(4),
-                        ahead: word(6),
-                    },
-                    kind => LclusterIndex::Head {
-                        plain: kind == 0,
-                        cluster_offset: word(2),
-                        blkaddr: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-                    },
-                }
-            })
-            .collect()
-    }
 
     #[test]
     fn an_extent_ending_in_the_last_cluster_ends_at_the_files_end() {
@@ -758,7 +736,7 @@ mod tests {
         let indexes = lcluster_indexes(9096, &[extent(0, 7, false), extent(5000, 8, true)], None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            decode(&indexes),
+            indexes,
             [
                 Head {
                     plain: false,
@@ -788,7 +766,7 @@ mod tests {
         let indexes = lcluster_indexes(20_100, &[extent(0, 3, false)], Some(&tail))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            decode(&indexes),
+            indexes,
             [
                 Head {
                     plain: false,
