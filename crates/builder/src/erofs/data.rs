@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::format::{BLOCK_SIZE, LCLUSTER_INDEX_LEN, MAP_HEADER_AREA};
+use super::format::{self, BLOCK_SIZE};
 use crate::{BuildError, ProgressSink};
 
 /// Bytes of a file compressed as one unit: clusters never cross a segment's end, so segments
@@ -496,7 +496,7 @@ fn compress_segment(
             // the indexes a flat file would not need.
             let all_plain = out.pieces.iter().all(|p| matches!(p, Piece::Plain { .. }));
             let indexes = if whole_file && all_plain {
-                (MAP_HEADER_AREA + (end as u64).div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN) as usize
+                format::compressed_meta_len(end as u64) as usize
             } else {
                 0
             };

@@ -1,8 +1,10 @@
 //! The erofs on-disk structures the native writer emits, as byte layouts: the superblock, compact
 //! (32-byte) and extended (64-byte) inodes, directory entries, the map header of a compressed
-//! inode (inline tail, fragment or whole-file fragment) and its full (8-byte) logical cluster
-//! indexes. Everything is little-endian; offsets and
-//! values are those of the Linux kernel's `erofs_fs.h`.
+//! inode (inline tail, fragment or whole-file fragment) and its logical cluster indexes: compact
+//! 4-byte ones (`COMPRESSED_COMPACT` without the 2-byte packs, two logical clusters per 8 bytes)
+//! in images without fragments, full 8-byte ones (`COMPRESSED_FULL`, which carry the high bits
+//! of a fragment's offset) in images with them. Everything is little-endian; offsets and values
+//! are those of the Linux kernel's `erofs_fs.h`.
 
 /// Block size of every image the native writer makes (`blkszbits` 12).
 pub const BLOCK_SIZE: u64 = 4096;
@@ -16,10 +18,16 @@ pub const INODE_SLOT: u64 = 32;
 pub const COMPACT_INODE_LEN: u64 = 32;
 pub const EXTENDED_INODE_LEN: u64 = 64;
 pub const DIRENT_LEN: usize = 12;
-/// Bytes between an inode's end and its first logical cluster index: the 8-byte map header and
-/// 8 reserved bytes (`Z_EROFS_FULL_INDEX_ALIGN`, for an inode without xattrs).
+/// The map header after a compressed inode (8-aligned, which an inode without xattrs is).
+pub const MAP_HEADER_LEN: u64 = 8;
+/// Bytes from a full-index inode's map header to its first index (the header and 8 reserved).
 pub const MAP_HEADER_AREA: u64 = 16;
+/// One full logical cluster index.
 pub const LCLUSTER_INDEX_LEN: u64 = 8;
+/// A pack of compact indexes: two logical clusters (16 bits each: 12 of offset or distance,
+/// 2 of type) and the block address they count from.
+pub const INDEX_PACK_LEN: u64 = 8;
+pub const INDEXES_PER_PACK: u64 = 2;
 
 /// `feature_incompat` bits.
 pub const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x0000_0001;
@@ -40,10 +48,12 @@ pub const ALGORITHM_LZ4: u8 = 0;
 pub enum DataLayout {
     /// Data in consecutive blocks from `raw_blkaddr`.
     FlatPlain = 0,
-    /// Compressed, one full logical cluster index per block of file data.
+    /// Compressed, a full 8-byte index per logical cluster.
     CompressedFull = 1,
     /// As `FlatPlain`, but the last (partial) block right after the inode.
     FlatInline = 2,
+    /// Compressed, compact indexes for the blocks of file data.
+    CompressedCompact = 3,
 }
 
 /// `erofs_dirent.file_type`.
@@ -150,7 +160,13 @@ impl Inode {
     }
 }
 
-/// `z_erofs_map_header` of a compressed inode with full indexes, 4 KiB logical clusters.
+/// Bytes after a compressed inode of `size` bytes before its inline tail: the map header and
+/// the index packs (the tail starts after the last whole pack).
+pub fn compressed_meta_len(size: u64) -> u64 {
+    MAP_HEADER_LEN + size.div_ceil(BLOCK_SIZE).div_ceil(INDEXES_PER_PACK) * INDEX_PACK_LEN
+}
+
+/// `z_erofs_map_header` of a compressed inode, 4 KiB logical clusters.
 pub fn map_header(inline_size: u16) -> [u8; 8] {
     let mut b = [0u8; 8];
     put16(&mut b, 2, inline_size);
@@ -196,11 +212,8 @@ pub enum LclusterIndex {
     NonHead { back: u16, ahead: u16 },
 }
 
-const LCLUSTER_PLAIN: u16 = 0;
-const LCLUSTER_HEAD1: u16 = 1;
-const LCLUSTER_NONHEAD: u16 = 2;
-
 impl LclusterIndex {
+    /// The full 8-byte encoding (`z_erofs_lcluster_index`).
     pub fn to_bytes(self) -> [u8; 8] {
         let mut b = [0u8; 8];
         match self {
@@ -229,6 +242,78 @@ impl LclusterIndex {
         }
         b
     }
+}
+
+const LCLUSTER_PLAIN: u16 = 0;
+const LCLUSTER_HEAD1: u16 = 1;
+const LCLUSTER_NONHEAD: u16 = 2;
+/// Bits of a compact index's offset or distance (`lobits` for 4 KiB clusters).
+const COMPACT_LO_BITS: u16 = 12;
+
+/// The compact 4-byte encoding of `indexes` (`COMPRESSED_COMPACT`, no 2-byte packs), packs of
+/// two. A head's block is the pack's base plus one plus the heads before it in the pack, so the
+/// heads of a pack that have blocks must have consecutive ones.
+pub fn compact_indexes(indexes: &[LclusterIndex]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(indexes.len().div_ceil(2) * INDEX_PACK_LEN as usize);
+    for pack in indexes.chunks(INDEXES_PER_PACK as usize) {
+        let mut bytes = [0u8; INDEX_PACK_LEN as usize];
+        let mut base: Option<u32> = None;
+        for (slot, index) in pack.iter().enumerate() {
+            let last = slot + 1 == INDEXES_PER_PACK as usize;
+            let (kind, lo) = match *index {
+                LclusterIndex::Head {
+                    plain,
+                    cluster_offset,
+                    blkaddr,
+                } => {
+                    // Heads without a block (an inline tail, the end mark) have blkaddr 0.
+                    if blkaddr != 0 {
+                        let heads_before = pack[..slot]
+                            .iter()
+                            .filter(|i| matches!(i, LclusterIndex::Head { .. }))
+                            .count() as u32;
+                        let wanted = blkaddr.wrapping_sub(1 + heads_before);
+                        match base {
+                            Some(b) if b != wanted => {
+                                return Err(format!(
+                                    "the heads of one index pack are not in consecutive blocks ({b} + 1 + {heads_before} != {blkaddr})"
+                                ))
+                            }
+                            _ => base = Some(wanted),
+                        }
+                    }
+                    (
+                        if plain {
+                            LCLUSTER_PLAIN
+                        } else {
+                            LCLUSTER_HEAD1
+                        },
+                        cluster_offset,
+                    )
+                }
+                // The last of a pack keeps the distance ahead, the others the one back.
+                LclusterIndex::NonHead { back, ahead } => {
+                    (LCLUSTER_NONHEAD, if last { ahead } else { back })
+                }
+            };
+            // A distance of 2048 or more would read as a block count (`CBLKCNT`).
+            let limit = if kind == LCLUSTER_NONHEAD {
+                1 << (COMPACT_LO_BITS - 1)
+            } else {
+                1 << COMPACT_LO_BITS
+            };
+            if lo >= limit {
+                return Err(format!(
+                    "an index value of {lo} does not fit a compact index"
+                ));
+            }
+            let field = lo | (kind << COMPACT_LO_BITS);
+            bytes[slot * 2..slot * 2 + 2].copy_from_slice(&field.to_le_bytes());
+        }
+        bytes[4..8].copy_from_slice(&base.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
 }
 
 /// Appends one directory entry's fixed part (`erofs_dirent`) to `out`.
@@ -323,5 +408,48 @@ mod tests {
             LclusterIndex::NonHead { back: 2, ahead: 3 }.to_bytes(),
             [2, 0, 0, 0, 2, 0, 3, 0]
         );
+        // A compressed head at block 7, a plain one at 8 (base 6); then a back distance of 1
+        // and, last in its pack, a distance ahead of 3.
+        let packs = compact_indexes(&[
+            LclusterIndex::Head {
+                plain: false,
+                cluster_offset: 0,
+                blkaddr: 7,
+            },
+            LclusterIndex::Head {
+                plain: true,
+                cluster_offset: 904,
+                blkaddr: 8,
+            },
+            LclusterIndex::NonHead { back: 1, ahead: 4 },
+            LclusterIndex::NonHead { back: 2, ahead: 3 },
+            LclusterIndex::Head {
+                plain: false,
+                cluster_offset: 5,
+                blkaddr: 0,
+            },
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            packs,
+            [
+                0x00, 0x10, 0x88, 0x03, 6, 0, 0, 0, //
+                0x01, 0x20, 0x03, 0x20, 0, 0, 0, 0, //
+                0x05, 0x10, 0, 0, 0, 0, 0, 0,
+            ]
+        );
+        assert!(compact_indexes(&[
+            LclusterIndex::Head {
+                plain: false,
+                cluster_offset: 0,
+                blkaddr: 7,
+            },
+            LclusterIndex::Head {
+                plain: false,
+                cluster_offset: 9,
+                blkaddr: 9,
+            },
+        ])
+        .is_err());
     }
 }

@@ -103,6 +103,7 @@ pub(super) fn write(
     let tail_packing = options.erofs_ztailpacking && codec != Codec::None;
     let fragments = options.erofs_fragments && codec != Codec::None;
     let mut nodes = Nodes::new(tree);
+    nodes.full_indexes = fragments;
 
     progress.phase("packing", tree.counts().file_bytes);
     let write_err = |cause| BuildError::Write {
@@ -296,6 +297,9 @@ struct Nodes<'t> {
     /// The directory inode holding each inode's first entry.
     parent: Vec<usize>,
     entries: &'t [Entry],
+    /// Compressed inodes get full 8-byte indexes (images with fragments: a fragment's offset
+    /// needs their high bits) instead of compact 4-byte ones.
+    full_indexes: bool,
 }
 
 impl<'t> Nodes<'t> {
@@ -356,6 +360,7 @@ impl<'t> Nodes<'t> {
             children,
             parent: parents,
             entries,
+            full_indexes: false,
         }
     }
 
@@ -379,8 +384,7 @@ impl<'t> Nodes<'t> {
                 continue;
             };
             let compact = !Inode::needs_extended(size, self.nlink[node]);
-            let clusters = size.div_ceil(BLOCK_SIZE);
-            let packed_meta = COMPACT_INODE_LEN + MAP_HEADER_AREA + clusters * LCLUSTER_INDEX_LEN;
+            let packed_meta = COMPACT_INODE_LEN + compressed_meta(size, self.full_indexes);
             files.push(SourceFile {
                 path: tree.source(entry),
                 handle: None,
@@ -437,10 +441,10 @@ impl<'t> Nodes<'t> {
                     let EntryKind::Regular { size, .. } = self.entries[entry].kind else {
                         continue;
                     };
-                    file_shape(size, &data.files[ordinal])
+                    file_shape(size, &data.files[ordinal], self.full_indexes)
                 }
                 NodeKind::Packed(len) => match packed.and_then(|p| p.files.first()) {
-                    Some(stored) => file_shape(len, stored),
+                    Some(stored) => file_shape(len, stored, self.full_indexes),
                     None => continue,
                 },
             };
@@ -483,8 +487,18 @@ impl<'t> Nodes<'t> {
     }
 }
 
+/// Bytes after a compressed inode of `size` bytes before its inline tail: the map header and
+/// the full or the compact indexes.
+fn compressed_meta(size: u64, full_indexes: bool) -> u64 {
+    if full_indexes {
+        MAP_HEADER_AREA + size.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN
+    } else {
+        format::compressed_meta_len(size)
+    }
+}
+
 /// The shape of a regular file of `size` bytes stored as `stored`.
-fn file_shape(size: u64, stored: &Stored) -> Shape {
+fn file_shape(size: u64, stored: &Stored, full_indexes: bool) -> Shape {
     match stored {
         Stored::Empty => Shape::flat(FileType::Regular, 0, Layout::FlatPlain, 0, 0),
         Stored::Flat { tail, .. } => {
@@ -504,12 +518,16 @@ fn file_shape(size: u64, stored: &Stored) -> Shape {
             file_type: FileType::Regular,
             inode_len: COMPACT_INODE_LEN,
             size,
-            layout: Layout::CompressedFull,
+            layout: if full_indexes {
+                Layout::CompressedFull
+            } else {
+                Layout::CompressedCompact
+            },
             meta_extra: if extents.is_empty() && fragment.is_some() {
                 // Whole in the packed inode: the map header alone.
                 MAP_HEADER_AREA
             } else {
-                MAP_HEADER_AREA + size.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN
+                compressed_meta(size, full_indexes)
             },
             inline: tail.map_or(0, |t| t.len as u64),
             plain_blocks: 0,
@@ -649,7 +667,10 @@ fn place(shapes: &[Shape], first_block: u32) -> Result<Placement, BuildError> {
         let tail_start = (start + meta) % BLOCK_SIZE;
         let loc = if shape.inline == 0 || tail_start + shape.inline <= BLOCK_SIZE {
             start
-        } else if shape.layout == Layout::CompressedFull {
+        } else if matches!(
+            shape.layout,
+            Layout::CompressedCompact | Layout::CompressedFull
+        ) {
             // The tail moves to the next block, at the first offset a slot allows.
             start + (BLOCK_SIZE - tail_start) + tail_start % INODE_SLOT
         } else {
@@ -722,7 +743,8 @@ impl Nodes<'_> {
                 debug_assert_eq!(after.len() as u64, shape.inline);
             }
             NodeKind::File(_, ordinal) => {
-                after = file_after_inode(&mut inode, &data.files[ordinal], data)?;
+                after =
+                    file_after_inode(&mut inode, &data.files[ordinal], data, self.full_indexes)?;
             }
             NodeKind::Packed(_) => {
                 let packed = packed
@@ -731,7 +753,7 @@ impl Nodes<'_> {
                     .files
                     .first()
                     .ok_or_else(|| BuildError::Erofs("the packed inode has no data".to_owned()))?;
-                after = file_after_inode(&mut inode, stored, packed)?;
+                after = file_after_inode(&mut inode, stored, packed, self.full_indexes)?;
             }
         }
         let mut meta = inode.to_bytes();
@@ -745,6 +767,7 @@ fn file_after_inode(
     inode: &mut Inode,
     stored: &Stored,
     data: &DataLayout,
+    full_indexes: bool,
 ) -> Result<Vec<u8>, BuildError> {
     let mut after = Vec::new();
     match stored {
@@ -782,13 +805,15 @@ fn file_after_inode(
                 None => format::map_header(tail.map_or(0, |t| t.len as u16)),
             };
             after.extend_from_slice(&header);
-            after.extend_from_slice(&[0u8; 8]);
-            after.extend(lcluster_indexes(
-                inode.size,
-                extents,
-                tail.as_ref(),
-                fragment.as_ref(),
-            )?);
+            let indexes = lcluster_indexes(inode.size, extents, tail.as_ref(), fragment.as_ref())?;
+            if full_indexes {
+                after.extend_from_slice(&[0u8; 8]);
+                for index in indexes {
+                    after.extend_from_slice(&index.to_bytes());
+                }
+            } else {
+                after.extend(format::compact_indexes(&indexes).map_err(BuildError::Erofs)?);
+            }
             if let Some(tail) = tail {
                 after.extend(data.tail_bytes(tail)?);
             }
@@ -797,15 +822,15 @@ fn file_after_inode(
     Ok(after)
 }
 
-/// The full logical cluster indexes of a compressed file of `size` bytes: a head for each
-/// extent, the inline tail's and the fragment's (a compressed head whose `blkaddr` is the high
-/// 32 bits of its offset in the packed inode).
+/// The logical cluster indexes of a compressed file of `size` bytes, one per 4 KiB of it: a
+/// head for each extent, the inline tail's and the fragment's (a compressed head whose
+/// `blkaddr` is the high 32 bits of its offset in the packed inode).
 fn lcluster_indexes(
     size: u64,
     extents: &[data::Extent],
     tail: Option<&Tail>,
     fragment: Option<&data::Fragment>,
-) -> Result<Vec<u8>, BuildError> {
+) -> Result<Vec<LclusterIndex>, BuildError> {
     let clusters = size.div_ceil(BLOCK_SIZE);
     let mut heads: Vec<(u64, bool, u32)> = extents
         .iter()
@@ -821,7 +846,7 @@ fn lcluster_indexes(
         u16::try_from(n)
             .map_err(|_| BuildError::Erofs(format!("an extent spans {n} logical clusters")))
     };
-    let mut out = Vec::with_capacity(clusters as usize * 8);
+    let mut out = Vec::with_capacity(clusters as usize);
     let mut next = 0;
     let mut head_cluster = 0;
     for cluster in 0..clusters {
@@ -859,7 +884,7 @@ fn lcluster_indexes(
                 }
             }
         };
-        out.extend_from_slice(&index.to_bytes());
+        out.push(index);
     }
     Ok(out)
 }
@@ -867,26 +892,6 @@ fn lcluster_indexes(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode(bytes: &[u8]) -> Vec<LclusterIndex> {
-        bytes
-            .chunks(8)
-            .map(|c| {
-                let word = |at: usize| u16::from_le_bytes([c[at], c[at + 1]]);
-                match word(0) {
-                    2 => LclusterIndex::NonHead {
-                        back: word(4),
-                        ahead: word(6),
-                    },
-                    kind => LclusterIndex::Head {
-                        plain: kind == 0,
-                        cluster_offset: word(2),
-                        blkaddr: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-                    },
-                }
-            })
-            .collect()
-    }
 
     #[test]
     fn an_extent_ending_in_the_last_cluster_ends_at_the_files_end() {
@@ -906,7 +911,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            decode(&indexes),
+            indexes,
             [
                 Head {
                     plain: false,
@@ -936,7 +941,7 @@ mod tests {
         let indexes = lcluster_indexes(20_100, &[extent(0, 3, false)], Some(&tail), None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            decode(&indexes),
+            indexes,
             [
                 Head {
                     plain: false,
