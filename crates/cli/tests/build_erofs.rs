@@ -472,6 +472,7 @@ fn edge_cases_read_back_with_every_algorithm_with_and_without_tail_packing_and_f
         assert_eq!(packed_nid(&image) != 0, fragments, "{name}");
         sizes.push((name, fs::metadata(&image).unwrap().len()));
     }
+    eprintln!("image sizes of the edge store: {sizes:?}");
     let size = |n: &str| sizes.iter().find(|(name, _)| *name == n).unwrap().1;
     assert!(size("lz4hc") < size("none"), "{sizes:?}");
     assert!(size("lz4hc") <= size("no-tails"), "{sizes:?}");
