@@ -264,8 +264,17 @@ pub fn cases() -> &'static Cases {
                 .arg("readmeFlake")
                 .arg(&readme);
         };
+        // `--read-write-mode`: listing the cases reads the upstream trees, which `--eval` alone
+        // would only hash, not add to the store (on a fresh store: "path ... is not valid").
         let mut list = nix("nix-instantiate");
-        list.args(["--eval", "--strict", "--json", "-A", "names"]);
+        list.args([
+            "--eval",
+            "--strict",
+            "--json",
+            "--read-write-mode",
+            "-A",
+            "names",
+        ]);
         args(&mut list);
         let out = list.output().unwrap();
         assert!(
