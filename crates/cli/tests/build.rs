@@ -133,50 +133,6 @@ fn assert_holds_closure(extracted: &Path, closure: &Closure) {
     }
 }
 
-/// Modes as the store has them, root ownership (when the extractor could keep it) and `mtime`
-/// on every entry below the root; the root itself 0555.
-fn assert_canonical_metadata(extracted: &Path, mtime: i64) {
-    let as_root = fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    let root = fs::symlink_metadata(extracted).unwrap();
-    assert_eq!(root.mode() & 0o7777, 0o555, "image root mode");
-    let mut stack = vec![extracted.to_owned()];
-    let mut checked = 0;
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            let mode = meta.mode() & 0o7777;
-            if meta.is_dir() {
-                assert_eq!(mode, 0o555, "{}", path.display());
-                stack.push(path.clone());
-            } else if meta.is_file() {
-                assert!(
-                    mode == 0o444 || mode == 0o555,
-                    "{}: mode {mode:o}",
-                    path.display()
-                );
-            } else {
-                assert!(meta.file_type().is_symlink(), "{}", path.display());
-            }
-            if !meta.file_type().is_symlink() {
-                assert_eq!(meta.mtime(), mtime, "mtime of {}", path.display());
-            }
-            if as_root {
-                assert_eq!(
-                    (meta.uid(), meta.gid()),
-                    (0, 0),
-                    "owner of {}",
-                    path.display()
-                );
-            }
-            checked += 1;
-        }
-    }
-    assert!(checked > 20, "only {checked} entries extracted");
-}
-
 #[test]
 fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
     let store = SyntheticStore::tricky();
@@ -193,7 +149,7 @@ fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
     assert!(!extracted
         .join(store.path("outside-1.0").base_name())
         .exists());
-    assert_canonical_metadata(&extracted, 1);
+    common::assert_canonical_metadata(&extracted, 1);
 
     // unsquashfs's own listing: every entry root-owned, numeric ids.
     let listing = std::process::Command::new(tool("unsquashfs"))
@@ -246,7 +202,7 @@ fn squashfs_large_directories_and_copies_extract_byte_for_byte() {
     let extracted = work.path().join("x");
     extract_squashfs(&image, &extracted);
     assert_holds_closure(&extracted, store.closure());
-    assert_canonical_metadata(&extracted, 1);
+    common::assert_canonical_metadata(&extracted, 1);
     // Stored once: the image is smaller than the two random files side by side.
     let len = fs::metadata(&image).unwrap().len();
     assert!(len < 560_000, "{len} bytes: the copy was stored again");
@@ -320,21 +276,10 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
         assert!(!extracted
             .join(store.path("outside-1.0").base_name())
             .exists());
-        assert_canonical_metadata(&extracted, 0);
+        common::assert_canonical_metadata(&extracted, 0);
         if utils.version >= (1, 8) {
             // This fsck.erofs extracts hard links as links: the image kept them as one inode.
-            let doc = extracted
-                .join(store.path("hello-2.12.1").base_name())
-                .join("share/doc");
-            let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
-            assert_eq!(
-                ino(doc.join("hello/COPYING")),
-                ino(doc.join("hello/LICENSE"))
-            );
-            let busybox_license = extracted
-                .join(store.path("busybox-1.36.1").base_name())
-                .join("share/doc/LICENSE");
-            assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
+            common::assert_tricky_hard_links(&extracted, &store);
         }
         let uuid_in = |image: &Path| -> Vec<u8> {
             // The superblock starts at 1024; its UUID field is at offset 48, 16 bytes.

@@ -124,40 +124,6 @@ fn uuid(image: &Path) -> Vec<u8> {
     fs::read(image).unwrap()[1024 + 48..1024 + 64].to_vec()
 }
 
-/// Modes as the store has them, times 0 (and root:root when the test runs as root).
-fn assert_canonical_metadata(extracted: &Path) {
-    let as_root = fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    let mut stack = vec![extracted.to_owned()];
-    let mut checked = 0;
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            let mode = meta.mode() & 0o7777;
-            if meta.is_dir() {
-                assert_eq!(mode, 0o555, "{}", path.display());
-                stack.push(path.clone());
-            } else if meta.is_file() {
-                assert!(
-                    mode == 0o444 || mode == 0o555,
-                    "{}: {mode:o}",
-                    path.display()
-                );
-            }
-            if !meta.file_type().is_symlink() {
-                assert_eq!(meta.mtime(), 0, "mtime of {}", path.display());
-            }
-            if as_root {
-                assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
-            }
-            checked += 1;
-        }
-    }
-    assert!(checked > 20, "only {checked} entries extracted");
-}
-
 #[test]
 fn the_tricky_store_reads_back_byte_for_byte_through_fsck_erofs_and_verify() {
     let store = SyntheticStore::tricky();
@@ -179,20 +145,9 @@ fn the_tricky_store_reads_back_byte_for_byte_through_fsck_erofs_and_verify() {
     let extracted = work.path().join("x");
     extract(&image, &extracted);
     assert_holds_closure(&extracted, store.closure());
-    assert_canonical_metadata(&extracted);
+    common::assert_canonical_metadata(&extracted, 0);
     // Hard links are one inode in the image, which fsck.erofs 1.8 extracts as links.
-    let doc = extracted
-        .join(store.path("hello-2.12.1").base_name())
-        .join("share/doc");
-    let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
-    assert_eq!(
-        ino(doc.join("hello/COPYING")),
-        ino(doc.join("hello/LICENSE"))
-    );
-    let busybox_license = extracted
-        .join(store.path("busybox-1.36.1").base_name())
-        .join("share/doc/LICENSE");
-    assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
+    common::assert_tricky_hard_links(&extracted, &store);
     assert_verifies(&store, &image);
 
     assert_eq!(label(&image), b"nix-store");
@@ -565,16 +520,7 @@ impl KernelMount {
 
 impl Drop for KernelMount {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
+        common::unmount(self.dir.path());
     }
 }
 

@@ -223,24 +223,31 @@ pub(super) fn write(
 /// The packed inode's content as a file to compress: read through `handle`, its tail inline
 /// when tail packing is on (and its inode compact).
 fn packed_source(handle: &std::sync::Arc<File>, len: u64, tail_packing: bool) -> SourceFile {
-    let compact = !Inode::needs_extended(len, 1);
-    let packed_meta =
-        COMPACT_INODE_LEN + MAP_HEADER_AREA + len.div_ceil(BLOCK_SIZE) * LCLUSTER_INDEX_LEN;
+    let (flat_tail_max, packed_tail_max) = tail_room(len, 1, tail_packing, true);
     SourceFile {
         path: "(the packed inode)".into(),
         handle: Some(handle.clone()),
         len,
-        flat_tail_max: if compact {
-            (BLOCK_SIZE - COMPACT_INODE_LEN) as usize
-        } else {
-            0
-        },
-        packed_tail_max: if compact && tail_packing {
-            (BLOCK_SIZE - packed_meta % INODE_SLOT) as usize
-        } else {
-            0
-        },
+        flat_tail_max,
+        packed_tail_max,
     }
+}
+
+/// What a regular file of `size` bytes with `nlink` links can keep inline after its inode: a
+/// flat file's last block, and a compressed file's compressed tail (0 when that is off, or when
+/// the inode is extended). Placed at the first slot of a block its tail starts in, a compressed
+/// tail starts `meta % 32` bytes into a block at worst.
+fn tail_room(size: u64, nlink: u32, tail_packing: bool, full_indexes: bool) -> (usize, usize) {
+    if Inode::needs_extended(size, nlink) {
+        return (0, 0);
+    }
+    let meta = COMPACT_INODE_LEN + compressed_meta(size, full_indexes);
+    let packed = if tail_packing {
+        (BLOCK_SIZE - meta % INODE_SLOT) as usize
+    } else {
+        0
+    };
+    ((BLOCK_SIZE - COMPACT_INODE_LEN) as usize, packed)
 }
 
 fn write_zeros(out: &mut impl Write, mut n: u64) -> std::io::Result<()> {
@@ -383,24 +390,14 @@ impl<'t> Nodes<'t> {
             let EntryKind::Regular { size, .. } = entry.kind else {
                 continue;
             };
-            let compact = !Inode::needs_extended(size, self.nlink[node]);
-            let packed_meta = COMPACT_INODE_LEN + compressed_meta(size, self.full_indexes);
+            let (flat_tail_max, packed_tail_max) =
+                tail_room(size, self.nlink[node], tail_packing, self.full_indexes);
             files.push(SourceFile {
                 path: tree.source(entry),
                 handle: None,
                 len: size,
-                flat_tail_max: if compact {
-                    (BLOCK_SIZE - COMPACT_INODE_LEN) as usize
-                } else {
-                    0
-                },
-                // Placed at the first slot of a block whose tail start is in, the tail starts
-                // `packed_meta % 32` bytes into a block at worst.
-                packed_tail_max: if compact && tail_packing {
-                    (BLOCK_SIZE - packed_meta % INODE_SLOT) as usize
-                } else {
-                    0
-                },
+                flat_tail_max,
+                packed_tail_max,
             });
         }
         files

@@ -1,11 +1,12 @@
 //! What several test files share: `storedisk build` of a synthetic store's roots,
 //! `storedisk verify` run with no Nix on PATH (so the answers cannot depend on the machine)
-//! with what it printed, and the store inputs of the tests that build with real Nix.
+//! with what it printed, the store inputs of the tests that build with real Nix, the check that
+//! an extracted image has the store's canonical metadata, and unmounting what a test mounted.
 
 #![allow(dead_code)] // Each test file uses its own part.
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -120,4 +121,76 @@ pub fn verify(args: &[&str]) -> Outcome {
         outcome.stderr
     );
     outcome
+}
+
+/// Modes as the store has them, root ownership (when the extractor could keep it) and `mtime`
+/// on every entry below the root; the root itself 0555.
+pub fn assert_canonical_metadata(extracted: &Path, mtime: i64) {
+    let as_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let root = fs::symlink_metadata(extracted).unwrap();
+    assert_eq!(root.mode() & 0o7777, 0o555, "image root mode");
+    let mut stack = vec![extracted.to_owned()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.mode() & 0o7777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o555, "{}", path.display());
+                stack.push(path.clone());
+            } else if meta.is_file() {
+                assert!(
+                    mode == 0o444 || mode == 0o555,
+                    "{}: mode {mode:o}",
+                    path.display()
+                );
+            } else {
+                assert!(meta.file_type().is_symlink(), "{}", path.display());
+            }
+            if !meta.file_type().is_symlink() {
+                assert_eq!(meta.mtime(), mtime, "mtime of {}", path.display());
+            }
+            if as_root {
+                assert_eq!(
+                    (meta.uid(), meta.gid()),
+                    (0, 0),
+                    "owner of {}",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} entries extracted");
+}
+
+/// Unmounts `dir` (lazily when it is busy), for a test's `Drop`: never panics.
+pub fn unmount(dir: &Path) {
+    let unmounted = Command::new("umount")
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unmounted {
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
+    }
+}
+
+/// The hard links of [`SyntheticStore::tricky`] (within a store path and across two), extracted
+/// from an image under `extracted`, are links: one inode each.
+pub fn assert_tricky_hard_links(extracted: &Path, store: &SyntheticStore) {
+    let doc = extracted
+        .join(store.path("hello-2.12.1").base_name())
+        .join("share/doc");
+    let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(doc.join("hello/COPYING")),
+        ino(doc.join("hello/LICENSE"))
+    );
+    let busybox_license = extracted
+        .join(store.path("busybox-1.36.1").base_name())
+        .join("share/doc/LICENSE");
+    assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
 }
