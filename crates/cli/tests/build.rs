@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::process::Output;
 use common::build_cmd;
 use sha2::{Digest, Sha256};
 use storedisk_nix::nar::hash_path;
-use storedisk_nix::{Closure, StoreDir};
+use storedisk_nix::StoreDir;
 use storedisk_testkit::{
     assert_success, listing, store_path_for, text, tool, ErofsUtils, SyntheticStore,
 };
@@ -102,37 +102,6 @@ fn extract_erofs(fsck: &Path, image: &Path, into: &Path) {
     );
 }
 
-/// The extraction holds exactly the closure's paths, each with the closure's NAR hash.
-fn assert_holds_closure(extracted: &Path, closure: &Closure) {
-    let names: BTreeSet<String> = fs::read_dir(extracted)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let want: BTreeSet<String> = closure
-        .iter()
-        .map(|i| i.path.base_name().to_owned())
-        .collect();
-    assert_eq!(
-        names, want,
-        "the image root must hold exactly the closure's store paths"
-    );
-    for info in closure.iter() {
-        let (hash, size) = hash_path(&extracted.join(info.path.base_name())).unwrap();
-        assert_eq!(
-            Some(hash),
-            info.nar_hash,
-            "NAR hash of {} in the image",
-            info.path
-        );
-        assert_eq!(
-            Some(size),
-            info.nar_size,
-            "NAR size of {} in the image",
-            info.path
-        );
-    }
-}
-
 #[test]
 fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
     let store = SyntheticStore::tricky();
@@ -145,7 +114,7 @@ fn squashfs_holds_every_path_byte_for_byte_with_canonical_metadata() {
 
     let extracted = work.path().join("x");
     extract_squashfs(&image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
     assert!(!extracted
         .join(store.path("outside-1.0").base_name())
         .exists());
@@ -201,7 +170,7 @@ fn squashfs_large_directories_and_copies_extract_byte_for_byte() {
     assert_success(&build(&store, "squashfs", &image, &[]));
     let extracted = work.path().join("x");
     extract_squashfs(&image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
     common::assert_canonical_metadata(&extracted, 1);
     // Stored once: the image is smaller than the two random files side by side.
     let len = fs::metadata(&image).unwrap().len();
@@ -272,7 +241,7 @@ fn erofs_holds_every_path_byte_for_byte_with_canonical_metadata() {
 
         let extracted = work.path().join("x");
         extract_erofs(&utils.fsck, &image, &extracted);
-        assert_holds_closure(&extracted, store.closure());
+        common::assert_holds_closure(&extracted, store.closure());
         assert!(!extracted
             .join(store.path("outside-1.0").base_name())
             .exists());
@@ -724,7 +693,7 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
     );
     assert_success(&out);
     extract_erofs(&utils.fsck, &image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
     fs::remove_file(&image).unwrap();
     fs::remove_dir_all(&extracted).unwrap();
 
@@ -733,7 +702,7 @@ fn erofs_fragments_corruption_is_caught_by_the_read_back() {
     let out = build(&store, "erofs", &image, &["--erofs-fragments"]);
     assert_success(&out);
     extract_erofs(&utils.fsck, &image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
 }
 
 #[test]
@@ -803,7 +772,7 @@ fn every_squashfs_compression_gives_the_same_content() {
         }
         let extracted = work.path().join(compression);
         extract_squashfs(&image, &extracted);
-        assert_holds_closure(&extracted, store.closure());
+        common::assert_holds_closure(&extracted, store.closure());
     }
 }
 
@@ -840,7 +809,7 @@ fn erofs_compressions_give_the_same_content() {
                 .join(image.file_name().unwrap())
                 .with_extension("x");
             extract_erofs(&utils.fsck, &image, &extracted);
-            assert_holds_closure(&extracted, store.closure());
+            common::assert_holds_closure(&extracted, store.closure());
         }
         // The store's 1.5 MB of partly compressible data must come out smaller compressed.
         assert!(sizes["lz4hc"] < sizes["none"], "{sizes:?}");
@@ -876,7 +845,7 @@ fn erofs_tail_packing_can_be_left_out_for_old_guest_kernels() {
         ));
         let extracted = work.path().join(format!("{setting}.x"));
         extract_erofs(&utils.fsck, &image, &extracted);
-        assert_holds_closure(&extracted, store.closure());
+        common::assert_holds_closure(&extracted, store.closure());
         features.insert(setting, erofs_incompat_features(&image) & ZTAILPACKING);
     }
     assert_eq!(features["true"], ZTAILPACKING, "the default packs tails");
@@ -938,7 +907,7 @@ fn without_mkfs_erofs_the_newest_installed_one_is_used_whatever_the_path_order()
     );
     let extracted = work.path().join("x");
     extract_erofs(&newest.fsck, &image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
 }
 
 #[test]

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,8 +17,6 @@ use std::process::{Command, Output};
 use assert_cmd::Command as Cmd;
 use common::build_cmd;
 use serde_json::Value;
-use storedisk_nix::nar::hash_path;
-use storedisk_nix::Closure;
 use storedisk_testkit::{
     assert_success, listing, newest_erofs_utils, pseudo_random_bytes, text, StorePathSpec,
     SyntheticStore, SyntheticStoreBuilder, XorShift64,
@@ -52,24 +49,6 @@ fn extract(image: &Path, into: &Path) {
         text(&out.stdout),
         text(&out.stderr)
     );
-}
-
-/// The extraction holds exactly the closure's paths, each with the closure's NAR hash.
-fn assert_holds_closure(extracted: &Path, closure: &Closure) {
-    let names: BTreeSet<String> = fs::read_dir(extracted)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let want: BTreeSet<String> = closure
-        .iter()
-        .map(|i| i.path.base_name().to_owned())
-        .collect();
-    assert_eq!(names, want, "the image root must hold exactly the closure");
-    for info in closure.iter() {
-        let (hash, size) = hash_path(&extracted.join(info.path.base_name())).unwrap();
-        assert_eq!(Some(hash), info.nar_hash, "NAR hash of {}", info.path);
-        assert_eq!(Some(size), info.nar_size, "NAR size of {}", info.path);
-    }
 }
 
 /// `storedisk verify IMAGE --closure CLOSURE --json` passes complete and integrity.
@@ -144,7 +123,7 @@ fn the_tricky_store_reads_back_byte_for_byte_through_fsck_erofs_and_verify() {
 
     let extracted = work.path().join("x");
     extract(&image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
     common::assert_canonical_metadata(&extracted, 0);
     // Hard links are one inode in the image, which fsck.erofs 1.8 extracts as links.
     common::assert_tricky_hard_links(&extracted, &store);
@@ -377,7 +356,7 @@ fn build_and_check(
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let extracted = dir.join(format!("{name}.x"));
     extract(&image, &extracted);
-    assert_holds_closure(&extracted, store.closure());
+    common::assert_holds_closure(&extracted, store.closure());
     assert_verifies(store, &image);
     fs::remove_dir_all(&extracted).unwrap();
     (image, report)
@@ -537,7 +516,7 @@ fn the_kernel_reads_the_edge_cases_as_the_store_has_them() {
         args.push("--no-read-back");
         assert_success(&build_native(&store, &image, &args));
         let mounted = KernelMount::new(&image);
-        assert_holds_closure(mounted.dir.path(), store.closure());
+        common::assert_holds_closure(mounted.dir.path(), store.closure());
         let links = mounted.dir.path().join(store.path("links").base_name());
         let first = fs::metadata(links.join("first")).unwrap();
         assert_eq!(first.nlink(), 3, "{name}: hard links share one inode");

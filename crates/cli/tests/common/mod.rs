@@ -194,3 +194,35 @@ pub fn assert_tricky_hard_links(extracted: &Path, store: &SyntheticStore) {
         .join("share/doc/LICENSE");
     assert_eq!(ino(doc.join("busybox-LICENSE")), ino(busybox_license));
 }
+
+/// The extraction holds exactly the closure's paths, each with the closure's NAR hash.
+pub fn assert_holds_closure(extracted: &Path, closure: &storedisk_nix::Closure) {
+    let names: std::collections::BTreeSet<String> = fs::read_dir(extracted)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let want: std::collections::BTreeSet<String> = closure
+        .iter()
+        .map(|i| i.path.base_name().to_owned())
+        .collect();
+    assert_eq!(
+        names, want,
+        "the image root must hold exactly the closure's store paths"
+    );
+    for info in closure.iter() {
+        let (hash, size) =
+            storedisk_nix::nar::hash_path(&extracted.join(info.path.base_name())).unwrap();
+        assert_eq!(
+            Some(hash),
+            info.nar_hash,
+            "NAR hash of {} in the image",
+            info.path
+        );
+        assert_eq!(
+            Some(size),
+            info.nar_size,
+            "NAR size of {} in the image",
+            info.path
+        );
+    }
+}
